@@ -1,0 +1,38 @@
+"""Shared fixtures: reference SavedModels built once per test session (and cached on disk)."""
+
+import os
+import warnings
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+warnings.filterwarnings("ignore", message="Input dict contained keys")
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_savedmodel():
+    """The tiny reference SavedModel (L=2, H=64, N=4, I=256, real 30522 vocab), seed 0."""
+    from weights import reference
+    return reference.cached("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def base_savedmodel():
+    """The base-size reference SavedModel (L=12, H=768, N=12, I=3072), seed 0."""
+    from weights import reference
+    return reference.cached("base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tf_tiny(tiny_savedmodel):
+    import tensorflow as tf
+    return tf.saved_model.load(tiny_savedmodel)
+
+
+@pytest.fixture(scope="session")
+def tf_base(base_savedmodel):
+    import tensorflow as tf
+    return tf.saved_model.load(base_savedmodel)

@@ -1,0 +1,139 @@
+"""The HDF5 weight format: one self-describing file per model. h5py and NumPy only.
+
+Layout (format "talkheads-ggelu-bert", version 1). Letters: L layers, H hidden, N heads, D head size,
+I intermediate, V vocab, P positions, T type vocab. Every tensor is float32 in its natural shape.
+
+    /                                       attrs: format, format_version, config (below), provenance
+    /embeddings/word                        [V,H]   word_embeddings/embeddings (tied with the MLM output)
+    /embeddings/position                    [P,H]   position_embedding/embeddings
+    /embeddings/type                        [T,H]   type_embeddings/embeddings
+    /embeddings/layer_norm/{gamma,beta}     [H]     embeddings/layer_norm
+    /layers/<i>/attention/query/kernel      [H,N,D] <block i>/self_attention/query
+    /layers/<i>/attention/query/bias        [N,D]
+    /layers/<i>/attention/{key,value}/...   as query
+    /layers/<i>/attention/output/kernel     [N,D,H] <block i>/self_attention/attention_output
+    /layers/<i>/attention/output/bias       [H]
+    /layers/<i>/attention/pre_softmax_weight  [N,N] axis 0 = input head, axis 1 = output head
+    /layers/<i>/attention/post_softmax_weight [N,N]
+    /layers/<i>/attention_layer_norm/{gamma,beta}   [H]  <block i>/self_attention_layer_norm
+    /layers/<i>/feedforward/intermediate/kernel [H,I], bias [I]   (GELU branch, "intermediate_0")
+    /layers/<i>/feedforward/gate/kernel         [H,I], bias [I]   (linear branch, "gate_0")
+    /layers/<i>/feedforward/output/kernel       [I,H], bias [H]   ("output_0")
+    /layers/<i>/feedforward_layer_norm/{gamma,beta} [H]  <block i>/feedforward/output_layer_norm_0
+    /pooler/kernel [H,H], /pooler/bias [H]                       cls_transform
+    /mlm/transform/kernel [H,H], /mlm/transform/bias [H]         cls/predictions/transform/dense
+    /mlm/layer_norm/{gamma,beta} [H]                             cls/predictions/transform/LayerNorm
+    /mlm/output_bias [V]                                         cls/predictions/output_bias/bias
+    /vocab                                   [V] UTF-8 strings, line i of vocab.txt is id i
+
+`<i>` is 0..L-1 in block order. The `/mlm` group is absent in an encoder-only file (attr has_mlm
+false). Each float dataset carries attrs `sha256` (of its little-endian float32 bytes) and `source`
+(the TensorFlow variable name it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+FORMAT_NAME = "talkheads-ggelu-bert"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's hyper-parameters, stored as root attributes of the HDF5 file."""
+    num_layers: int                      # L
+    hidden_size: int                     # H
+    num_heads: int                       # N
+    head_size: int                       # D = H / N
+    intermediate_size: int               # I
+    vocab_size: int                      # V
+    max_position_embeddings: int         # P
+    type_vocab_size: int                 # T
+    hidden_activation: str = "gelu_tanh"   # the GELU of the GEGLU and of the MLM transform
+    layer_norm_epsilon: float = 1e-12
+    attention_mask_constant: float = -1e9  # added to masked logits (float32)
+    do_lower_case: bool = True
+    has_mlm: bool = True
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_heads", "head_size", "intermediate_size",
+                     "vocab_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads * self.head_size != self.hidden_size:
+            raise ValueError(f"model config: num_heads*head_size = {self.num_heads}*{self.head_size} "
+                             f"!= hidden_size {self.hidden_size}")
+        if self.hidden_activation not in ("gelu_tanh", "gelu_erf"):
+            raise ValueError(f"model config: unknown hidden_activation {self.hidden_activation!r}")
+
+    def to_attrs(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "ModelConfig":
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in attrs:
+                raise KeyError(field.name)
+            value = attrs[field.name]
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, np.generic):
+                value = value.item()
+            if field.type == "bool" or isinstance(field.default, bool):
+                value = bool(value)
+            elif field.type == "int":
+                value = int(value)
+            kwargs[field.name] = value
+        return cls(**kwargs)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every float dataset path of a file with this config, in canonical order, with its shape."""
+    H, N, D, I = config.hidden_size, config.num_heads, config.head_size, config.intermediate_size
+    shapes = {
+        "embeddings/word": (config.vocab_size, H),
+        "embeddings/position": (config.max_position_embeddings, H),
+        "embeddings/type": (config.type_vocab_size, H),
+        "embeddings/layer_norm/gamma": (H,),
+        "embeddings/layer_norm/beta": (H,),
+    }
+    for i in range(config.num_layers):
+        p = f"layers/{i}"
+        for name in ("query", "key", "value"):
+            shapes[f"{p}/attention/{name}/kernel"] = (H, N, D)
+            shapes[f"{p}/attention/{name}/bias"] = (N, D)
+        shapes[f"{p}/attention/output/kernel"] = (N, D, H)
+        shapes[f"{p}/attention/output/bias"] = (H,)
+        shapes[f"{p}/attention/pre_softmax_weight"] = (N, N)
+        shapes[f"{p}/attention/post_softmax_weight"] = (N, N)
+        shapes[f"{p}/attention_layer_norm/gamma"] = (H,)
+        shapes[f"{p}/attention_layer_norm/beta"] = (H,)
+        shapes[f"{p}/feedforward/intermediate/kernel"] = (H, I)
+        shapes[f"{p}/feedforward/intermediate/bias"] = (I,)
+        shapes[f"{p}/feedforward/gate/kernel"] = (H, I)
+        shapes[f"{p}/feedforward/gate/bias"] = (I,)
+        shapes[f"{p}/feedforward/output/kernel"] = (I, H)
+        shapes[f"{p}/feedforward/output/bias"] = (H,)
+        shapes[f"{p}/feedforward_layer_norm/gamma"] = (H,)
+        shapes[f"{p}/feedforward_layer_norm/beta"] = (H,)
+    shapes["pooler/kernel"] = (H, H)
+    shapes["pooler/bias"] = (H,)
+    if config.has_mlm:
+        shapes["mlm/transform/kernel"] = (H, H)
+        shapes["mlm/transform/bias"] = (H,)
+        shapes["mlm/layer_norm/gamma"] = (H,)
+        shapes["mlm/layer_norm/beta"] = (H,)
+        shapes["mlm/output_bias"] = (config.vocab_size,)
+    return shapes
+
+
+def tensor_checksum(array: np.ndarray) -> str:
+    """sha256 of the array's little-endian float32 bytes in C order."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return hashlib.sha256(data.tobytes()).hexdigest()

@@ -1,0 +1,241 @@
+"""Builds reference SavedModels the way TF Hub's talkheads_ggelu_bert_en_base/2 was exported.
+
+The real weights cannot be downloaded here, so the ground truth is rebuilt from Model Garden's own
+classes (`tf-models-official`): `EncoderScaffold` whose hidden layers are
+`TransformerScaffold(attention_cls=TalkingHeadsAttention, feedforward_cls=GatedFeedforward)`, the
+`.mlm` sub-object from `BertPretrainerV2`, saved by `official/nlp/tools/export_tfhub_lib.py`'s
+`export_model` itself (dict outputs, the `default` alias, the `vocab.txt` asset, `do_lower_case`).
+
+Every variable is randomized with realistic scales: default initializers leave biases at zero,
+layer-norm gammas at one and talking-heads mixing near zero, which would hide bugs.
+
+    python -m weights.reference OUT_DIR --config {tiny,base} [--seed N] [--layers L --hidden H ...]
+
+This module and `weights.extract` are the only ones that import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Model Garden runs on tf_keras (Keras 2)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from weights.vocab import default_vocab_path
+
+REFERENCE_FORMAT_VERSION = 1  # bump when the randomization or the export changes
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """Sizes of a reference model; letters as in the README legend."""
+    layers: int = 12          # L
+    hidden: int = 768         # H
+    heads: int = 12           # N (head size D = H / N)
+    intermediate: int = 3072  # I
+    vocab: int = 30522        # V
+    positions: int = 512      # max sequence length
+    type_vocab: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"reference config: {field.name} must be a positive integer, got {value!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"reference config: hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+
+
+CONFIGS = {
+    "tiny": ReferenceConfig(layers=2, hidden=64, heads=4, intermediate=256),
+    "base": ReferenceConfig(),
+}
+
+
+def _progress(message: str) -> None:
+    print(f"reference: {message}", file=sys.stderr, flush=True)
+
+
+def _encoder_config(cfg: ReferenceConfig):
+    from official.nlp.configs import encoders
+    return encoders.EncoderConfig(
+        type="bert",
+        bert=encoders.BertEncoderConfig(
+            vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_layers=cfg.layers,
+            num_attention_heads=cfg.heads, hidden_activation="gelu",
+            intermediate_size=cfg.intermediate, dropout_rate=0.1, attention_dropout_rate=0.1,
+            max_position_embeddings=cfg.positions, type_vocab_size=cfg.type_vocab,
+            initializer_range=0.02, return_all_encoder_outputs=True))
+
+
+@contextlib.contextmanager
+def _talking_heads_gin_bindings():
+    """The gin bindings that turn `encoders.build_encoder` into the talking-heads GEGLU encoder."""
+    import gin
+    from official.nlp.modeling import layers, networks  # noqa: F401  (registers the configurables)
+    gin.clear_config()
+    gin.parse_config("""
+        build_encoder.encoder_cls = @EncoderScaffold
+        EncoderScaffold.hidden_cls = @TransformerScaffold
+        TransformerScaffold.attention_cls = @TalkingHeadsAttention
+        TransformerScaffold.feedforward_cls = @GatedFeedforward
+    """)
+    try:
+        yield
+    finally:
+        gin.clear_config()
+
+
+def _realistic_value(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """A random value for one variable, at the scale a trained BERT has for that role.
+
+    Dense kernels get std 1/sqrt(fan_in), so activations stay O(1) through every block and the
+    attention logits are peaked enough for masking and mixing bugs to show.
+    """
+    leaf = name.split(":")[0]
+    if leaf.endswith("/gamma"):
+        return rng.uniform(0.6, 1.4, shape)
+    if leaf.endswith("/beta"):
+        return rng.normal(0.0, 0.1, shape)
+    if leaf.endswith("_softmax_weight"):  # talking-heads [N,N]: near identity, heads really mix
+        return np.eye(shape[0]) + rng.normal(0.0, 0.3, shape)
+    if leaf.endswith("output_bias/bias"):
+        return rng.normal(-1.0, 0.5, shape)
+    if leaf.endswith("/bias"):
+        return rng.normal(0.0, 0.1, shape)
+    if leaf.endswith("position_embedding/embeddings"):
+        return rng.normal(0.0, 0.02, shape)
+    if leaf.endswith("/embeddings"):
+        return rng.normal(0.0, 0.05, shape)
+    if leaf.endswith("/kernel"):
+        # attention_output kernels are [N,D,H]: fan-in is N*D; every other kernel has it first.
+        fan_in = int(np.prod(shape[:2])) if len(shape) == 3 and "attention_output" in leaf else shape[0]
+        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+    raise ValueError(f"reference: no randomization rule for variable {name!r} {shape}")
+
+
+def randomize(variables, seed: int) -> None:
+    """Assigns every float variable a realistic random value, deterministically per seed."""
+    rng = np.random.default_rng(seed)
+    for var in variables:
+        shape = tuple(var.shape)
+        var.assign(_realistic_value(var.name, shape, rng).astype(np.float32))
+
+
+def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | None = None) -> None:
+    """Builds the SavedModel at `out_dir` (which must not exist) with Model Garden's export code."""
+    import tensorflow as tf
+    import tf_keras
+    from official.nlp.tools import export_tfhub_lib
+
+    tf.get_logger().setLevel("ERROR")  # Keras' "skipping serialization of unbuilt layer" noise
+
+    vocab_file = vocab_file or default_vocab_path()
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab_lines = sum(1 for _ in f)
+    if vocab_lines != cfg.vocab:
+        raise ValueError(f"reference: vocab {vocab_file} has {vocab_lines} lines, config wants vocab={cfg.vocab}")
+    start = time.time()
+    encoder_config = _encoder_config(cfg)
+    with _talking_heads_gin_bindings(), tempfile.TemporaryDirectory(prefix="reference-ckpt-") as tmp:
+        _progress(f"building {cfg} with seed {seed}")
+        tf_keras.backend.clear_session()
+        tf.random.set_seed(seed)
+        _, pretrainer = export_tfhub_lib._create_model(encoder_config=encoder_config, with_mlm=True)
+        randomize(pretrainer.variables, seed)
+        n_params = sum(int(np.prod(v.shape)) for v in pretrainer.variables)
+        _progress(f"randomized {len(pretrainer.variables)} variables, {n_params:,} parameters")
+        checkpoint = tf.train.Checkpoint(**pretrainer.checkpoint_items).save(os.path.join(tmp, "ckpt"))
+        del pretrainer
+        tf_keras.backend.clear_session()
+        _progress("exporting with export_tfhub_lib.export_model")
+        export_tfhub_lib.export_model(
+            out_dir, encoder_config=encoder_config, model_checkpoint_path=checkpoint,
+            with_mlm=True, vocab_file=vocab_file, do_lower_case=True)
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "seed": seed,
+                   "format_version": REFERENCE_FORMAT_VERSION,
+                   "tensorflow": tf.__version__}, f, indent=1)
+    _progress(f"built in {time.time() - start:.1f}s")
+
+
+def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool = False) -> str:
+    """Builds into a temporary sibling folder, then renames it into place: never a half model."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
+    try:
+        build(os.path.join(tmp, "model"), cfg, seed)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(os.path.join(tmp, "model"), out_dir)
+        _progress(f"wrote {out_dir}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def cache_dir() -> str:
+    """Where built reference models are kept: $TALKHEADS_CACHE, else ~/.cache/talkheads-ggelu-engine."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "talkheads-ggelu-engine")
+    return os.environ.get("TALKHEADS_CACHE", default)
+
+
+def cached(config: str | ReferenceConfig = "tiny", seed: int = 0) -> str:
+    """Returns the path of a reference SavedModel, building it once per config and seed."""
+    import tensorflow as tf
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    key = json.dumps([dataclasses.asdict(cfg), seed, REFERENCE_FORMAT_VERSION, tf.__version__], sort_keys=True)
+    name = "{}-seed{}-{}".format(config if isinstance(config, str) else "custom", seed,
+                                 hashlib.sha256(key.encode()).hexdigest()[:12])
+    root = os.path.join(cache_dir(), "reference")
+    path = os.path.join(root, name)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:  # one builder at a time across processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(path, "reference.json")):
+            build_atomic(path, cfg, seed, force=True)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m weights.reference",
+        description="Build a randomized talking-heads GEGLU BERT SavedModel with Model Garden's export code.")
+    parser.add_argument("out_dir", help="folder to create (refused if it exists, unless --force)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
+                        help="starting sizes: tiny (L=2 H=64 N=4 I=256) or base (L=12 H=768 N=12 I=3072)")
+    parser.add_argument("--seed", type=int, default=0)
+    for field in dataclasses.fields(ReferenceConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, dest=field.name,
+                            help=f"override {field.name}")
+    parser.add_argument("--force", action="store_true", help="replace an existing out_dir")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReferenceConfig)
+                 if getattr(args, f.name) is not None}
+    try:
+        cfg = dataclasses.replace(CONFIGS[args.config], **overrides)
+        build_atomic(args.out_dir, cfg, args.seed, force=args.force)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
