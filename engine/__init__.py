@@ -1,0 +1,15 @@
+"""Reference engine for BERT with Talking-Heads Attention and Gated GELU (talkheads_ggelu_bert_en_base/2).
+
+    import engine
+    enc = engine.load("model.h5")                       # backend="numpy" | "cupy", dtype="float32" | "float64"
+    out = enc({"input_word_ids": ids, "input_mask": mask, "input_type_ids": types})
+    logits = enc.mlm({**inputs, "masked_lm_positions": positions})["mlm_logits"]
+
+NumPy and h5py only; CuPy when asked for; never TensorFlow.
+"""
+
+from engine.backend import BackendError, to_numpy
+from engine.inputs import InputError
+from engine.model import Encoder, load
+
+__all__ = ["load", "Encoder", "to_numpy", "InputError", "BackendError"]

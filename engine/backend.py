@@ -1,0 +1,73 @@
+"""The backend switch: one array module `xp`, NumPy on the CPU or CuPy on the GPU.
+
+Every kernel is written once against `xp`. Pick the backend with `engine.load(..., backend=...)` or
+the environment variable TALKHEADS_BACKEND ("numpy", the default, or "cupy"). CuPy is optional and
+imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy
+
+BACKENDS = ("numpy", "cupy")
+ENV_VAR = "TALKHEADS_BACKEND"
+DTYPES = ("float32", "float64")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot be used here (unknown name, CuPy or a GPU missing)."""
+
+
+def resolve_name(name: str | None) -> str:
+    """The backend's name: the argument, else $TALKHEADS_BACKEND, else "numpy"."""
+    name = name or os.environ.get(ENV_VAR) or "numpy"
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} "
+                           f"(argument backend= or ${ENV_VAR})")
+    return name
+
+
+def get_xp(name: str | None = None):
+    """Returns the array module (numpy or cupy) for a backend name."""
+    name = resolve_name(name)
+    if name == "numpy":
+        return numpy
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendError(f"backend 'cupy' needs CuPy: pip install '.[gpu]' ({e})") from e
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise BackendError("backend 'cupy': CuPy found no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        raise BackendError(f"backend 'cupy': no usable CUDA device ({e})") from e
+    return cupy
+
+
+def array_module(x):
+    """The array module an array belongs to (cupy for CuPy arrays, numpy for everything else)."""
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return numpy
+
+
+def to_numpy(x):
+    """An output of either backend as a NumPy array (lists element-wise, dicts value-wise)."""
+    if isinstance(x, dict):
+        return {k: to_numpy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_numpy(v) for v in x)
+    if array_module(x) is not numpy:
+        return x.get()
+    return numpy.asarray(x)
+
+
+def check_dtype(dtype) -> str:
+    name = numpy.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
+    return name

@@ -1,0 +1,214 @@
+"""The kernels: one small pure function per operation of the model, NumPy or CuPy alike.
+
+Dimension letters, used on every line:
+    B batch   S sequence (query positions)   T sequence (key positions, = S here)
+    H hidden  N heads   D head size (H = N*D)   I intermediate (GEGLU width)
+    V vocab   P masked positions per sequence   L layers
+
+Each function takes arrays of one backend and returns arrays of the same backend and float dtype
+(float32 or float64; the constants are cast to the input's dtype so float32 stays float32). The
+array module is taken from the arguments, so the same code runs on NumPy and on CuPy.
+
+These are the readable reference. They follow Model Garden's order of operations (which is what
+makes float32 results agree with TensorFlow to a few ulps); `engine.fast` holds faster variants
+that the tests keep equal to these.
+"""
+
+from __future__ import annotations
+
+import math
+
+from engine.backend import array_module
+
+GELU_TANH_COEFF = 0.044715
+SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi), the constant in tf.nn.gelu(approximate=True)
+
+
+# ---------------------------------------------------------------------------- elementwise & norms
+
+def gelu_tanh(x):
+    """GELU, tanh form (what the Hub model uses): 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))). [...] -> [...]"""
+    xp = array_module(x)
+    c = x.dtype.type(GELU_TANH_COEFF)
+    k = x.dtype.type(SQRT_2_OVER_PI)
+    half, one = x.dtype.type(0.5), x.dtype.type(1.0)
+    return half * x * (one + xp.tanh(k * (x + c * (x * x * x))))
+
+
+def gelu_erf(x):
+    """GELU, exact erf form: 0.5x(1+erf(x/sqrt(2))). [...] -> [...] (an option, not the Hub model's)."""
+    xp = array_module(x)
+    if xp.__name__ == "numpy":
+        from math import erf
+        import numpy as np
+        erf_v = np.frompyfunc(erf, 1, 1)
+        e = erf_v(x.astype("float64") / math.sqrt(2.0)).astype(x.dtype)
+    else:
+        import cupyx.scipy.special
+        e = cupyx.scipy.special.erf(x / x.dtype.type(math.sqrt(2.0)))
+    return x.dtype.type(0.5) * x * (x.dtype.type(1.0) + e)
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu_erf": gelu_erf}
+
+
+def layer_norm(x, gamma, beta, eps):
+    """Layer norm over the last axis: (x-mean)/sqrt(biased var + eps)*gamma + beta. [...,H] -> [...,H]
+
+    Two passes (mean, then mean of squared deviations), as tf.nn.moments does.
+    """
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)                            # [...,1]
+    centered = x - mean                                              # [...,H]
+    var = (centered * centered).mean(axis=-1, keepdims=True)         # [...,1]
+    inv = x.dtype.type(1.0) / xp.sqrt(var + x.dtype.type(eps))       # [...,1]
+    return centered * inv * gamma + beta
+
+
+def dense(x, kernel, bias):
+    """x·W + b over the last axis of x. [...,C] @ [C,F] + [F] -> [...,F]"""
+    return x @ kernel + bias
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+def embed(word_ids, type_ids, word_table, position_table, type_table):
+    """word[ids] + position[:S] + type[type_ids], added in Model Garden's order. [B,S] -> [B,S,H]"""
+    S = word_ids.shape[1]
+    return (word_table[word_ids] + position_table[:S]) + type_table[type_ids]
+
+
+# ---------------------------------------------------------------------------- attention
+
+def qkv_projection(x, kernel, bias):
+    """One of the query/key/value projections. [B,S,H] @ [H,N,D] + [N,D] -> [B,S,N,D]"""
+    H, N, D = kernel.shape
+    y = x @ kernel.reshape(H, N * D) + bias.reshape(N * D)          # [B,S,N*D]
+    return y.reshape(x.shape[0], x.shape[1], N, D)
+
+
+def attention_scores(q, k):
+    """Scaled dot products, the scale applied after q·k as TalkingHeadsAttention does.
+    [B,S,N,D], [B,T,N,D] -> [B,N,S,T]"""
+    D = q.shape[-1]
+    scores = q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1)      # [B,N,S,D] @ [B,N,D,T] -> [B,N,S,T]
+    return scores * q.dtype.type(1.0 / math.sqrt(float(D)))
+
+
+def talking_heads_mix(x, weight):
+    """Mixes the heads: out[b,m,s,t] = sum_n x[b,n,s,t] * weight[n,m]. [B,N,S,T] x [N,N] -> [B,N,S,T]
+
+    Applied twice per block: to the logits before the softmax (W_pre) and to the probabilities after
+    it (W_post). Axis 0 of the weight is the input head.
+    """
+    mixed = x.transpose(0, 2, 3, 1) @ weight                        # [B,S,T,N] @ [N,N] -> [B,S,T,N]
+    return mixed.transpose(0, 3, 1, 2)                               # -> [B,N,S,T]
+
+
+def attention_mask_adder(input_mask, dtype, constant=-1e9):
+    """TF's additive mask: (1 - mask) * constant, in the compute dtype. [B,T] -> [B,1,1,T]
+
+    With constant -1e9 in float32, a row whose keys are all padding gets logits of exactly -1e9
+    everywhere (s + -1e9 rounds to -1e9), so its softmax is uniform, never NaN.
+    """
+    xp = array_module(input_mask)
+    mask = input_mask.astype(dtype)
+    adder = (xp.asarray(1.0, dtype) - mask) * xp.asarray(constant, dtype)
+    return adder[:, None, None, :]
+
+
+def softmax(x):
+    """Softmax over the last axis, max-subtracted. [...,T] -> [...,T]"""
+    xp = array_module(x)
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def masked_softmax(scores, mask_adder):
+    """Softmax of scores plus the additive mask. [B,N,S,T] + [B,1,1,T] -> [B,N,S,T]"""
+    return softmax(scores + mask_adder)
+
+
+def attention_context(probs, v):
+    """Weighted sum of values. [B,N,S,T] @ [B,T,N,D] -> [B,S,N,D]"""
+    ctx = probs @ v.transpose(0, 2, 1, 3)                            # [B,N,S,T] @ [B,N,T,D] -> [B,N,S,D]
+    return ctx.transpose(0, 2, 1, 3)
+
+
+def attention_output(ctx, kernel, bias):
+    """Projects the heads back to the hidden width. [B,S,N,D] @ [N,D,H] + [H] -> [B,S,H]"""
+    B, S, N, D = ctx.shape
+    return ctx.reshape(B, S, N * D) @ kernel.reshape(N * D, -1) + bias
+
+
+def talking_heads_attention(x, mask_adder, p, record=None):
+    """The talking-heads self-attention of one block, before the residual. [B,S,H] -> [B,S,H]
+
+    `p` holds the block's attention weights (see engine.model.AttentionWeights). `record(name, array)`,
+    when given, receives every intermediate (used by the trace).
+    """
+    rec = record or (lambda name, value: None)
+    q = qkv_projection(x, p.query_kernel, p.query_bias)              # [B,S,N,D]
+    k = qkv_projection(x, p.key_kernel, p.key_bias)                  # [B,T,N,D]
+    v = qkv_projection(x, p.value_kernel, p.value_bias)              # [B,T,N,D]
+    rec("q", q), rec("k", k), rec("v", v)
+    scores = attention_scores(q, k)                                  # [B,N,S,T]
+    rec("scaled_scores", scores)
+    mixed = talking_heads_mix(scores, p.pre_softmax_weight)          # [B,N,S,T]
+    rec("mixed_scores", mixed)
+    masked = mixed + mask_adder                                      # [B,N,S,T]
+    rec("masked_scores", masked)
+    probs = softmax(masked)                                          # [B,N,S,T]
+    rec("probs", probs)
+    mixed_probs = talking_heads_mix(probs, p.post_softmax_weight)    # [B,N,S,T]
+    rec("mixed_probs", mixed_probs)
+    ctx = attention_context(mixed_probs, v)                          # [B,S,N,D]
+    rec("context", ctx)
+    out = attention_output(ctx, p.output_kernel, p.output_bias)      # [B,S,H]
+    rec("attention_output", out)
+    return out
+
+
+# ---------------------------------------------------------------------------- feed-forward
+
+def geglu_feedforward(x, p, activation=gelu_tanh, record=None):
+    """Gated GELU feed-forward, before the residual: (gelu(x·Wi+bi) * (x·Wg+bg))·Wo + bo.
+    [B,S,H] -> [B,S,I] -> [B,S,H]"""
+    rec = record or (lambda name, value: None)
+    gelu_branch = activation(dense(x, p.intermediate_kernel, p.intermediate_bias))  # [B,S,I]
+    gate_branch = dense(x, p.gate_kernel, p.gate_bias)                               # [B,S,I]
+    hidden = gelu_branch * gate_branch                                               # [B,S,I]
+    rec("gelu_branch", gelu_branch), rec("gate_branch", gate_branch), rec("geglu", hidden)
+    out = dense(hidden, p.output_kernel, p.output_bias)                              # [B,S,H]
+    rec("feedforward_output", out)
+    return out
+
+
+# ---------------------------------------------------------------------------- heads
+
+def pooler(sequence_output, kernel, bias):
+    """tanh(x[:,0]·Wp + bp), the [CLS] vector. [B,S,H] -> [B,H]"""
+    xp = array_module(sequence_output)
+    return xp.tanh(dense(sequence_output[:, 0], kernel, bias))
+
+
+def gather_positions(sequence_output, positions):
+    """The vectors at the masked positions of each sequence. [B,S,H], [B,P] -> [B,P,H]"""
+    xp = array_module(sequence_output)
+    batch = xp.arange(sequence_output.shape[0])[:, None]             # [B,1]
+    return sequence_output[batch, positions]
+
+
+def mlm_logits(gathered, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias,
+               eps, activation=gelu_tanh, record=None):
+    """MLM head on gathered vectors only: LN(gelu(g·Wd+bd)) · word^T + bias. [B,P,H] -> [B,P,V]
+
+    The output matrix is the word-embedding table (tied weights). Gathering first means logits are
+    computed for the P masked positions, never for all S.
+    """
+    rec = record or (lambda name, value: None)
+    t = activation(dense(gathered, transform_kernel, transform_bias))               # [B,P,H]
+    rec("mlm_dense", t)
+    t = layer_norm(t, ln_gamma, ln_beta, eps)                                        # [B,P,H]
+    rec("mlm_transform", t)
+    return t @ word_table.T + output_bias                                            # [B,P,H] @ [H,V] -> [B,P,V]

@@ -1,0 +1,196 @@
+"""The encoder and the MLM model, assembled from `engine.kernels`.
+
+    E   = word[ids] + position[:S] + type[type_ids]          [B,S,H]
+    x   = LN(E)
+    for each of the L blocks:
+        x = LN_attn(x + TalkingHeadsAttention(x))           [B,S,H]
+        x = LN_ffn(x + GEGLU(x))                             [B,S,H]
+    pooled = tanh(x[:,0]·Wp + bp)                            [B,H]
+    mlm    = LN(gelu(x[b,pos]·Wd + bd)) · word^T + bias      [B,P,V]
+
+Letters: see engine.kernels. The API mirrors the Hub model: `enc(inputs)` and `enc.mlm(inputs)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from engine import backend as backend_mod
+from engine import kernels as K
+from engine.inputs import validate
+from weights.format import ModelConfig, expected_shapes
+
+
+@dataclasses.dataclass
+class AttentionWeights:
+    """Talking-heads attention weights of one block (arrays of the engine's backend and dtype)."""
+    query_kernel: object          # [H,N,D]
+    query_bias: object            # [N,D]
+    key_kernel: object            # [H,N,D]
+    key_bias: object              # [N,D]
+    value_kernel: object          # [H,N,D]
+    value_bias: object            # [N,D]
+    output_kernel: object         # [N,D,H]
+    output_bias: object           # [H]
+    pre_softmax_weight: object    # [N,N]
+    post_softmax_weight: object   # [N,N]
+
+
+@dataclasses.dataclass
+class FeedForwardWeights:
+    """GEGLU weights of one block."""
+    intermediate_kernel: object   # [H,I]  GELU branch ("intermediate_0")
+    intermediate_bias: object     # [I]
+    gate_kernel: object           # [H,I]  linear branch ("gate_0")
+    gate_bias: object             # [I]
+    output_kernel: object         # [I,H]  ("output_0")
+    output_bias: object           # [H]
+
+
+@dataclasses.dataclass
+class BlockWeights:
+    attention: AttentionWeights
+    attention_ln: tuple           # (gamma [H], beta [H])
+    feedforward: FeedForwardWeights
+    feedforward_ln: tuple         # (gamma [H], beta [H])
+
+
+def _block_weights(tensors, i, put) -> BlockWeights:
+    """Reads block i from the HDF5 paths of weights/format.py."""
+    t = lambda name: put(tensors[f"layers/{i}/{name}"])  # noqa: E731
+    attention = AttentionWeights(
+        query_kernel=t("attention/query/kernel"), query_bias=t("attention/query/bias"),
+        key_kernel=t("attention/key/kernel"), key_bias=t("attention/key/bias"),
+        value_kernel=t("attention/value/kernel"), value_bias=t("attention/value/bias"),
+        output_kernel=t("attention/output/kernel"), output_bias=t("attention/output/bias"),
+        pre_softmax_weight=t("attention/pre_softmax_weight"), post_softmax_weight=t("attention/post_softmax_weight"))
+    feedforward = FeedForwardWeights(
+        intermediate_kernel=t("feedforward/intermediate/kernel"), intermediate_bias=t("feedforward/intermediate/bias"),
+        gate_kernel=t("feedforward/gate/kernel"), gate_bias=t("feedforward/gate/bias"),
+        output_kernel=t("feedforward/output/kernel"), output_bias=t("feedforward/output/bias"))
+    return BlockWeights(attention, (t("attention_layer_norm/gamma"), t("attention_layer_norm/beta")),
+                        feedforward, (t("feedforward_layer_norm/gamma"), t("feedforward_layer_norm/beta")))
+
+
+def transformer_block(x, mask_adder, w: BlockWeights, config: ModelConfig, record=None):
+    """One post-LN block: attention, residual, LN; GEGLU, residual, LN. [B,S,H] -> [B,S,H]"""
+    rec = record or (lambda name, value: None)
+    activation = K.ACTIVATIONS[config.hidden_activation]
+    a = K.talking_heads_attention(x, mask_adder, w.attention, record=record)        # [B,S,H]
+    x = K.layer_norm(x + a, *w.attention_ln, config.layer_norm_epsilon)              # [B,S,H]
+    rec("attention_layer_norm", x)
+    f = K.geglu_feedforward(x, w.feedforward, activation, record=record)            # [B,S,H]
+    x = K.layer_norm(f + x, *w.feedforward_ln, config.layer_norm_epsilon)            # [B,S,H]
+    rec("feedforward_layer_norm", x)
+    return x
+
+
+class Encoder:
+    """Talking-heads GEGLU BERT on NumPy or CuPy, called like the TF Hub SavedModel.
+
+        enc = engine.load("model.h5")
+        out = enc({"input_word_ids": ids, "input_mask": mask, "input_type_ids": types})
+        out["pooled_output"]    # [B,H]    (also out["default"])
+        out["sequence_output"]  # [B,S,H]
+        out["encoder_outputs"]  # L arrays [B,S,H], the last equal to sequence_output
+        enc.mlm({**inputs, "masked_lm_positions": pos})["mlm_logits"]   # [B,P,V]
+
+    Outputs are arrays of the chosen backend (CuPy arrays on "cupy"); `engine.to_numpy(out)` or
+    `enc.to_numpy(out)` brings any output (or the whole dict) back to NumPy.
+    """
+
+    def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
+                 dtype: str = "float32", vocab=None):
+        self.config = config
+        self.backend = backend_mod.resolve_name(backend)
+        self.xp = backend_mod.get_xp(self.backend)
+        self.dtype = backend_mod.check_dtype(dtype)
+        self.vocab = vocab
+        shapes = expected_shapes(config)
+        missing = [k for k in shapes if k not in tensors]
+        if missing:
+            raise ValueError(f"weights: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        bad = [f"{k} {tuple(tensors[k].shape)} != {s}" for k, s in shapes.items() if tuple(tensors[k].shape) != s]
+        if bad:
+            raise ValueError(f"weights: mis-shaped tensors: {'; '.join(bad[:5])}")
+        put = lambda a: self.xp.asarray(np.asarray(a), dtype=self.dtype)  # noqa: E731
+        self.word_table = put(tensors["embeddings/word"])                  # [V,H]
+        self.position_table = put(tensors["embeddings/position"])          # [P,H]
+        self.type_table = put(tensors["embeddings/type"])                  # [T,H]
+        self.embedding_ln = (put(tensors["embeddings/layer_norm/gamma"]), put(tensors["embeddings/layer_norm/beta"]))
+        self.blocks = [_block_weights(tensors, i, put) for i in range(config.num_layers)]
+        self.pooler_kernel, self.pooler_bias = put(tensors["pooler/kernel"]), put(tensors["pooler/bias"])
+        self.has_mlm = config.has_mlm
+        if self.has_mlm:
+            self.mlm_weights = dict(
+                transform_kernel=put(tensors["mlm/transform/kernel"]), transform_bias=put(tensors["mlm/transform/bias"]),
+                ln_gamma=put(tensors["mlm/layer_norm/gamma"]), ln_beta=put(tensors["mlm/layer_norm/beta"]),
+                output_bias=put(tensors["mlm/output_bias"]))
+
+    # -------------------------------------------------------------------------------- forward
+
+    def _device_inputs(self, inputs, with_positions):
+        ids, mask, types, positions = validate(inputs, self.config, with_positions)
+        xp = self.xp
+        return (xp.asarray(ids), xp.asarray(mask), xp.asarray(types),
+                None if positions is None else xp.asarray(positions))
+
+    def _encode(self, ids, mask, types, record=None):
+        """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled)."""
+        cfg = self.config
+        rec = record or (lambda name, value: None)
+        e = K.embed(ids, types, self.word_table, self.position_table, self.type_table)   # [B,S,H]
+        rec("embeddings/sum", e)
+        x = K.layer_norm(e, *self.embedding_ln, cfg.layer_norm_epsilon)                  # [B,S,H]
+        rec("embeddings/layer_norm", x)
+        mask_adder = K.attention_mask_adder(mask, self.dtype, cfg.attention_mask_constant)  # [B,1,1,T]
+        outputs = []
+        for i, w in enumerate(self.blocks):
+            block_rec = (lambda name, value, i=i: rec(f"layers/{i}/{name}", value)) if record else None
+            x = transformer_block(x, mask_adder, w, cfg, record=block_rec)               # [B,S,H]
+            outputs.append(x)
+        pooled = K.pooler(x, self.pooler_kernel, self.pooler_bias)                       # [B,H]
+        rec("pooled_output", pooled)
+        return outputs, pooled
+
+    def __call__(self, inputs):
+        """Encoder outputs for a dict of input_word_ids, input_mask, input_type_ids ([B,S] ints)."""
+        ids, mask, types, _ = self._device_inputs(inputs, with_positions=False)
+        outputs, pooled = self._encode(ids, mask, types)
+        return {"pooled_output": pooled, "sequence_output": outputs[-1],
+                "encoder_outputs": outputs, "default": pooled}
+
+    def mlm(self, inputs, record=None):
+        """The `.mlm` call: the encoder outputs plus mlm_logits [B,P,V] at masked_lm_positions [B,P]."""
+        if not self.has_mlm:
+            raise ValueError("this weights file is encoder-only (has_mlm false): no .mlm head")
+        ids, mask, types, positions = self._device_inputs(inputs, with_positions=True)
+        outputs, pooled = self._encode(ids, mask, types, record=record)
+        gathered = K.gather_positions(outputs[-1], positions)                            # [B,P,H]
+        if record:
+            record("mlm/gathered", gathered)
+        m = self.mlm_weights
+        logits = K.mlm_logits(gathered, m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"],
+                              self.word_table, m["output_bias"], self.config.layer_norm_epsilon,
+                              K.ACTIVATIONS[self.config.hidden_activation],
+                              record=(lambda n, v: record(f"mlm/{n}", v)) if record else None)
+        if record:
+            record("mlm/logits", logits)
+        return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": outputs[-1],
+                "encoder_outputs": outputs}
+
+    @staticmethod
+    def to_numpy(x):
+        return backend_mod.to_numpy(x)
+
+
+def load(path: str, backend: str | None = None, dtype: str = "float32", verify_checksums: bool = False) -> Encoder:
+    """Loads an extracted HDF5 weights file (see weights/format.py) into an Encoder.
+
+    backend: "numpy" or "cupy" (default: $TALKHEADS_BACKEND, else numpy). dtype: "float32" or "float64".
+    """
+    import weights
+    loaded = weights.load(path, verify_checksums=verify_checksums)
+    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab)
