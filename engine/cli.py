@@ -1,19 +1,332 @@
-"""Command line: `python -m engine` (console script `talkheads`).
+"""Command line: `python -m engine` (also the console script `talkheads`).
 
-Placeholder of the foundation: with no arguments it builds (or reuses) the tiny reference model and
-loads it with TensorFlow. The parity report replaces this (see README).
+    python -m engine                         # the main job: verify on the embedded default (tiny model)
+    python -m engine verify --savedmodel DIR [--weights H5] [--backend numpy|cupy] [--batch B --seq-length S] [--json]
+    python -m engine encode --weights H5 TEXT... | --input FILE  --output OUT.{npy,h5,jsonl} [--sequence]
+    python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
+    python -m engine extract SAVEDMODEL OUT.h5 [--force]
+    python -m engine reference OUT_DIR --config tiny|base [--seed N]
+
+Exit codes: 0 success; 1 verify found a difference above tolerance; 2 bad usage, bad input or a
+file problem (one line on stderr; --debug shows the traceback); 130 interrupted.
+`verify`, `extract` and `reference` need TensorFlow (the `tf` extra); the others do not.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import time
+
+import numpy as np
+
+EXIT_OK, EXIT_MISMATCH, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# A few sentences of our own, single and paired, that run real text through the preprocessor.
+SAMPLE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Talking-heads attention mixes the attention logits across heads before and after the softmax.",
+    "Zürich's café served crème brûlée — naïvely priced at €4.50!",
+    "東京は日本の首都です。",
+    "A gated GELU feed-forward multiplies a GELU branch by a linear gate.",
+]
+SAMPLE_PAIRS = [
+    ("How many layers does the base model have?", "It has twelve transformer blocks of width 768."),
+    ("Is the MLM head tied?", "Yes, its output matrix is the word embedding table."),
+]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _default_savedmodel() -> str:
+    from weights import reference
+    return reference.cached("tiny", seed=0)
+
+
+def _extracted_weights(savedmodel: str) -> str:
+    """The HDF5 file extracted from `savedmodel`, made once and kept beside the reference cache."""
+    import hashlib
+
+    from weights import extract, reference
+    stamp = os.path.getmtime(os.path.join(savedmodel, "saved_model.pb"))
+    key = hashlib.sha256(f"{os.path.abspath(savedmodel)}|{stamp}".encode()).hexdigest()[:16]
+    out = os.path.join(reference.cache_dir(), "extracted", f"{os.path.basename(os.path.normpath(savedmodel))}-{key}.h5")
+    if not os.path.isfile(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        _progress(f"extracting {savedmodel} -> {out}")
+        extract.extract(savedmodel, out, force=True)
+    return out
+
+
+def _preprocessor(enc):
+    from engine.preprocess import Preprocessor
+    if not enc.vocab:
+        raise CliError("the weights file holds no vocab: text input needs one")
+    return Preprocessor(enc.vocab, lower_case=enc.config.do_lower_case)
+
+
+def _verify_inputs(enc, batch: int, seq_length: int, seed: int):
+    """Two input sets: real text through the preprocessor, and random ids with padding structure."""
+    from engine import parity
+    prep = _preprocessor(enc)
+    texts = (SAMPLE_TEXTS * (batch // len(SAMPLE_TEXTS) + 1))[:max(batch - len(SAMPLE_PAIRS), 1)]
+    singles = prep(texts, seq_length=seq_length)
+    first = prep.tokenize([a for a, _ in SAMPLE_PAIRS])
+    second = prep.tokenize([b for _, b in SAMPLE_PAIRS])
+    pairs = prep.bert_pack_inputs([first, second], seq_length=seq_length)
+    text_inputs = {k: np.concatenate([singles[k], pairs[k]])[:batch] for k in singles}
+    rng = np.random.default_rng(seed)
+    real = text_inputs["input_mask"].sum(axis=1)
+    text_inputs["masked_lm_positions"] = np.stack(
+        [np.sort(rng.integers(0, max(int(n), 1), 3)) for n in real]).astype(np.int32)
+    random_inputs = parity.random_inputs(rng, batch, seq_length, enc.config.vocab_size,
+                                         all_padding_row=batch > 2, num_positions=3,
+                                         type_vocab_size=enc.config.type_vocab_size)
+    return {"text": text_inputs, "random": random_inputs}
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+def cmd_verify(args) -> int:
+    import engine
+    from engine import parity
+    from weights import reference
+
+    savedmodel = args.savedmodel or _default_savedmodel()
+    if not os.path.isdir(savedmodel):
+        raise CliError(f"--savedmodel {savedmodel}: not a directory")
+    weights_path = args.weights or _extracted_weights(savedmodel)
+    enc = engine.load(weights_path, backend=args.backend)
+    cfg = enc.config
+    seq_length = min(args.seq_length, cfg.max_position_embeddings)
+    report = {"savedmodel": os.path.abspath(savedmodel), "weights": os.path.abspath(weights_path),
+              "backend": enc.backend, "dtype": enc.dtype, "tolerance": args.rtol,
+              "config": {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size",
+                                                      "vocab_size", "max_position_embeddings")},
+              "cases": []}
+    ok = True
+    for name, inputs in _verify_inputs(enc, args.batch, seq_length, args.seed).items():
+        _progress(f"verify: {name} inputs [{args.batch}x{seq_length}]: TensorFlow ...")
+        t0 = time.perf_counter()
+        theirs = reference.run_savedmodel(savedmodel, inputs, mlm=cfg.has_mlm)
+        t1 = time.perf_counter()
+        call = enc.mlm if cfg.has_mlm else enc
+        ours = engine.to_numpy(call(inputs if cfg.has_mlm else
+                                    {k: v for k, v in inputs.items() if k != "masked_lm_positions"}))
+        t2 = time.perf_counter()
+        diffs = parity.compare(ours, theirs, args.rtol)
+        ok &= all(d.ok for d in diffs)
+        report["cases"].append({"inputs": name, "batch": args.batch, "seq_length": seq_length,
+                                "tensorflow_seconds": t1 - t0, "engine_seconds": t2 - t1,
+                                "outputs": [d.as_dict() for d in diffs]})
+        if not args.json:
+            print(f"\n{name} inputs, batch {args.batch} x seq_length {seq_length} "
+                  f"(TensorFlow {t1 - t0:.2f}s, engine {t2 - t1:.2f}s):")
+            print(parity.format_table(diffs))
+    report["ok"] = bool(ok)
+    report["max_relative_diff"] = max(o["relative_diff"] for c in report["cases"] for o in c["outputs"])
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"\n{'PASS' if ok else 'FAIL'}: max relative difference {report['max_relative_diff']:.2e} "
+              f"(tolerance {args.rtol:.0e} x max|TF| per output); model {weights_path}")
+    return EXIT_OK if ok else EXIT_MISMATCH
+
+
+def _read_texts(args) -> list[str]:
+    if args.input:
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--input {args.input}: {e}") from None
+    else:
+        texts = list(args.texts)
+    if not texts:
+        raise CliError("no text given: pass TEXT arguments or --input FILE")
+    return texts
+
+
+def cmd_encode(args) -> int:
+    import engine
+    enc = engine.load(args.weights, backend=args.backend)
+    prep = _preprocessor(enc)
+    texts = _read_texts(args)
+    ext = os.path.splitext(args.output)[1].lower()
+    if ext not in (".npy", ".h5", ".hdf5", ".jsonl"):
+        raise CliError(f"--output {args.output}: unknown extension {ext!r} (use .npy, .h5 or .jsonl)")
+    key = "sequence_output" if args.sequence else "pooled_output"
+    rows = []
+    for start in range(0, len(texts), args.batch_size):
+        batch = prep(texts[start:start + args.batch_size], seq_length=args.seq_length)
+        rows.append(engine.to_numpy(enc(batch)[key]))
+        _progress(f"encode: {min(start + args.batch_size, len(texts))}/{len(texts)} texts")
+    result = np.concatenate(rows)
+    _write_array(args.output, result, key, texts)
+    _progress(f"encode: wrote {result.shape} {key} to {args.output}")
+    return EXIT_OK
+
+
+def _write_array(path: str, array: np.ndarray, key: str, texts: list[str]) -> None:
+    """Writes atomically: a temporary file beside the target, then a rename."""
+    import tempfile
+    ext = os.path.splitext(path)[1].lower()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
+    os.close(fd)
+    try:
+        if ext == ".npy":
+            np.save(tmp, array)
+        elif ext in (".h5", ".hdf5"):
+            import h5py
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset(key, data=array)
+                f.create_dataset("texts", data=np.array(texts, dtype=h5py.string_dtype()))
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text, row in zip(texts, array):
+                    f.write(json.dumps({"text": text, key: row.tolist()}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
+    """Top-k (token, probability) for each [MASK] in `text`, in order.
+
+    The Hub preprocessor would split the literal "[MASK]" into "[", "mask", "]", so the text is cut
+    at each [MASK] and the mask id is put between the tokenized pieces.
+    """
+    import engine
+    from engine import kernels
+    pieces = text.split("[MASK]")
+    if len(pieces) < 2:
+        raise CliError(f"no [MASK] in {text!r}")
+    ids = []
+    for i, piece in enumerate(pieces):
+        ids += [t for word in prep.tokenize([piece])[0] for t in word]
+        if i < len(pieces) - 1:
+            ids.append(prep.mask_id)
+    packed = prep.bert_pack_inputs([[ids]], seq_length=seq_length)
+    positions = np.flatnonzero(packed["input_word_ids"][0] == prep.mask_id)
+    if len(positions) < len(pieces) - 1:
+        raise CliError(f"the text is longer than seq_length {seq_length}: a [MASK] was trimmed away")
+    inputs = dict(packed, masked_lm_positions=positions[None].astype(np.int32))
+    logits = engine.to_numpy(enc.mlm(inputs)["mlm_logits"])[0].astype(np.float64)   # [P,V]
+    probs = kernels.softmax(logits)
+    result = []
+    for p in probs:
+        top = np.argsort(-p)[:top_k]
+        result.append([(enc.vocab[i], float(p[i])) for i in top])
+    return result
+
+
+def cmd_fill_mask(args) -> int:
+    import engine
+    enc = engine.load(args.weights, backend=args.backend)
+    prep = _preprocessor(enc)
+    for n, candidates in enumerate(fill_mask(enc, prep, args.text, args.top_k, args.seq_length)):
+        print(f"[MASK] #{n + 1}:")
+        for token, prob in candidates:
+            print(f"  {token:<20} {prob:.4f}")
+    return EXIT_OK
+
+
+def cmd_extract(args) -> int:
+    from weights import extract
+    return extract.main([args.savedmodel, args.output] + (["--force"] if args.force else []))
+
+
+def cmd_reference(args) -> int:
+    from weights import reference
+    return reference.main(args.rest)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 ok, 1 verify above tolerance, 2 error, 130 interrupted.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("verify", help="engine vs TensorFlow on the same SavedModel: the parity table")
+    p.add_argument("--savedmodel", help="SavedModel directory (default: the tiny reference model)")
+    p.add_argument("--weights", help="extracted HDF5 (default: extract the SavedModel once, cached)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--rtol", type=float, default=1e-5, help="tolerance: max|diff| <= rtol x max|TF| per output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("encode", help="text to pooled (or sequence) embeddings")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--input", help="a UTF-8 text file, one text per line")
+    p.add_argument("--output", required=True, help=".npy, .h5 or .jsonl")
+    p.add_argument("--sequence", action="store_true", help="write sequence_output [B,S,H] instead of pooled")
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("fill-mask", help="top-k tokens for each [MASK]")
+    p.add_argument("text")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("extract", help="SavedModel to HDF5 (needs TensorFlow)")
+    p.add_argument("savedmodel")
+    p.add_argument("output")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("reference", help="build a randomized reference SavedModel (needs TensorFlow)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_reference)
+    return parser
+
+
+def _validate(args) -> None:
+    for name in ("batch", "seq_length", "top_k", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def main(argv=None) -> int:
-    from weights import reference  # imports TensorFlow: only on this path, never from `import engine`
-    import tensorflow as tf
-
-    path = reference.cached("tiny", seed=0)
-    model = tf.saved_model.load(path)
-    print(f"tiny reference model: {path}, {len(model.variables)} variables")
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # the embedded default: verify on the tiny reference model
+        args = parser.parse_args(["--debug", "verify"] if args.debug else ["verify"])
+    try:
+        _validate(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # one clear line unless --debug
+        if args.debug:
+            raise
+        message = str(e) if isinstance(e, CliError) else f"{type(e).__name__}: {e}"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR

@@ -213,6 +213,24 @@ def cached(config: str | ReferenceConfig = "tiny", seed: int = 0) -> str:
     return path
 
 
+_LOADED = {}
+
+
+def run_savedmodel(path: str, inputs: dict, mlm: bool = True) -> dict:
+    """TensorFlow's outputs for Hub-style inputs: `model.mlm(inputs)` (or `model(inputs)`), as NumPy.
+
+    The SavedModel is loaded once per process and path.
+    """
+    import tensorflow as tf
+    if path not in _LOADED:
+        _LOADED[path] = tf.saved_model.load(path)
+    model = _LOADED[path]
+    tensors = {k: tf.constant(np.asarray(v, np.int32)) for k, v in inputs.items()
+               if mlm or k != "masked_lm_positions"}
+    out = model.mlm(tensors) if mlm else model(tensors)
+    return {k: ([t.numpy() for t in v] if isinstance(v, (list, tuple)) else v.numpy()) for k, v in out.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights.reference",
