@@ -28,7 +28,20 @@ I intermediate, V vocab, P positions, T type vocab. Every tensor is float32 in i
 
 `<i>` is 0..L-1 in block order. The `/mlm` group is absent in an encoder-only file (attr has_mlm
 false). Each float dataset carries attrs `sha256` (of its little-endian float32 bytes) and `source`
-(the TensorFlow variable name it came from).
+(the TensorFlow variable name it came from). Datasets are stored contiguous and uncompressed.
+
+Root attributes, all scalars:
+- `format` = FORMAT_NAME, `format_version` = FORMAT_VERSION;
+- the config: one attribute per `ModelConfig` field (`num_layers`, ..., `do_lower_case`, `has_mlm`).
+  The integer sizes are inferred from tensor shapes at extraction; `hidden_activation`,
+  `layer_norm_epsilon` and `attention_mask_constant` are NOT visible in any shape: they are the
+  fixed values of TF Hub's talkheads_ggelu_bert_en_base/2 (Model Garden's "gelu", which is the
+  tanh approximation; LayerNorm epsilon 1e-12; mask constant -1e9), so the extractor writes the
+  ModelConfig defaults below;
+- provenance: every other root attribute (see PROVENANCE_ATTRS; readers must tolerate more).
+
+`/vocab` is optional (absent when the SavedModel has no vocab asset); when present it has V
+entries and attrs `sha256` (vocab_checksum) and `source` (the asset path it came from).
 """
 
 from __future__ import annotations
@@ -40,6 +53,17 @@ import numpy as np
 
 FORMAT_NAME = "talkheads-ggelu-bert"
 FORMAT_VERSION = 1
+FORMAT_ATTRS = ("format", "format_version")
+VOCAB_DATASET = "vocab"
+# Provenance root attributes written by weights.extract (all strings):
+PROVENANCE_ATTRS = (
+    "source_path",                 # absolute path of the SavedModel extracted
+    "source_tensorflow_version",   # the TF version that saved it, when the SavedModel records one
+    "tensorflow_version",          # the TF version that extracted it
+    "extracted_at",                # UTC, ISO 8601
+    "extractor",                   # "weights.extract"
+    "do_lower_case_source",        # the variable do_lower_case came from, or "default"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +161,16 @@ def tensor_checksum(array: np.ndarray) -> str:
     """sha256 of the array's little-endian float32 bytes in C order."""
     data = np.ascontiguousarray(array, dtype="<f4")
     return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def config_attr_names() -> tuple[str, ...]:
+    """The root attribute names that hold the ModelConfig."""
+    return tuple(field.name for field in dataclasses.fields(ModelConfig))
+
+
+def vocab_checksum(tokens) -> str:
+    """sha256 of the vocab as vocab.txt would hold it: UTF-8, one token per line, each ending in \\n."""
+    digest = hashlib.sha256()
+    for token in tokens:
+        digest.update(token.encode("utf-8") + b"\n")
+    return digest.hexdigest()
