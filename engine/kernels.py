@@ -87,12 +87,20 @@ def qkv_projection(x, kernel, bias):
     return y.reshape(x.shape[0], x.shape[1], N, D)
 
 
+def raw_attention_scores(q, k):
+    """Dot products q·k over D, before any scale. [B,S,N,D], [B,T,N,D] -> [B,N,S,T]"""
+    return q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1)       # [B,N,S,D] @ [B,N,D,T] -> [B,N,S,T]
+
+
+def scale_scores(raw, head_size):
+    """The 1/sqrt(D) scale, applied after q·k as TalkingHeadsAttention does. [B,N,S,T] -> [B,N,S,T]"""
+    return raw * raw.dtype.type(1.0 / math.sqrt(float(head_size)))
+
+
 def attention_scores(q, k):
     """Scaled dot products, the scale applied after q·k as TalkingHeadsAttention does.
     [B,S,N,D], [B,T,N,D] -> [B,N,S,T]"""
-    D = q.shape[-1]
-    scores = q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1)      # [B,N,S,D] @ [B,N,D,T] -> [B,N,S,T]
-    return scores * q.dtype.type(1.0 / math.sqrt(float(D)))
+    return scale_scores(raw_attention_scores(q, k), q.shape[-1])
 
 
 def talking_heads_mix(x, weight):
@@ -152,7 +160,9 @@ def talking_heads_attention(x, mask_adder, p, record=None):
     k = qkv_projection(x, p.key_kernel, p.key_bias)                  # [B,T,N,D]
     v = qkv_projection(x, p.value_kernel, p.value_bias)              # [B,T,N,D]
     rec("q", q), rec("k", k), rec("v", v)
-    scores = attention_scores(q, k)                                  # [B,N,S,T]
+    raw = raw_attention_scores(q, k)                                 # [B,N,S,T]
+    rec("raw_scores", raw)
+    scores = scale_scores(raw, q.shape[-1])                          # [B,N,S,T]
     rec("scaled_scores", scores)
     mixed = talking_heads_mix(scores, p.pre_softmax_weight)          # [B,N,S,T]
     rec("mixed_scores", mixed)

@@ -181,6 +181,12 @@ class Encoder:
         return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": outputs[-1],
                 "encoder_outputs": outputs}
 
+    def trace(self, inputs):
+        """Every intermediate, in order, as an engine.trace.Trace ({name: NumPy array}); names and
+        shapes in engine/trace.py. Without masked_lm_positions the MLM steps take every position."""
+        from engine import trace as trace_mod
+        return trace_mod.trace(self, inputs)
+
     @staticmethod
     def to_numpy(x):
         return backend_mod.to_numpy(x)
