@@ -323,10 +323,17 @@ def match_variables(source: SourceModel) -> Plan:
         if source.vocab is not None and len(source.vocab) != config.vocab_size:
             problems.add("mis-shaped", f"vocab asset {source.vocab_source} has {len(source.vocab)} "
                                        f"tokens, the word embeddings have {config.vocab_size} rows")
+    elif ordered:  # sizes unknown: still name every tensor that is missing, without shapes
+        placeholder = fmt.ModelConfig(num_layers=len(ordered), hidden_size=1, num_heads=1, head_size=1,
+                                      intermediate_size=1, vocab_size=1, max_position_embeddings=1,
+                                      type_vocab_size=1, has_mlm=has_mlm)
+        for path in fmt.expected_shapes(placeholder):
+            if path not in mapping:
+                problems.add("missing", f"{tf_name(path)} (for {path})")
     for path, var in mapping.items():
         if var.dtype != "float32":
             problems.add("wrong dtype", f"{var.name} has dtype {var.dtype}, expected float32 (for {path})")
-    for var in leftovers:
+    for var in sorted(leftovers, key=lambda v: v.name):
         problems.add("unexpected", f"{var.name} {_shape_str(var.shape)} {var.dtype}")
     for name, dtype in source.other_variables:
         problems.add("unexpected", f"{name} ({dtype}, not float)")
