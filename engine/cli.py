@@ -6,8 +6,11 @@
     python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
     python -m engine extract SAVEDMODEL OUT.h5 [--force]
     python -m engine reference OUT_DIR --config tiny|base [--seed N]
+    python -m engine trace --weights H5 TEXT... | --ids JSON  --out TRACE.h5   (every intermediate)
+    python -m engine compare A.h5 B.h5 [--rtol R] [--map THEIRS.json]        (first divergence)
+    python -m engine verify --trace ...      (engine vs TensorFlow, intermediate by intermediate)
 
-Exit codes: 0 success; 1 verify found a difference above tolerance; 2 bad usage, bad input or a
+Exit codes: 0 success; 1 verify (or compare) found a difference above tolerance; 2 bad usage, bad input or a
 file problem (one line on stderr; --debug shows the traceback); 130 interrupted.
 `verify`, `extract` and `reference` need TensorFlow (the `tf` extra); the others do not.
 """
@@ -114,6 +117,8 @@ def cmd_verify(args) -> int:
               "config": {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size",
                                                       "vocab_size", "max_position_embeddings")},
               "cases": []}
+    if args.trace:
+        return _verify_trace(args, savedmodel, enc, seq_length, report)
     ok = True
     for name, inputs in _verify_inputs(enc, args.batch, seq_length, args.seed).items():
         _progress(f"verify: {name} inputs [{args.batch}x{seq_length}]: TensorFlow ...")
@@ -141,6 +146,114 @@ def cmd_verify(args) -> int:
         print(f"\n{'PASS' if ok else 'FAIL'}: max relative difference {report['max_relative_diff']:.2e} "
               f"(tolerance {args.rtol:.0e} x max|TF| per output); model {weights_path}")
     return EXIT_OK if ok else EXIT_MISMATCH
+
+
+def _verify_trace(args, savedmodel, enc, seq_length, report) -> int:
+    """verify --trace: every intermediate of the engine against TensorFlow's step-by-step trace."""
+    from engine import parity
+    from engine import trace as trace_mod
+    from weights import reference_trace
+    ok = True
+    for name, inputs in _verify_inputs(enc, args.batch, seq_length, args.seed).items():
+        _progress(f"verify --trace: {name} inputs [{args.batch}x{seq_length}]: TensorFlow step by step ...")
+        t0 = time.perf_counter()
+        result = reference_trace.verify_trace(savedmodel, enc, inputs, args.rtol)
+        first = result.first
+        ok &= result.ok
+        report["cases"].append({
+            "inputs": name, "batch": args.batch, "seq_length": seq_length, "seconds": time.perf_counter() - t0,
+            "tensorflow_trace_vs_savedmodel": [d.as_dict() for d in result.faithfulness],
+            "first_divergence": None if first is None else first.as_dict(),
+            "intermediates": [d.as_dict() for d in result.diffs]})
+        if not args.json:
+            print(f"\n{name} inputs, batch {args.batch} x seq_length {seq_length}:")
+            print("TensorFlow's step-by-step trace against the SavedModel's own outputs "
+                  f"({'faithful' if result.faithful else 'NOT FAITHFUL'}):")
+            print(parity.format_table(result.faithfulness))
+            if first is not None:
+                rows = trace_mod.format_table(result.diffs).split("\n")
+                at = result.diffs.index(first) + 1
+                print("\n".join([rows[0]] + rows[max(1, at - 6):at + 3]))
+            print("engine vs TensorFlow: " + trace_mod.summary(result.diffs))
+    report["ok"] = bool(ok)
+    if args.json:
+        print(json.dumps(report, indent=1, default=float))
+    else:
+        print(f"\n{'PASS' if ok else 'FAIL'}: intermediates of engine vs TensorFlow "
+              f"(tolerance {args.rtol:.0e} x max|TF| per intermediate)")
+    return EXIT_OK if ok else EXIT_MISMATCH
+
+
+def _trace_inputs(args, enc):
+    """The inputs of `trace`: text through the preprocessor, or --ids (JSON: a list of id lists, or an
+    object with input_word_ids [, input_mask, input_type_ids, masked_lm_positions]; inline or a file)."""
+    if args.ids:
+        source = args.ids
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as f:
+                source = f.read()
+        try:
+            value = json.loads(source)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--ids: not JSON: {e}") from None
+        if isinstance(value, list):
+            value = {"input_word_ids": value}
+        if not isinstance(value, dict) or "input_word_ids" not in value:
+            raise CliError("--ids: expected a list of id lists or an object with input_word_ids")
+        try:
+            inputs = {k: np.asarray(v, dtype=np.int32) for k, v in value.items()}
+        except (ValueError, TypeError) as e:
+            raise CliError(f"--ids: {e} (rows must have equal lengths)") from None
+        ids = inputs["input_word_ids"]
+        if ids.ndim == 1:
+            inputs = {k: v[None] for k, v in inputs.items()}
+            ids = inputs["input_word_ids"]
+        inputs.setdefault("input_mask", (ids != 0).astype(np.int32))
+        inputs.setdefault("input_type_ids", np.zeros_like(ids))
+        return inputs, None
+    texts = _read_texts(args)
+    return _preprocessor(enc)(texts, seq_length=args.seq_length), texts
+
+
+def cmd_trace(args) -> int:
+    import engine
+    from engine import trace as trace_mod
+    enc = engine.load(args.weights, backend=args.backend)
+    inputs, texts = _trace_inputs(args, enc)
+    t0 = time.perf_counter()
+    names = trace_mod.trace_to_file(enc, inputs, args.out, texts=texts)
+    size = os.path.getsize(args.out)
+    _progress(f"trace: wrote {len(names)} intermediates of {enc.config.num_layers} blocks for "
+              f"{inputs['input_word_ids'].shape[0]}x{inputs['input_word_ids'].shape[1]} inputs to {args.out} "
+              f"({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from engine import trace as trace_mod
+    for path in (args.a, args.b):
+        if not os.path.isfile(path):
+            raise CliError(f"{path}: no such file")
+    ours, theirs = trace_mod.read(args.a), trace_mod.read(args.b)
+    try:
+        name_map = trace_mod.load_map(args.map)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--map: {e}") from None
+    if theirs.inputs and ours.inputs:
+        same = set(ours.inputs) == set(theirs.inputs) and all(
+            np.array_equal(ours.inputs[k], theirs.inputs[k]) for k in ours.inputs)
+        if not same:
+            _progress(f"compare: warning: the two files were traced on different inputs ({args.b} /inputs)")
+    diffs = trace_mod.compare(ours, theirs.tensors, args.rtol, name_map)
+    first = trace_mod.first_divergence(diffs)
+    if args.json:
+        print(json.dumps({"reference": args.a, "candidate": args.b, "tolerance": args.rtol,
+                          "first_divergence": None if first is None else first.as_dict(),
+                          "intermediates": [d.as_dict() for d in diffs]}, indent=1, default=float))
+    else:
+        print(trace_mod.format_table(diffs))
+        print(trace_mod.summary(diffs))
+    return EXIT_OK if first is None else EXIT_MISMATCH
 
 
 def _read_texts(args) -> list[str]:
@@ -272,7 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5, help="tolerance: max|diff| <= rtol x max|TF| per output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--trace", action="store_true",
+                   help="compare every intermediate with TensorFlow's step by step; print the first divergence")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("trace", help="every intermediate tensor, in order, to an HDF5 file (engine/trace.py)")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--ids", help="JSON ids instead of text: [[101, ...], ...] or {\"input_word_ids\": ...}, "
+                                 "inline or a file")
+    p.add_argument("--input", help="a UTF-8 text file, one text per line")
+    p.add_argument("--out", required=True, help="the trace file to write (.h5)")
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("compare", help="two trace files: the first divergence in A's order, and a table")
+    p.add_argument("a", help="the reference trace (ours)")
+    p.add_argument("b", help="the trace to check (e.g. written by another port)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="max|A-B| <= rtol x max|A| per intermediate")
+    p.add_argument("--map", help="JSON {their_name: our_name | {name, transpose}} for B's dataset names")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("encode", help="text to pooled (or sequence) embeddings")
     p.add_argument("texts", nargs="*")
