@@ -102,7 +102,8 @@ class Encoder:
     """
 
     def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
-                 dtype: str = "float32", vocab=None):
+                 dtype: str = "float32", vocab=None,
+                 gpu_path: str | None = None, precision: str | None = None, cuda_graphs: bool | None = None):
         self.config = config
         self.backend = backend_mod.resolve_name(backend)
         self.xp = backend_mod.get_xp(self.backend)
@@ -128,6 +129,13 @@ class Encoder:
                 transform_kernel=put(tensors["mlm/transform/kernel"]), transform_bias=put(tensors["mlm/transform/bias"]),
                 ln_gamma=put(tensors["mlm/layer_norm/gamma"]), ln_beta=put(tensors["mlm/layer_norm/beta"]),
                 output_bias=put(tensors["mlm/output_bias"]))
+        # backend "cupy": the fused GPU path of engine/gpu.py unless gpu_path="plain" ($TALKHEADS_GPU_PATH);
+        # precision float32 | tf32 | float16 | bfloat16 ($TALKHEADS_GPU_PRECISION); cuda_graphs opt-in.
+        self._gpu = None
+        if self.backend == "cupy" and self.dtype == "float32":
+            from engine import gpu
+            if gpu.use_fused_path(gpu_path):
+                self._gpu = gpu.GpuForward(self, precision=precision, cuda_graphs=cuda_graphs)
 
     # -------------------------------------------------------------------------------- forward
 
@@ -139,6 +147,8 @@ class Encoder:
 
     def _encode(self, ids, mask, types, record=None):
         """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled)."""
+        if self._gpu is not None and record is None:
+            return self._gpu.encode(ids, mask, types)
         cfg = self.config
         rec = record or (lambda name, value: None)
         e = K.embed(ids, types, self.word_table, self.position_table, self.type_table)   # [B,S,H]
@@ -192,11 +202,15 @@ class Encoder:
         return backend_mod.to_numpy(x)
 
 
-def load(path: str, backend: str | None = None, dtype: str = "float32", verify_checksums: bool = False) -> Encoder:
+def load(path: str, backend: str | None = None, dtype: str = "float32", verify_checksums: bool = False,
+         **gpu_options) -> Encoder:
     """Loads an extracted HDF5 weights file (see weights/format.py) into an Encoder.
 
     backend: "numpy" or "cupy" (default: $TALKHEADS_BACKEND, else numpy). dtype: "float32" or "float64".
+    gpu_options (backend "cupy"): gpu_path="fused"|"plain", precision="float32"|"tf32"|"float16"|"bfloat16",
+    cuda_graphs=True|False; see engine/gpu.py.
     """
     import weights
     loaded = weights.load(path, verify_checksums=verify_checksums)
-    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab)
+    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab,
+                   **gpu_options)
