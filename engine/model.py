@@ -102,7 +102,7 @@ class Encoder:
     """
 
     def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
-                 dtype: str = "float32", vocab=None,
+                 dtype: str = "float32", vocab=None, fast: bool = False,
                  gpu_path: str | None = None, precision: str | None = None, cuda_graphs: bool | None = None):
         self.config = config
         self.backend = backend_mod.resolve_name(backend)
@@ -129,6 +129,11 @@ class Encoder:
                 transform_kernel=put(tensors["mlm/transform/kernel"]), transform_bias=put(tensors["mlm/transform/bias"]),
                 ln_gamma=put(tensors["mlm/layer_norm/gamma"]), ln_beta=put(tensors["mlm/layer_norm/beta"]),
                 output_bias=put(tensors["mlm/output_bias"]))
+        # fast=True: the NumPy fast path of engine/fast.py (fused products, in-place, skip_padding)
+        self._fast = None
+        if fast:
+            from engine.fast import FastEncoder
+            self._fast = FastEncoder(self)
         # backend "cupy": the fused GPU path of engine/gpu.py unless gpu_path="plain" ($TALKHEADS_GPU_PATH);
         # precision float32 | tf32 | float16 | bfloat16 ($TALKHEADS_GPU_PRECISION); cuda_graphs opt-in.
         self._gpu = None
@@ -145,8 +150,12 @@ class Encoder:
         return (xp.asarray(ids), xp.asarray(mask), xp.asarray(types),
                 None if positions is None else xp.asarray(positions))
 
-    def _encode(self, ids, mask, types, record=None):
+    def _encode(self, ids, mask, types, record=None, skip_padding=False):
         """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled)."""
+        if skip_padding and self._fast is None:
+            raise ValueError("skip_padding=True needs the fast path: engine.load(..., fast=True)")
+        if self._fast is not None and record is None:
+            return self._fast.encode(ids, mask, types, skip_padding=skip_padding)
         if self._gpu is not None and record is None:
             return self._gpu.encode(ids, mask, types)
         cfg = self.config
@@ -165,19 +174,20 @@ class Encoder:
         rec("pooled_output", pooled)
         return outputs, pooled
 
-    def __call__(self, inputs):
-        """Encoder outputs for a dict of input_word_ids, input_mask, input_type_ids ([B,S] ints)."""
+    def __call__(self, inputs, skip_padding=False):
+        """Encoder outputs for a dict of input_word_ids, input_mask, input_type_ids ([B,S] ints).
+        skip_padding=True (fast path only): padded positions are not computed (zeros); see engine/fast.py."""
         ids, mask, types, _ = self._device_inputs(inputs, with_positions=False)
-        outputs, pooled = self._encode(ids, mask, types)
+        outputs, pooled = self._encode(ids, mask, types, skip_padding=skip_padding)
         return {"pooled_output": pooled, "sequence_output": outputs[-1],
                 "encoder_outputs": outputs, "default": pooled}
 
-    def mlm(self, inputs, record=None):
+    def mlm(self, inputs, record=None, skip_padding=False):
         """The `.mlm` call: the encoder outputs plus mlm_logits [B,P,V] at masked_lm_positions [B,P]."""
         if not self.has_mlm:
             raise ValueError("this weights file is encoder-only (has_mlm false): no .mlm head")
         ids, mask, types, positions = self._device_inputs(inputs, with_positions=True)
-        outputs, pooled = self._encode(ids, mask, types, record=record)
+        outputs, pooled = self._encode(ids, mask, types, record=record, skip_padding=skip_padding)
         gathered = K.gather_positions(outputs[-1], positions)                            # [B,P,H]
         if record:
             record("mlm/gathered", gathered)
@@ -203,14 +213,15 @@ class Encoder:
 
 
 def load(path: str, backend: str | None = None, dtype: str = "float32", verify_checksums: bool = False,
-         **gpu_options) -> Encoder:
+         fast: bool = False, **gpu_options) -> Encoder:
     """Loads an extracted HDF5 weights file (see weights/format.py) into an Encoder.
 
     backend: "numpy" or "cupy" (default: $TALKHEADS_BACKEND, else numpy). dtype: "float32" or "float64".
+    fast: the NumPy fast path (engine/fast.py), which also allows enc(inputs, skip_padding=True).
     gpu_options (backend "cupy"): gpu_path="fused"|"plain", precision="float32"|"tf32"|"float16"|"bfloat16",
     cuda_graphs=True|False; see engine/gpu.py.
     """
     import weights
     loaded = weights.load(path, verify_checksums=verify_checksums)
-    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab,
+    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab, fast=fast,
                    **gpu_options)

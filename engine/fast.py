@@ -1,0 +1,312 @@
+"""The fast CPU path: the same model as engine.kernels + engine.model, arranged for speed (NumPy only).
+
+    enc = engine.load("model.h5", fast=True)
+    enc(inputs)                          # same outputs as the readable path, within 1e-5 relative
+    enc(inputs, skip_padding=True)       # opt-in: computes the real tokens only (see below)
+
+What differs from the readable path (engine.kernels), and why the numbers stay the same:
+- Q, K and V are one product x·[Wq|Wk|Wv] ([T,H] @ [H,3*N*D]); the GEGLU's two input products are
+  one product x·[Wi|Wg] ([T,H] @ [H,2*I]). Every product is np.matmul on contiguous (or
+  BLAS-strided) 2-D operands with `out=` into preallocated buffers, so OpenBLAS runs multithreaded
+  and nothing is allocated per layer. The readable path's kernels are rebound to views of the
+  fused arrays: no weight is held twice.
+- Attention runs per sequence on strided views of the fused QKV output (no transposes, no copies):
+  scores [N,S,T] = q·k^T; talking-heads mixing is one [N,N] @ [N,S*T] product on that contiguous
+  layout; the 1/sqrt(D) scale is folded into W_pre (exact for D a power of two); the context is
+  written straight into a [S,N,D] buffer that is the input of the output projection.
+- Element-wise work (biases, GELU, gate, residuals, layer norms) runs in place (`out=`) on row
+  blocks small enough to stay in cache, spread over a small thread pool (NumPy releases the GIL
+  in ufuncs; BLAS is idle at those moments). The order of floating-point operations inside each
+  element-wise formula is the readable kernels' order.
+- float32 (or float64) throughout, as the Encoder's dtype.
+
+skip_padding=True packs the real tokens (input_mask == 1) of all rows into one [tokens,H] matrix,
+runs the dense products on it only and attention per row on that row's real tokens only. Real
+tokens' outputs equal the dense path's (padded keys get exactly zero probability there, in every
+head, before and after the post-softmax mixing), within rounding. Padded positions are NOT
+computed: in the returned sequence_output and encoder_outputs they hold zeros, and pooled_output
+of a row whose position 0 is padding (an all-padding row, or left padding) is tanh(bias) of the
+zero vector, unlike TensorFlow's. Only real tokens (and pooled_output of rows whose position 0 is
+real, which is every row the Hub preprocessor makes) match the reference.
+
+Not thread-safe: one Encoder, one call at a time (the workspace is reused between calls).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from engine import kernels as K
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def num_threads() -> int:
+    """Threads for element-wise work: $TALKHEADS_THREADS, else the CPU count."""
+    value = os.environ.get("TALKHEADS_THREADS")
+    if value:
+        return max(1, int(value))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None and num_threads() > 1:
+            _POOL = ThreadPoolExecutor(max_workers=num_threads(), thread_name_prefix="talkheads-fast")
+    return _POOL
+
+
+def parallel_rows(fn, rows: int, block: int) -> None:
+    """Calls fn(start, stop, worker) on row blocks of at most `block` rows covering [0, rows), spread
+    over the threads; `worker` (0 .. num_threads()-1) indexes per-thread scratch space."""
+    pool = _pool()
+    if pool is None or rows <= block:
+        for s in range(0, rows, block):
+            fn(s, min(rows, s + block), 0)
+        return
+    n = num_threads()
+    bounds = [rows * i // n for i in range(n + 1)]
+
+    def run(lo, hi, w):
+        for s in range(lo, hi, block):
+            fn(s, min(hi, s + block), w)
+
+    futures = [pool.submit(run, bounds[i], bounds[i + 1], i) for i in range(n) if bounds[i + 1] > bounds[i]]
+    for f in futures:
+        f.result()
+
+
+class _FastBlock:
+    """One block's weights in the fast layout."""
+
+    def __init__(self, block, config, dtype):
+        a, f = block.attention, block.feedforward
+        H, N, D, I = config.hidden_size, config.num_heads, config.head_size, config.intermediate_size
+        ND = N * D
+        self.qkv_kernel = np.empty((H, 3 * ND), dtype)                                 # [H,3ND]
+        for j, kern in enumerate((a.query_kernel, a.key_kernel, a.value_kernel)):
+            self.qkv_kernel[:, j * ND:(j + 1) * ND] = np.asarray(kern).reshape(H, ND)
+        self.qkv_bias = np.concatenate([np.asarray(b).reshape(ND) for b in (a.query_bias, a.key_bias, a.value_bias)])
+        # rebind the readable weights to views of the fused ones (values unchanged, no copy kept)
+        a.query_kernel = self.qkv_kernel[:, :ND].reshape(H, N, D)
+        a.key_kernel = self.qkv_kernel[:, ND:2 * ND].reshape(H, N, D)
+        a.value_kernel = self.qkv_kernel[:, 2 * ND:].reshape(H, N, D)
+        self.output_kernel = np.ascontiguousarray(np.asarray(a.output_kernel).reshape(ND, H))  # [ND,H]
+        self.output_bias = np.asarray(a.output_bias)
+        scale = 1.0 / math.sqrt(float(D))
+        # out = W^T @ x over the head axis; the score scale folded into W_pre (exact when D = 4^k)
+        self.pre_t = np.ascontiguousarray((np.asarray(a.pre_softmax_weight, np.float64) * scale).T).astype(dtype)
+        self.post_t = np.ascontiguousarray(np.asarray(a.post_softmax_weight).T)
+        self.attention_ln = tuple(np.asarray(v) for v in block.attention_ln)
+        self.ff_kernel = np.empty((H, 2 * I), dtype)                                   # [H,2I]
+        self.ff_kernel[:, :I] = np.asarray(f.intermediate_kernel)
+        self.ff_kernel[:, I:] = np.asarray(f.gate_kernel)
+        f.intermediate_kernel = self.ff_kernel[:, :I]
+        f.gate_kernel = self.ff_kernel[:, I:]
+        self.intermediate_bias = np.asarray(f.intermediate_bias)
+        self.gate_bias = np.asarray(f.gate_bias)
+        self.out_kernel = np.asarray(f.output_kernel)                                  # [I,H]
+        self.out_bias = np.asarray(f.output_bias)
+        self.feedforward_ln = tuple(np.asarray(v) for v in block.feedforward_ln)
+
+
+class FastEncoder:
+    """The fast forward pass of an engine.model.Encoder (NumPy backend). Built by Encoder(..., fast=True)."""
+
+    # rows per element-wise block (kept in L2: 16 x 2I floats for the GEGLU)
+    GEGLU_BLOCK = 16
+    LN_BLOCK = 64
+
+    def __init__(self, encoder):
+        if encoder.backend != "numpy":
+            raise ValueError("fast=True is the NumPy CPU path: use backend='numpy'")
+        self.config = cfg = encoder.config
+        self.dtype = np.dtype(encoder.dtype)
+        self.encoder = encoder
+        self.blocks = [_FastBlock(b, cfg, self.dtype) for b in encoder.blocks]
+        t = self.dtype.type
+        self._c = {"half": t(0.5), "one": t(1.0), "coeff": t(K.GELU_TANH_COEFF), "k": t(K.SQRT_2_OVER_PI),
+                   "eps": t(cfg.layer_norm_epsilon), "mask": t(cfg.attention_mask_constant)}
+        if cfg.hidden_activation != "gelu_tanh":
+            self._activation = K.ACTIVATIONS[cfg.hidden_activation]
+        else:
+            self._activation = None
+        self._work = {}
+
+    # ------------------------------------------------------------------------ workspace
+
+    def _buffer(self, name, shape):
+        """A reusable scratch buffer of at least `shape` (contents undefined)."""
+        size = int(np.prod(shape))
+        buf = self._work.get(name)
+        if buf is None or buf.size < size:
+            buf = np.empty(size, self.dtype)
+            self._work[name] = buf
+        return buf[:size].reshape(shape)
+
+    # ------------------------------------------------------------------------ element-wise stages
+
+    def _add_layer_norm(self, a, bias, residual, gamma, beta, out):
+        """out = LN(a + bias + residual) row-wise, in place in a; a [T,H], out [T,H]."""
+        eps = self._c["eps"]
+        H = a.shape[1]
+        tmp = self._buffer("ln_tmp", (num_threads(), self.LN_BLOCK, H))
+
+        def run(s, e, w):
+            x = a[s:e]
+            np.add(x, bias, out=x)
+            np.add(x, residual[s:e], out=x)
+            mean = x.mean(axis=-1, keepdims=True)
+            np.subtract(x, mean, out=x)
+            t = tmp[w][:e - s]
+            np.multiply(x, x, out=t)
+            var = t.mean(axis=-1, keepdims=True)
+            np.add(var, eps, out=var)
+            np.sqrt(var, out=var)
+            inv = np.divide(self._c["one"], var, out=var)
+            o = out[s:e]
+            np.multiply(x, inv, out=o)
+            np.multiply(o, gamma, out=o)
+            np.add(o, beta, out=o)
+
+        parallel_rows(run, a.shape[0], self.LN_BLOCK)
+
+    def _geglu(self, hg, bi, bg, out):
+        """out = gelu(h + bi) * (g + bg) with [h|g] = hg [T,2I]; out [T,I]."""
+        I = out.shape[1]
+        c = self._c
+        act = self._activation
+
+        def run(s, e, w):
+            h, g, t = hg[s:e, :I], hg[s:e, I:], out[s:e]
+            np.add(h, bi, out=h)
+            np.add(g, bg, out=g)
+            if act is not None:
+                np.multiply(act(h), g, out=t)
+                return
+            np.multiply(h, h, out=t)            # x*x
+            np.multiply(t, h, out=t)            # x*x*x
+            np.multiply(t, c["coeff"], out=t)   # c*x^3
+            np.add(h, t, out=t)                 # x + c*x^3
+            np.multiply(t, c["k"], out=t)       # k*(...)
+            np.tanh(t, out=t)
+            np.add(t, c["one"], out=t)          # 1 + tanh
+            np.multiply(h, c["half"], out=h)    # 0.5*x
+            np.multiply(h, t, out=t)            # 0.5*x*(1+tanh)
+            np.multiply(t, g, out=t)            # gelu * gate
+
+        parallel_rows(run, hg.shape[0], self.GEGLU_BLOCK)
+
+    # ------------------------------------------------------------------------ attention
+
+    def _attention(self, blk, qkv, ctx, spans, adders):
+        """Per sequence: ctx[rows] = attention of qkv[rows]. qkv [T,3ND] (biased), ctx [T,ND]."""
+        N, D = self.config.num_heads, self.config.head_size
+        ND = N * D
+        longest = max((e - s for s, e in spans), default=0)
+        sbuf = self._buffer("scores", (N * longest * longest,))
+        mbuf = self._buffer("mixed", (N * longest * longest,))
+        for (s, e), adder in zip(spans, adders):
+            L = e - s
+            if L == 0:
+                continue
+            rows = qkv[s:e]
+            q = rows[:, :ND].reshape(L, N, D).transpose(1, 0, 2)              # [N,S,D] view
+            k = rows[:, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)        # [N,D,T] view
+            v = rows[:, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)          # [N,T,D] view
+            scores = sbuf[:N * L * L].reshape(N, L, L)
+            np.matmul(q, k, out=scores)                                       # [N,S,T] (unscaled)
+            mixed = mbuf[:N * L * L].reshape(N, L, L)
+            np.matmul(blk.pre_t, scores.reshape(N, L * L), out=mixed.reshape(N, L * L))  # scale*W_pre mix
+            if adder is not None:
+                np.add(mixed, adder, out=mixed)                               # + [T] mask adder
+            mx = mixed.max(axis=-1, keepdims=True)
+            np.subtract(mixed, mx, out=mixed)
+            np.exp(mixed, out=mixed)
+            sm = mixed.sum(axis=-1, keepdims=True)
+            np.divide(mixed, sm, out=mixed)
+            np.matmul(blk.post_t, mixed.reshape(N, L * L), out=scores.reshape(N, L * L))  # W_post mix
+            out = ctx[s:e].reshape(L, N, D).transpose(1, 0, 2)                # [N,S,D] view of [S,N,D]
+            np.matmul(scores, v, out=out)
+
+    # ------------------------------------------------------------------------ forward
+
+    def encode(self, ids, mask, types, skip_padding=False):
+        """Returns (encoder_outputs: list of L [B,S,H], pooled [B,H]), like Encoder._encode."""
+        cfg, enc, dt = self.config, self.encoder, self.dtype
+        B, S = ids.shape
+        H, I, ND = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_size
+        nL = len(self.blocks)
+        mask = np.asarray(mask)
+        outputs = np.zeros((nL, B, S, H), dt) if skip_padding else np.empty((nL, B, S, H), dt)
+        if skip_padding:
+            flat = np.flatnonzero(mask.reshape(-1))                          # real tokens, row-major
+            lengths = np.count_nonzero(mask, axis=1)
+            ends = np.cumsum(lengths)
+            spans = [(int(e - n), int(e)) for n, e in zip(lengths, ends)]
+            adders = [None] * B
+            tok_ids, tok_types, tok_pos = ids.reshape(-1)[flat], types.reshape(-1)[flat], flat % S
+        else:
+            flat = None
+            spans = [(b * S, (b + 1) * S) for b in range(B)]
+            adders = []
+            for b in range(B):
+                if np.all(mask[b] == 1):
+                    adders.append(None)                                        # adding -0.0 changes nothing
+                else:
+                    adders.append((self._c["one"] - mask[b].astype(dt)) * self._c["mask"])   # [T]
+            tok_ids, tok_types = ids.reshape(-1), types.reshape(-1)
+            tok_pos = np.tile(np.arange(S), B)
+        T = len(tok_ids)
+        # embeddings: (word[ids] + position) + type, then LN
+        x0 = self._buffer("x0", (T, H))
+        np.take(enc.word_table, tok_ids, axis=0, out=x0)
+        e = self._buffer("a", (T, H))
+        np.take(enc.position_table, tok_pos, axis=0, out=e)
+        np.add(x0, e, out=x0)
+        np.take(enc.type_table, tok_types, axis=0, out=e)
+        zero = self._buffer("zero_h", (H,))
+        zero[:] = 0
+        xs = self._buffer("xpack", (2, T, H)) if skip_padding else None
+        x = xs[0] if skip_padding else None
+        self._add_layer_norm(x0, zero, e, *enc.embedding_ln,
+                             out=(x if skip_padding else x0))
+        if not skip_padding:
+            x = x0
+        qkv = self._buffer("qkv", (T, 3 * ND))
+        ctx = self._buffer("ctx", (T, ND))
+        a = self._buffer("a", (T, H))
+        hg = self._buffer("hg", (T, 2 * I))
+        hid = self._buffer("hid", (T, I))
+        f = self._buffer("f", (T, H))
+        for li, blk in enumerate(self.blocks):
+            np.matmul(x, blk.qkv_kernel, out=qkv)                             # [T,3ND]
+            np.add(qkv, blk.qkv_bias, out=qkv)
+            self._attention(blk, qkv, ctx, spans, adders)                     # [T,ND]
+            np.matmul(ctx, blk.output_kernel, out=a)                          # [T,H]
+            x1 = self._buffer("x1", (T, H))
+            self._add_layer_norm(a, blk.output_bias, x, *blk.attention_ln, out=x1)
+            np.matmul(x1, blk.ff_kernel, out=hg)                              # [T,2I]
+            self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)        # [T,I]
+            np.matmul(hid, blk.out_kernel, out=f)                             # [T,H]
+            if skip_padding:
+                x = xs[(li + 1) % 2]
+                self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
+                outputs[li].reshape(B * S, H)[flat] = x
+            else:
+                x = outputs[li].reshape(B * S, H)
+                self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
+        seq = outputs[-1]
+        pooled = np.tanh(K.dense(seq[:, 0], enc.pooler_kernel, enc.pooler_bias))   # [B,H]
+        return list(outputs), pooled
+
