@@ -210,3 +210,20 @@ def test_compare_with_a_name_map_and_other_layouts(tiny_h5, tmp_path, capsys):
     assert cli.main(["compare", str(ours), str(theirs), "--map", str(map_file)]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "all 39 intermediates agree" in out and "2 missing (first layers/0/raw_scores)" in out
+
+
+def test_trace_command_with_text_and_with_ids(tiny_h5, tmp_path):
+    out = tmp_path / "text.h5"
+    assert cli.main(["trace", "--weights", tiny_h5, "The quick brown fox.", "Talking heads.",
+                     "--seq-length", "10", "--out", str(out)]) == cli.EXIT_OK
+    t = trace_mod.read(str(out))
+    assert t["layers/1/mixed_probs"].shape == (2, 4, 10, 10) and t["mlm/logits"].shape == (2, 10, 30522)
+    assert json.loads(t.attrs["texts"]) == ["The quick brown fox.", "Talking heads."]
+    assert t.inputs["input_word_ids"][0, 0] == 101
+    out = tmp_path / "ids.h5"
+    assert cli.main(["trace", "--weights", tiny_h5, "--ids", "[[101, 7592, 2088, 102, 0]]",
+                     "--out", str(out)]) == cli.EXIT_OK
+    t = trace_mod.read(str(out))
+    np.testing.assert_array_equal(t.inputs["input_mask"], [[1, 1, 1, 1, 0]])
+    assert t["layers/0/q"].shape == (1, 5, 4, 16)
+    assert cli.main(["trace", "--weights", tiny_h5, "--ids", "not json", "--out", str(out)]) == cli.EXIT_ERROR
