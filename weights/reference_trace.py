@@ -287,11 +287,7 @@ def verify_trace(savedmodel: str, enc, inputs: dict, rtol: float = 1e-5) -> Trac
     faithful = faithfulness(savedmodel, inputs, theirs)
     ours = trace_mod.trace(enc, inputs)
     ordered = {name: theirs[name] for name in ours.names() if name in theirs}
-    diffs = trace_mod.compare(_Ordered(ordered), ours.tensors, rtol)
+    diffs = trace_mod.compare(ordered, ours.tensors, rtol)
     missing = [n for n in ours.names() if n not in theirs]
     diffs += [trace_mod.StepDiff(n, "missing", rtol=rtol, detail="not in the TF trace") for n in missing]
     return TraceReport(faithful, diffs)
-
-
-class _Ordered(dict):
-    """A dict whose items() keeps insertion order (plain dicts do; kept for clarity)."""
