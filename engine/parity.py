@@ -11,6 +11,11 @@ import dataclasses
 import numpy as np
 
 DEFAULT_RTOL = 1e-5   # max|engine - TF| <= 1e-5 x max|TF|, per output, in float32
+# pooled_output = tanh(x[:,0]·Wp + bp) is bounded by 1 while the error of its pre-activation is not:
+# at base size TensorFlow's own float32 error on it reaches ~1e-5 x max|TF| against a float64
+# result (tests/test_parity.py measures it), so it is held to 2e-5; every other output to 1e-5.
+POOLED_RTOL = 2e-5
+POOLED_OUTPUTS = ("pooled_output", "default")
 
 CLS_ID, SEP_ID = 101, 102
 
@@ -87,8 +92,10 @@ def flatten_outputs(outputs: dict) -> dict:
     return flat
 
 
-def compare(engine_outputs: dict, reference_outputs: dict, rtol: float = DEFAULT_RTOL) -> list[Difference]:
-    """Per output: max |engine - reference| against rtol x max |reference|. Shapes must agree."""
+def compare(engine_outputs: dict, reference_outputs: dict, rtol: float = DEFAULT_RTOL,
+            pooled_rtol: float | None = None) -> list[Difference]:
+    """Per output: max |engine - reference| against rtol x max |reference| (pooled_rtol for the
+    pooled output, when given). Shapes must agree."""
     ours, theirs = flatten_outputs(engine_outputs), flatten_outputs(reference_outputs)
     if set(ours) != set(theirs):
         raise ValueError(f"outputs differ: engine has {sorted(set(ours) - set(theirs))}, "
@@ -101,7 +108,8 @@ def compare(engine_outputs: dict, reference_outputs: dict, rtol: float = DEFAULT
         diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
         if not np.all(np.isfinite(a)):
             diff = float("nan")
-        result.append(Difference(name, diff, float(np.abs(b).max()) if b.size else 0.0, rtol))
+        tol = pooled_rtol if pooled_rtol is not None and name in POOLED_OUTPUTS else rtol
+        result.append(Difference(name, diff, float(np.abs(b).max()) if b.size else 0.0, tol))
     return result
 
 
