@@ -257,3 +257,61 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- The preprocessing SavedModel (bert_en_uncased_preprocess/3) ------------------------------------
+
+PREPROCESSING_FORMAT_VERSION = 1  # bump when build_preprocessing changes
+
+
+def build_preprocessing(out_dir: str, vocab_file: str | None = None) -> str:
+    """Exports the preprocessing SavedModel the way `bert_en_uncased_preprocess/3` was exported:
+    Model Garden's `export_tfhub_lib.export_preprocessing` with the uncased vocab, lower casing,
+    no offsets and default seq_length 128. Load it with `tf.saved_model.load` and call it, or its
+    `.tokenize` and `.bert_pack_inputs`. `out_dir` must not exist. Returns `out_dir`."""
+    import tensorflow as tf
+    import tensorflow_text
+    from official.nlp.tools import export_tfhub_lib
+
+    tf.get_logger().setLevel("ERROR")
+    vocab_file = vocab_file or default_vocab_path()
+    start = time.time()
+    _progress(f"exporting the preprocessing model with vocab {vocab_file}")
+    export_tfhub_lib.export_preprocessing(
+        out_dir, vocab_file=vocab_file, do_lower_case=True, tokenize_with_offsets=False,
+        default_seq_length=128)
+    with open(vocab_file, "rb") as f:
+        vocab_sha256 = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(out_dir, "preprocessing.json"), "w") as f:
+        json.dump({"vocab_sha256": vocab_sha256, "do_lower_case": True, "default_seq_length": 128,
+                   "format_version": PREPROCESSING_FORMAT_VERSION, "tensorflow": tf.__version__,
+                   "tensorflow_text": tensorflow_text.__version__}, f, indent=1)
+    _progress(f"exported in {time.time() - start:.1f}s")
+    return out_dir
+
+
+def cached_preprocessing(vocab_file: str | None = None) -> str:
+    """Returns the path of the preprocessing SavedModel for `vocab_file` (default: the real uncased
+    vocab), building it once under `cache_dir()` (locked, then renamed into place)."""
+    import tensorflow as tf
+    import tensorflow_text
+    vocab_file = vocab_file or default_vocab_path()
+    with open(vocab_file, "rb") as f:
+        vocab_sha256 = hashlib.sha256(f.read()).hexdigest()
+    key = json.dumps([vocab_sha256, PREPROCESSING_FORMAT_VERSION, tf.__version__, tensorflow_text.__version__])
+    name = "preprocess-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = os.path.join(cache_dir(), "reference")
+    path = os.path.join(root, name)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:  # one builder at a time across processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(path, "preprocessing.json")):
+            tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
+            try:
+                build_preprocessing(os.path.join(tmp, "model"), vocab_file)
+                if os.path.exists(path):
+                    shutil.rmtree(path)
+                os.rename(os.path.join(tmp, "model"), path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return path
