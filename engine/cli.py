@@ -452,6 +452,10 @@ def _validate(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reference"]:  # its own parser takes every flag, --help included
+        from weights import reference
+        return reference.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # the embedded default: verify on the tiny reference model

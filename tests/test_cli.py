@@ -1,0 +1,180 @@
+"""The command line driven as a user would: subprocesses, exit codes, printed tables, written files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_USE_LEGACY_KERAS="1", PYTHONUNBUFFERED="1")
+
+
+def run(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _error_line(proc):
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_main_job_prints_the_parity_table_for_the_tiny_model(tiny_savedmodel):
+    proc = run()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PASS" in proc.stdout
+    for name in ("encoder_outputs[0]", "encoder_outputs[1]", "sequence_output", "pooled_output", "mlm_logits"):
+        rows = [l for l in proc.stdout.splitlines() if l.split()[:1] == [name]]
+        assert len(rows) == 2 and all(l.endswith("yes") for l in rows)  # text inputs and random inputs
+    assert " NO" not in proc.stdout
+
+
+def test_verify_json_on_tiny_reports_every_figure_under_tolerance(tiny_savedmodel, tiny_h5):
+    proc = run("verify", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--json", "--batch", "3",
+               "--seq-length", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    outputs = [o for case in report["cases"] for o in case["outputs"]]
+    assert {case["inputs"] for case in report["cases"]} == {"text", "random"}
+    assert len(outputs) == 2 * 5
+    for o in outputs:
+        assert o["ok"] and o["max_abs_diff"] <= o["tolerance"] * o["max_abs_reference"], o
+    print("max relative difference:", report["max_relative_diff"])
+
+
+@pytest.mark.slow
+def test_verify_json_on_base(base_savedmodel, base_h5):
+    proc = run("verify", "--savedmodel", base_savedmodel, "--weights", base_h5, "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True and report["config"]["num_layers"] == 12
+    outputs = [o for case in report["cases"] for o in case["outputs"]]
+    assert len(outputs) == 2 * (12 + 3)
+    assert all(o["ok"] for o in outputs)
+    print("base max relative difference:", report["max_relative_diff"])
+
+
+def test_verify_exits_1_above_tolerance(tiny_savedmodel, tiny_h5):
+    proc = run("verify", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--rtol", "1e-12",
+               "--pooled-rtol", "1e-12", "--batch", "2", "--seq-length", "16")
+    assert proc.returncode == 1
+    assert "FAIL" in proc.stdout and " NO" in proc.stdout
+
+
+def test_encode_writes_npy_h5_and_jsonl_matching_the_api(tiny_h5, tmp_path):
+    import h5py
+
+    import engine
+    from engine.preprocess import Preprocessor
+    texts = ["hello world", "the cat sat on the mat", "ünïcödé and 漢字"]
+    enc = engine.load(tiny_h5)
+    expected = enc(Preprocessor(enc.vocab)(texts, seq_length=128))["pooled_output"]
+    for ext in ("npy", "h5", "jsonl"):
+        out = tmp_path / f"emb.{ext}"
+        proc = run("encode", "--weights", tiny_h5, *texts, "--output", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if ext == "npy":
+            got = np.load(out)
+        elif ext == "h5":
+            with h5py.File(out, "r") as f:
+                got = f["pooled_output"][()]
+        else:
+            rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+            assert [r["text"] for r in rows] == texts
+            got = np.array([r["pooled_output"] for r in rows])
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_encode_sequence_output_from_input_file(tiny_h5, tmp_path):
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("first line\nsecond line is longer\n", encoding="utf-8")
+    out = tmp_path / "seq.npy"
+    proc = run("encode", "--weights", tiny_h5, "--input", str(corpus), "--output", str(out), "--sequence",
+               "--seq-length", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.load(out).shape == (2, 16, 64)
+
+
+def test_fill_mask_prints_top_k_per_mask(tiny_h5):
+    proc = run("fill-mask", "--weights", tiny_h5, "the [MASK] sat on the [MASK] .", "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[MASK] #1:" and "[MASK] #2:" in lines
+    probs = [float(l.split()[-1]) for l in lines if l.startswith("  ")]
+    assert len(probs) == 6 and all(0 < p <= 1 for p in probs)
+    assert probs[:3] == sorted(probs[:3], reverse=True)
+
+
+def test_fill_mask_agrees_with_tensorflow_mlm(tiny_h5, tiny_savedmodel):
+    """The probabilities come from mlm_logits at the [MASK] positions: compare with TF's logits."""
+    import engine
+    from engine.cli import fill_mask
+    from engine.preprocess import Preprocessor
+    from weights import reference
+    enc = engine.load(tiny_h5)
+    prep = Preprocessor(enc.vocab)
+    result = fill_mask(enc, prep, "paris is the [MASK] of france", top_k=4)
+    ids = [t for w in prep.tokenize(["paris is the"])[0] for t in w] + [prep.mask_id] + \
+          [t for w in prep.tokenize(["of france"])[0] for t in w]
+    packed = prep.bert_pack_inputs([[ids]], seq_length=128)
+    pos = np.flatnonzero(packed["input_word_ids"][0] == prep.mask_id)[None].astype(np.int32)
+    logits = reference.run_savedmodel(tiny_savedmodel, dict(packed, masked_lm_positions=pos))["mlm_logits"][0, 0]
+    top = np.argsort(-logits)[:4]
+    assert [tok for tok, _ in result[0]] == [enc.vocab[i] for i in top]
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    np.testing.assert_allclose([prob for _, prob in result[0]], p[top], rtol=1e-4)
+
+
+def test_extract_and_reference_are_reachable(tiny_savedmodel, tmp_path):
+    out = tmp_path / "m.h5"
+    proc = run("extract", tiny_savedmodel, str(out))
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    before = out.read_bytes()
+    proc = run("extract", tiny_savedmodel, str(out))
+    assert proc.returncode == 2 and "exists" in proc.stderr
+    assert out.read_bytes() == before
+    proc = run("reference", "--help")
+    assert proc.returncode == 0 and "--config" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["encode", "--weights", "/nonexistent/model.h5", "hi", "--output", "/tmp/x.npy"], "/nonexistent/model.h5"),
+    (["fill-mask", "--weights", "/nonexistent/model.h5", "a [MASK]"], "/nonexistent/model.h5"),
+    (["verify", "--savedmodel", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["verify", "--batch", "0"], "--batch"),
+])
+def test_errors_are_one_line_with_exit_code_2(args, needle):
+    proc = run(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert needle in _error_line(proc)
+
+
+def test_encode_and_fill_mask_errors(tiny_h5, tmp_path):
+    proc = run("encode", "--weights", tiny_h5, "hi", "--output", str(tmp_path / "x.csv"))
+    assert proc.returncode == 2 and ".csv" in _error_line(proc)
+    proc = run("fill-mask", "--weights", tiny_h5, "no mask here")
+    assert proc.returncode == 2 and "[MASK]" in _error_line(proc)
+    not_h5 = tmp_path / "not.h5"
+    not_h5.write_text("hello")
+    proc = run("fill-mask", "--weights", str(not_h5), "a [MASK]")
+    assert proc.returncode == 2 and str(not_h5) in _error_line(proc)
+
+
+def test_debug_shows_the_traceback():
+    proc = run("--debug", "encode", "--weights", "/nonexistent/model.h5", "hi", "--output", "/tmp/x.npy")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "talkheads")
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0 and "verify" in proc.stdout
