@@ -3,6 +3,7 @@
     python -m engine                         # the main job: verify on the embedded default (tiny model)
     python -m engine verify --savedmodel DIR [--weights H5] [--backend numpy|cupy] [--batch B --seq-length S] [--json]
     python -m engine encode --weights H5 TEXT... | --input FILE  --output OUT.{npy,h5,jsonl} [--sequence]
+                            [--max-tokens 8192] [--resume | --force]   (streams; engine/stream.py)
     python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
     python -m engine extract SAVEDMODEL OUT.h5 [--force]
     python -m engine reference OUT_DIR --config tiny|base [--seed N]
@@ -273,49 +274,25 @@ def _read_texts(args) -> list[str]:
 
 
 def cmd_encode(args) -> int:
+    """Streams the texts (or --input, read lazily) through the encoder in token-budget batches;
+    resumable. The design (commits, --resume, --force) is in engine/stream.py."""
     import engine
+    from engine import stream
+    if not args.input and not args.texts:
+        raise CliError("no text given: pass TEXT arguments or --input FILE")
+    if args.resume and args.force:
+        raise CliError("--resume and --force exclude each other")
     enc = engine.load(args.weights, backend=args.backend)
     prep = _preprocessor(enc)
-    texts = _read_texts(args)
-    ext = os.path.splitext(args.output)[1].lower()
-    if ext not in (".npy", ".h5", ".hdf5", ".jsonl"):
-        raise CliError(f"--output {args.output}: unknown extension {ext!r} (use .npy, .h5 or .jsonl)")
     key = "sequence_output" if args.sequence else "pooled_output"
-    rows = []
-    for start in range(0, len(texts), args.batch_size):
-        batch = prep(texts[start:start + args.batch_size], seq_length=args.seq_length)
-        rows.append(engine.to_numpy(enc(batch)[key]))
-        _progress(f"encode: {min(start + args.batch_size, len(texts))}/{len(texts)} texts")
-    result = np.concatenate(rows)
-    _write_array(args.output, result, key, texts)
-    _progress(f"encode: wrote {result.shape} {key} to {args.output}")
-    return EXIT_OK
-
-
-def _write_array(path: str, array: np.ndarray, key: str, texts: list[str]) -> None:
-    """Writes atomically: a temporary file beside the target, then a rename."""
-    import tempfile
-    ext = os.path.splitext(path)[1].lower()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
-    os.close(fd)
     try:
-        if ext == ".npy":
-            np.save(tmp, array)
-        elif ext in (".h5", ".hdf5"):
-            import h5py
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset(key, data=array)
-                f.create_dataset("texts", data=np.array(texts, dtype=h5py.string_dtype()))
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for text, row in zip(texts, array):
-                    f.write(json.dumps({"text": text, key: row.tolist()}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        summary = stream.encode(enc, prep, args.input if args.input else list(args.texts), args.output, key=key,
+                                seq_length=args.seq_length, max_tokens=args.max_tokens, max_rows=args.batch_size,
+                                dynamic_padding=args.dynamic_padding, resume=args.resume, force=args.force, progress=_progress)
+    except stream.StreamError as e:
+        raise CliError(str(e)) from None
+    _progress(f"encode: wrote {tuple(summary['shape'])} {key} to {args.output}")
+    return EXIT_OK
 
 
 def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
@@ -419,7 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".npy, .h5 or .jsonl")
     p.add_argument("--sequence", action="store_true", help="write sequence_output [B,S,H] instead of pooled")
     p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=8192,
+                   help="token budget per batch: rows x padded length (a longer single text runs alone)")
+    p.add_argument("--batch-size", type=int, default=None, help="at most this many rows per batch (default: no cap)")
+    p.add_argument("--dynamic-padding", action="store_true",
+                   help="pack each batch to its longest text, not to --seq-length (pooled only; within 1e-5)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed batch")
+    p.add_argument("--force", action="store_true", help="replace an existing output (or partial run)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
     p.set_defaults(func=cmd_encode)
 
@@ -445,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
-    for name in ("batch", "seq_length", "top_k", "batch_size"):
+    for name in ("batch", "seq_length", "top_k", "batch_size", "max_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
