@@ -22,7 +22,15 @@ def _as_int_array(name, value):
     except (ValueError, TypeError) as e:  # ragged nested lists
         raise InputError(f"{name}: cannot be read as a rectangular integer array ({e})") from None
     if array.dtype == object:
-        raise InputError(f"{name}: cannot be read as a rectangular integer array (ragged or mixed types)")
+        flat = array.ravel().tolist()
+        if array.ndim and flat and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in flat):
+            # Python ints NumPy could not fit in int64/uint64: far outside any valid range
+            huge = [int(v) for v in flat if not -2**63 <= int(v) < 2**63]
+            if huge:
+                raise InputError(f"{name}: values outside the int64 range, found {huge[:5]}")
+            array = array.astype(np.int64)
+        else:
+            raise InputError(f"{name}: cannot be read as a rectangular integer array (ragged or mixed types)")
     if array.dtype.kind == "b":
         raise InputError(f"{name}: dtype bool is not accepted, expected integers (int32 like the Hub model)")
     if array.dtype.kind not in "iu":
