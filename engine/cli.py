@@ -282,7 +282,12 @@ def cmd_encode(args) -> int:
         raise CliError("no text given: pass TEXT arguments or --input FILE")
     if args.resume and args.force:
         raise CliError("--resume and --force exclude each other")
-    enc = engine.load(args.weights, backend=args.backend)
+    # checksums too: a corpus-sized run should not start on silently corrupted weights (flipped bits)
+    from weights import WeightsFileError
+    try:
+        enc = engine.load(args.weights, backend=args.backend, verify_checksums=True)
+    except WeightsFileError as e:  # several problems come on several lines: one line here
+        raise CliError(f"WeightsFileError: {str(e).replace(':' + chr(10) + '  ', ': ').replace(chr(10) + '  ', '; ')}") from None
     prep = _preprocessor(enc)
     key = "sequence_output" if args.sequence else "pooled_output"
     try:

@@ -435,6 +435,14 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
         except KeyboardInterrupt:
             say(f"encode: interrupted after {record['rows_done']} committed rows; continue with --resume")
             raise
+        except StreamError as e:  # a bad line: what is committed stays, unless nothing is
+            if record["rows_done"] == 0:
+                writer.close()
+                for stale in (record_path, partial):
+                    os.unlink(stale)
+                raise
+            raise StreamError(f"{e} ({record['rows_done']} rows before it are committed in {partial}: fix the "
+                              f"input after them and continue with --resume)") from None
         finally:
             writer.close()
         if record["rows_done"] == 0:

@@ -259,3 +259,191 @@ def test_preprocessor_edge_inputs_work(prep, tiny_h5):
     packed = prep.bert_pack_inputs([[[40000]]], seq_length=4)
     with pytest.raises(InputError, match=r"input_word_ids: values must be in \[0, 30522\)"):
         engine.load(tiny_h5)(packed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Broken weight files through engine.load and `python -m engine encode` (exit 2, one line naming
+# the file and the dataset). The loader's own cases are in tests/test_extract.py; extraction onto
+# an existing file without --force and a killed extraction are test_extract.py's
+# test_refuses_to_replace_without_force and test_killed_extraction_leaves_old_output_intact.
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog", ".",
+         ",", "##s", "is", "hello", "world", "b", "c"]
+GATE = "layers/0/feedforward/gate/kernel"
+
+
+def _write_weights(path):
+    from weights import extract
+    extract.write_weights(str(path), CFG, _tensors(CFG), vocab=VOCAB, progress=False)
+    return path
+
+
+def _flip(path, dataset, element, byte, bits, how="xor"):
+    """Flips (xor) or sets (or) bits of one byte of a float32 element, in the file's bytes."""
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as f:
+        f.seek(offset + 4 * element + byte)
+        value = f.read(1)[0]
+        f.seek(offset + 4 * element + byte)
+        f.write(bytes([value ^ bits if how == "xor" else value | bits]))
+
+
+def _rewrite(path, name, data):
+    with h5py.File(path, "r+") as f:
+        attrs = dict(f[name].attrs)
+        del f[name]
+        f.create_dataset(name, data=data).attrs.update(attrs)
+
+
+def _break(kind, path):
+    """Breaks the weight file at `path`; returns (the path to load, what the message must say)."""
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+        return path, "truncated"
+    if kind == "flipped mantissa bit":       # plausible value: only the checksum sees it
+        _flip(path, GATE, 37, 0, 0x01)
+        return path, f"dataset {GATE} fails its sha256 checksum (corrupt data)"
+    if kind == "flipped exponent bits":      # becomes inf/NaN
+        _flip(path, GATE, 5, 3, 0x7F, "or")    # every exponent bit set: inf or NaN
+        _flip(path, GATE, 5, 2, 0x80, "or")
+        return path, f"dataset {GATE} has 1 non-finite values (NaN/inf), first at (0, 5)"
+    if kind == "missing dataset":
+        with h5py.File(path, "r+") as f:
+            del f["pooler/bias"]
+        return path, "dataset pooler/bias is missing (expected shape (8,))"
+    if kind == "wrong layout":
+        _rewrite(path, "layers/0/attention/output/kernel", np.ones((8, 2, 4), np.float32))
+        return path, "dataset layers/0/attention/output/kernel has shape (8, 2, 4), expected (2, 4, 8)"
+    if kind == "wrong dtype":
+        with h5py.File(path, "r") as f:
+            data = f["pooler/bias"][()]
+        _rewrite(path, "pooler/bias", data.astype(np.float16))
+        return path, "dataset pooler/bias has dtype float16, expected float32"
+    if kind == "NaN weights":
+        with h5py.File(path, "r+") as f:
+            f["embeddings/word"][3, 2] = np.nan
+        return path, "dataset embeddings/word has 1 non-finite values (NaN/inf), first at (3, 2)"
+    if kind == "not HDF5":
+        path.write_text("this is a vocab.txt, not weights\n" * 50)
+        return path, "not an HDF5 file (no HDF5 signature)"
+    if kind == "directory":
+        return path.parent, "is a directory, not an HDF5 weight file"
+    if kind == "missing file":
+        return path.with_name("nope.h5"), "no such file"
+    raise AssertionError(kind)
+
+
+FILE_CASES = ["truncated", "flipped mantissa bit", "flipped exponent bits", "missing dataset", "wrong layout",
+              "wrong dtype", "NaN weights", "not HDF5", "directory", "missing file"]
+
+
+def _cli(*args, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def _one_error_line(proc):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", FILE_CASES)
+def test_broken_weights_through_engine_load_and_the_cli(kind, tmp_path):
+    from weights import WeightsFileError
+    (tmp_path / "w").mkdir()
+    path, needle = _break(kind, _write_weights(tmp_path / "w" / "model.h5"))
+    if kind == "flipped mantissa bit":       # engine.load checks checksums only when asked...
+        assert np.isfinite(engine.load(path).word_table).all()
+        with pytest.raises(WeightsFileError) as info:
+            engine.load(path, verify_checksums=True)
+    else:
+        with pytest.raises(WeightsFileError) as info:
+            engine.load(path)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == f"{path}: {needle}" or (str(info.value).startswith(f"{path}: ") and
+                                                      needle in str(info.value)), str(info.value)
+    out = tmp_path / "out.npy"
+    line = _one_error_line(_cli("encode", "--weights", str(path), "hello world", "--output", str(out)))
+    assert str(path) in line and needle in line, line            # ...encode always does
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
+def test_unreadable_weights_through_the_cli(tmp_path):
+    """No permission: we run as root, who reads anything, so the CLI runs without CAP_DAC_OVERRIDE."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to drop the capabilities that bypass file permissions")
+    folder = tempfile.mkdtemp(prefix="talkheads-perm-")
+    try:
+        os.chmod(folder, 0o755)
+        path = _write_weights(type(tmp_path)(folder) / "model.h5")
+        os.chmod(path, 0)
+        drop = "-dac_override,-dac_read_search"   # root without the capabilities that bypass permissions
+        proc = subprocess.run(["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-m",
+                               "engine", "encode", "--weights", str(path), "hello", "--output",
+                               os.path.join(folder, "o.npy")], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+        line = _one_error_line(proc)
+        assert line == f"error: WeightsFileError: {path}: permission denied (cannot read the file)", line
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_good_small_file_encodes(tmp_path):
+    path = _write_weights(tmp_path / "model.h5")
+    proc = _cli("encode", "--weights", str(path), "the cat sat", "hello world", "--output", str(tmp_path / "o.npy"),
+                "--seq-length", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "o.npy").shape == (2, 8)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--input", "{tmp}/missing.txt"], "--input {tmp}/missing.txt: No such file or directory"),
+    (["--input", "{tmp}"], "--input {tmp}: is a directory"),
+    (["--input", "{tmp}/bad_utf8.txt"], "--input {tmp}/bad_utf8.txt: line 2 is not valid UTF-8"),
+    (["--input", "{tmp}/empty.txt"], "no text given: the input is empty"),
+    (["hi", "--seq-length", "1"], "--seq-length must be at least 2"),
+    (["hi", "--seq-length", "9"], "--seq-length 9 exceeds the model's 8 positions"),
+    (["hi", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["hi", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["hi", "--resume", "--force"], "--resume and --force exclude each other"),
+    ([], "no text given"),
+    (["hi", "--output", "{tmp}/o.csv"], "unknown extension '.csv'"),
+    (["hi", "--output", "{tmp}/nodir/o.npy"], "does not exist"),
+    (["hi", "--sequence", "--dynamic-padding"], "--dynamic-padding applies to pooled_output only"),
+])
+def test_bad_encode_arguments(tmp_path, args, needle, capsys):
+    from engine import cli
+    (tmp_path / "bad_utf8.txt").write_bytes(b"fine\nbad \xff byte\nfine\n")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    weights = _write_weights(tmp_path / "model.h5")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "o.npy")]
+    if "--seq-length" not in args:
+        args += ["--seq-length", "8"]
+    assert cli.main(["encode", "--weights", str(weights), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle.format(tmp=tmp_path) in err[0], err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("o.") or ".partial" in p]
+
+
+@pytest.mark.parametrize("ids, needle", [
+    ("[[1, 5, 25]]", "input_word_ids: values must be in [0, 20)"),
+    ("[[1, 5], [1]]", "--ids:"),
+    ("not json", "--ids: not JSON"),
+    ('{"input_word_ids": [[1, 2]], "input_mask": [[1, 2]]}', "input_mask: values must be 0 or 1"),
+    ('{"input_word_ids": [[1, 2, 3, 4, 5, 6, 7, 8, 9]]}', "sequence length 9 exceeds the model's 8 positions"),
+])
+def test_bad_trace_ids_through_the_cli(tmp_path, ids, needle, capsys):
+    from engine import cli
+    weights = _write_weights(tmp_path / "model.h5")
+    assert cli.main(["trace", "--weights", str(weights), "--ids", ids, "--out", str(tmp_path / "t.h5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "t.h5").exists()
