@@ -28,6 +28,7 @@ from weights.vocab import default_vocab_path, read_vocab
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS: collections.Counter = collections.Counter()
 DIFFERENCES: collections.Counter = collections.Counter()
+TABLES = "tables: code points"
 
 
 # -- fixtures and comparison helpers ---------------------------------------------------------------
@@ -36,9 +37,12 @@ DIFFERENCES: collections.Counter = collections.Counter()
 def _report(request):
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(COUNTS.items()))
-    line = (f"preprocess parity: {sum(COUNTS.values()):,} strings compared with TF-Text ({parts}); "
-            f"{sum(DIFFERENCES.values())} differences")
+    strings = {k: v for k, v in COUNTS.items() if k != TABLES}
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(strings.items()))
+    line = (f"preprocess parity: {sum(strings.values()):,} strings (or packed rows) compared with TF-Text "
+            f"({parts}); {sum(DIFFERENCES.values())} differences")
+    if COUNTS[TABLES]:
+        line += f"; unicode tables re-derived from TF-Text for {COUNTS[TABLES]:,} code points"
     capture = request.config.pluginmanager.getplugin("capturemanager")
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
@@ -150,7 +154,7 @@ def test_tables_match_tf_text():
     with np.load(preprocess.TABLES_PATH) as f:
         shipped = dict(f)
     assert make_unicode_tables.tables_equal(fresh, shipped) == []
-    COUNTS["tables: code points"] += len(make_unicode_tables.scalar_values())
+    COUNTS[TABLES] += len(make_unicode_tables.scalar_values())
 
 
 def test_every_code_point(tf, tf_prep, prep):
@@ -339,6 +343,27 @@ def test_fuzz_text(tf, tf_prep, prep, batch, seq_length):
     ours = prep.bert_pack_inputs([prep.tokenize(batch), prep.tokenize(pair)], seq_length=seq_length)
     COUNTS["fuzz: packed pairs"] += len(batch)
     assert _bad_rows_dense(theirs, ours) == []
+
+
+def test_random_bulk(tf, tf_prep, prep):
+    """20,000 seeded random strings in one batch: a wider net than hypothesis' few hundred examples,
+    for the price of one TF call (interesting characters, any scalar value, ASCII words)."""
+    rng = np.random.default_rng(20240501)
+    interesting = _interesting_chars()
+    ascii_words = list("abcdefghijklmnopqrstuvwxyz ABCXYZ ")
+    texts = []
+    for _ in range(20000):
+        chars = []
+        for kind in rng.choice(3, size=int(rng.integers(0, 31)), p=[0.5, 0.25, 0.25]):
+            if kind == 0:
+                chars.append(interesting[int(rng.integers(len(interesting)))])
+            elif kind == 1:
+                cp = int(rng.integers(0x110000 - 0x800))
+                chars.append(chr(cp + 0x800 if cp >= 0xD800 else cp))
+            else:
+                chars.append(ascii_words[int(rng.integers(len(ascii_words)))])
+        texts.append("".join(chars))
+    assert compare_texts(tf, tf_prep, prep, texts, "random bulk (seeded)") == []
 
 
 _IDS = st.lists(st.integers(0, 30521), max_size=24)
