@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import types
-import unicodedata
 
 import numpy as np
 import pytest
@@ -325,7 +324,7 @@ def _interesting_chars() -> list[str]:
     return sorted(chars)
 
 
-_ANY_CHAR = st.characters(blacklist_categories=("Cs",))
+_ANY_CHAR = st.characters(exclude_categories=("Cs",))
 _TEXT = st.text(st.one_of(_ANY_CHAR, st.sampled_from(_interesting_chars())), max_size=40)
 _FUZZ = settings(max_examples=500, derandomize=True, deadline=None, database=None, print_blob=False,
                  suppress_health_check=list(HealthCheck))
