@@ -11,5 +11,6 @@ NumPy and h5py only; CuPy when asked for; never TensorFlow.
 from engine.backend import BackendError, to_numpy
 from engine.inputs import InputError
 from engine.model import Encoder, load
+from engine.preprocess import Preprocessor
 
-__all__ = ["load", "Encoder", "to_numpy", "InputError", "BackendError"]
+__all__ = ["load", "Encoder", "Preprocessor", "to_numpy", "InputError", "BackendError"]
