@@ -63,7 +63,7 @@ from engine import backend as backend_mod
 PROGRESS_VERSION = 1
 OUTPUT_KINDS = {".npy": "npy", ".h5": "h5", ".hdf5": "h5", ".jsonl": "jsonl"}
 _HEADER_LEN = 128          # bytes of the .npy header of OUT.partial (magic + length + dict, padded)
-_BLOCK_ROWS = 4096         # rows per block when OUT.partial is converted to .h5 / .jsonl
+_BLOCK_BYTES = 4 << 20    # bytes of rows per block when OUT.partial is converted to .h5 / .jsonl
 
 
 class StreamError(Exception):
@@ -264,6 +264,7 @@ def _fsync_dir(path: str) -> None:
 def _finish(output: str, kind: str, partial: str, record: dict, source) -> None:
     """Turns the complete OUT.partial into OUT (atomically)."""
     rows, row_shape, dtype, key = record["rows_done"], tuple(record["row_shape"]), record["dtype"], record["key"]
+    block_rows = max(1, _BLOCK_BYTES // (int(np.prod(row_shape)) * np.dtype(dtype).itemsize))
     if kind == "npy":
         os.replace(partial, output)
         _fsync_dir(output)
@@ -279,8 +280,8 @@ def _finish(output: str, kind: str, partial: str, record: dict, source) -> None:
             with h5py.File(tmp, "w") as f:
                 data = f.create_dataset(key, shape=(rows,) + row_shape, dtype=dtype)
                 texts = f.create_dataset("texts", shape=(rows,), dtype=h5py.string_dtype())
-                for start in range(0, rows, _BLOCK_ROWS):
-                    count = min(_BLOCK_ROWS, rows - start)
+                for start in range(0, rows, block_rows):
+                    count = min(block_rows, rows - start)
                     data[start:start + count] = _read_rows(partial, row_shape, dtype, start, count)
                     texts[start:start + count] = [next(lines)[1] for _ in range(count)]
                 f.attrs["rows"] = rows
@@ -289,8 +290,8 @@ def _finish(output: str, kind: str, partial: str, record: dict, source) -> None:
                 f.attrs["params"] = json.dumps(record["params"], sort_keys=True)
         else:
             with open(tmp, "w", encoding="utf-8") as f:
-                for start in range(0, rows, _BLOCK_ROWS):
-                    count = min(_BLOCK_ROWS, rows - start)
+                for start in range(0, rows, block_rows):
+                    count = min(block_rows, rows - start)
                     block = _read_rows(partial, row_shape, dtype, start, count)
                     for row in block:
                         f.write(json.dumps({"text": next(lines)[1], key: row.tolist()}, ensure_ascii=False) + "\n")
