@@ -80,10 +80,12 @@ import datetime
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
 from engine import backend as backend_mod
+from engine.inputs import validate
 
 TRACE_FORMAT = "talkheads-ggelu-trace"
 TRACE_FORMAT_VERSION = 1
@@ -187,8 +189,13 @@ class Trace:
 
 
 def _complete_inputs(enc, inputs: dict) -> dict:
-    """NumPy int32 copies of the inputs; all positions 0..S-1 for the MLM when none are given."""
-    out = {k: np.asarray(v, dtype=np.int32) for k, v in inputs.items()}
+    """Checked NumPy int32 copies of the inputs; all positions 0..S-1 for the MLM when none are given."""
+    with_positions = isinstance(inputs, Mapping) and "masked_lm_positions" in inputs
+    ids, mask, types, positions = validate(inputs, enc.config, with_positions)  # InputError, never a cast
+    out = {"input_word_ids": ids.astype(np.int32), "input_mask": mask.astype(np.int32),
+           "input_type_ids": types.astype(np.int32)}
+    if positions is not None:
+        out["masked_lm_positions"] = positions.astype(np.int32)
     if enc.has_mlm and "masked_lm_positions" not in out:
         B, S = out["input_word_ids"].shape
         out["masked_lm_positions"] = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
