@@ -136,7 +136,7 @@ def test_base_accuracy_no_worse_than_tensorflow(tf_base, base_h5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [dict(batch=1, seq_length=1), dict(batch=3, seq_length=40)],
+@pytest.mark.parametrize("case", [dict(batch=8, seq_length=8), dict(batch=3, seq_length=40)],
                          ids=lambda c: f"B{c['batch']}xS{c['seq_length']}")
 def test_base_short_inputs_accuracy(tf_base, base_h5, case):
     """Short inputs at base size: the engine is as accurate as TensorFlow (figures printed)."""
