@@ -51,7 +51,8 @@ def test_verify_json_on_tiny_reports_every_figure_under_tolerance(tiny_savedmode
 
 @pytest.mark.slow
 def test_verify_json_on_base(base_savedmodel, base_h5):
-    proc = run("verify", "--savedmodel", base_savedmodel, "--weights", base_h5, "--json")
+    proc = run("verify", "--savedmodel", base_savedmodel, "--weights", base_h5, "--json", "--batch", "3",
+               "--seq-length", "64")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["config"]["num_layers"] == 12
