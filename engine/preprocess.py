@@ -42,6 +42,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from weights.vocab import read_vocab
+
 TABLES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unicode_tables.npz")
 TABLES_FORMAT_VERSION = 1
 DEFAULT_SEQ_LENGTH = 128           # export_preprocessing(default_seq_length=128) of the Hub model
@@ -186,13 +188,7 @@ class Preprocessor:
     @classmethod
     def from_vocab_file(cls, path: str, lower_case: bool = True, **kwargs) -> "Preprocessor":
         """Reads vocab.txt (one token per line, UTF-8; a trailing '\\r' is dropped like TF does)."""
-        with open(path, encoding="utf-8") as f:
-            tokens = [line.rstrip("\n").rstrip("\r") for line in f]
-        if tokens and tokens[-1] == "":
-            tokens.pop()
-        if not tokens:
-            raise ValueError(f"{path}: the vocab file is empty")
-        return cls(tokens, lower_case=lower_case, **kwargs)
+        return cls(read_vocab(path), lower_case=lower_case, **kwargs)
 
     @classmethod
     def from_weights(cls, loaded, **kwargs) -> "Preprocessor":

@@ -196,6 +196,26 @@ def cache_dir() -> str:
     return os.environ.get("TALKHEADS_CACHE", default)
 
 
+def _cached_build(name: str, marker: str, build_into) -> str:
+    """`cache_dir()/reference/name`, made once by `build_into(tmp_dir)` under a lock across processes,
+    in a temporary folder renamed into place; `marker` is the file that says a build finished."""
+    root = os.path.join(cache_dir(), "reference")
+    path = os.path.join(root, name)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:  # one builder at a time across processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(path, marker)):
+            tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
+            try:
+                build_into(os.path.join(tmp, "model"))
+                if os.path.exists(path):
+                    shutil.rmtree(path)
+                os.rename(os.path.join(tmp, "model"), path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def cached(config: str | ReferenceConfig = "tiny", seed: int = 0) -> str:
     """Returns the path of a reference SavedModel, building it once per config and seed."""
     import tensorflow as tf
@@ -203,14 +223,7 @@ def cached(config: str | ReferenceConfig = "tiny", seed: int = 0) -> str:
     key = json.dumps([dataclasses.asdict(cfg), seed, REFERENCE_FORMAT_VERSION, tf.__version__], sort_keys=True)
     name = "{}-seed{}-{}".format(config if isinstance(config, str) else "custom", seed,
                                  hashlib.sha256(key.encode()).hexdigest()[:12])
-    root = os.path.join(cache_dir(), "reference")
-    path = os.path.join(root, name)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "w") as lock:  # one builder at a time across processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(path, "reference.json")):
-            build_atomic(path, cfg, seed, force=True)
-    return path
+    return _cached_build(name, "reference.json", lambda out: build(out, cfg, seed))
 
 
 _LOADED = {}
@@ -300,18 +313,4 @@ def cached_preprocessing(vocab_file: str | None = None) -> str:
         vocab_sha256 = hashlib.sha256(f.read()).hexdigest()
     key = json.dumps([vocab_sha256, PREPROCESSING_FORMAT_VERSION, tf.__version__, tensorflow_text.__version__])
     name = "preprocess-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = os.path.join(cache_dir(), "reference")
-    path = os.path.join(root, name)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "w") as lock:  # one builder at a time across processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(path, "preprocessing.json")):
-            tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
-            try:
-                build_preprocessing(os.path.join(tmp, "model"), vocab_file)
-                if os.path.exists(path):
-                    shutil.rmtree(path)
-                os.rename(os.path.join(tmp, "model"), path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return _cached_build(name, "preprocessing.json", lambda out: build_preprocessing(out, vocab_file))
