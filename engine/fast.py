@@ -29,7 +29,11 @@ of a row whose position 0 is padding (an all-padding row, or left padding) is ta
 zero vector, unlike TensorFlow's. Only real tokens (and pooled_output of rows whose position 0 is
 real, which is every row the Hub preprocessor makes) match the reference.
 
-Not thread-safe: one Encoder, one call at a time (the workspace is reused between calls).
+Threads: with more than one CPU ($TALKHEADS_THREADS, else the affinity count) the fast path sets
+NumPy's OpenBLAS to one thread during a call (restoring it after) and runs the products' row halves,
+the sequences' attention and the element-wise blocks on its own pool; TALKHEADS_FAST_BLAS_THREADS=native
+keeps OpenBLAS's threading instead. Not thread-safe: one Encoder, one call at a time (the workspace
+is reused between calls), and other threads' NumPy products run single-threaded meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,6 +50,41 @@ from engine import kernels as K
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
+_BLAS_LOCK = threading.Lock()
+
+
+def _find_blas_threads():
+    """A function n -> previous thread count of the OpenBLAS that NumPy uses, or None.
+
+    The fast path does its own threading: it sets OpenBLAS to one thread for the duration of a call
+    and splits the products' rows and the sequences' attention over its own thread pool. OpenBLAS's
+    own threads busy-wait between calls, which collapses when the CPU is shared with other
+    processes (10-20x slower on a loaded 2-core machine); Python threads waiting on futures don't.
+    """
+    import ctypes
+    import glob
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*.so*")))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for setter, getter in (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+                               ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                               ("openblas_set_num_threads", "openblas_get_num_threads")):
+            if hasattr(lib, setter) and hasattr(lib, getter):
+                set_fn, get_fn = getattr(lib, setter), getattr(lib, getter)
+                set_fn.argtypes, set_fn.restype, get_fn.restype = [ctypes.c_int], None, ctypes.c_int
+
+                def threads(n, set_fn=set_fn, get_fn=get_fn):
+                    previous = get_fn()
+                    set_fn(int(n))
+                    return previous
+                return threads
+    return None
+
+
+_blas_threads = None if os.environ.get("TALKHEADS_FAST_BLAS_THREADS") == "native" else _find_blas_threads()
 
 
 def num_threads() -> int:
@@ -104,9 +144,11 @@ class _FastBlock:
         self.output_kernel = np.ascontiguousarray(np.asarray(a.output_kernel).reshape(ND, H))  # [ND,H]
         self.output_bias = np.asarray(a.output_bias)
         scale = 1.0 / math.sqrt(float(D))
-        # out = W^T @ x over the head axis; the score scale folded into W_pre (exact when D = 4^k)
-        self.pre_t = np.ascontiguousarray((np.asarray(a.pre_softmax_weight, np.float64) * scale).T).astype(dtype)
-        self.post_t = np.ascontiguousarray(np.asarray(a.post_softmax_weight).T)
+        # out = W^T @ x over the head axis; the score scale folded into W_pre (exact when D = 4^k).
+        # W^T is kept in Fortran order (the transpose of a C-order W): OpenBLAS runs [N,N] @ [N,S*T]
+        # about 100x faster with 2 threads that way than with a C-order W^T.
+        self.pre_t = np.ascontiguousarray(np.asarray(a.pre_softmax_weight, np.float64) * scale, dtype).T
+        self.post_t = np.ascontiguousarray(np.asarray(a.post_softmax_weight), dtype).T
         self.attention_ln = tuple(np.asarray(v) for v in block.attention_ln)
         self.ff_kernel = np.empty((H, 2 * I), dtype)                                   # [H,2I]
         self.ff_kernel[:, :I] = np.asarray(f.intermediate_kernel)
@@ -135,13 +177,23 @@ class FastEncoder:
         self.encoder = encoder
         self.blocks = [_FastBlock(b, cfg, self.dtype) for b in encoder.blocks]
         t = self.dtype.type
-        self._c = {"half": t(0.5), "one": t(1.0), "coeff": t(K.GELU_TANH_COEFF), "k": t(K.SQRT_2_OVER_PI),
+        self._c = {"half": t(0.5), "one": t(1.0), "coeff": t(K.GELU_TANH_COEFF), "k": t(K.SQRT_2_OVER_PI), "minus_2k": t(-2.0 * K.SQRT_2_OVER_PI),
                    "eps": t(cfg.layer_norm_epsilon), "mask": t(cfg.attention_mask_constant)}
         if cfg.hidden_activation != "gelu_tanh":
             self._activation = K.ACTIVATIONS[cfg.hidden_activation]
         else:
             self._activation = None
         self._work = {}
+        self._split = False
+        self.profile = None      # a dict to fill with seconds per kernel class (benchmarks); None: off
+        self._last = 0.0
+
+    def _mark(self, kind):
+        """Profiling: charges the time since the previous mark to `kind` (no-op unless self.profile)."""
+        if self.profile is not None:
+            now = time.perf_counter()
+            self.profile[kind] = self.profile.get(kind, 0.0) + now - self._last
+            self._last = now
 
     # ------------------------------------------------------------------------ workspace
 
@@ -194,15 +246,16 @@ class FastEncoder:
             if act is not None:
                 np.multiply(act(h), g, out=t)
                 return
+            # 0.5*x*(1 + tanh(z)) = x / (1 + exp(-2z)), z = k*(x + c*x^3): the same function, a few
+            # ulps apart; NumPy's float32 exp is ~3x faster than its tanh.
             np.multiply(h, h, out=t)            # x*x
             np.multiply(t, h, out=t)            # x*x*x
             np.multiply(t, c["coeff"], out=t)   # c*x^3
             np.add(h, t, out=t)                 # x + c*x^3
-            np.multiply(t, c["k"], out=t)       # k*(...)
-            np.tanh(t, out=t)
-            np.add(t, c["one"], out=t)          # 1 + tanh
-            np.multiply(h, c["half"], out=h)    # 0.5*x
-            np.multiply(h, t, out=t)            # 0.5*x*(1+tanh)
+            np.multiply(t, c["minus_2k"], out=t)  # -2z
+            np.exp(t, out=t)                    # exp(-2z) (inf for very negative x: x/inf = -0, no NaN)
+            np.add(t, c["one"], out=t)          # 1 + exp(-2z)
+            np.divide(h, t, out=t)              # gelu(x)
             np.multiply(t, g, out=t)            # gelu * gate
 
         parallel_rows(run, hg.shape[0], self.GEGLU_BLOCK)
@@ -210,40 +263,117 @@ class FastEncoder:
     # ------------------------------------------------------------------------ attention
 
     def _attention(self, blk, qkv, ctx, spans, adders):
-        """Per sequence: ctx[rows] = attention of qkv[rows]. qkv [T,3ND] (biased), ctx [T,ND]."""
+        """Per sequence: ctx[rows] = attention of qkv[rows]. qkv [T,3ND] (biased), ctx [T,ND].
+
+        Sequences are spread over the threads (longest first, to the least loaded thread)."""
         N, D = self.config.num_heads, self.config.head_size
         ND = N * D
-        longest = max((e - s for s, e in spans), default=0)
-        sbuf = self._buffer("scores", (N * longest * longest,))
-        mbuf = self._buffer("mixed", (N * longest * longest,))
-        for (s, e), adder in zip(spans, adders):
-            L = e - s
-            if L == 0:
-                continue
-            rows = qkv[s:e]
-            q = rows[:, :ND].reshape(L, N, D).transpose(1, 0, 2)              # [N,S,D] view
-            k = rows[:, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)        # [N,D,T] view
-            v = rows[:, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)          # [N,T,D] view
-            scores = sbuf[:N * L * L].reshape(N, L, L)
-            np.matmul(q, k, out=scores)                                       # [N,S,T] (unscaled)
-            mixed = mbuf[:N * L * L].reshape(N, L, L)
-            np.matmul(blk.pre_t, scores.reshape(N, L * L), out=mixed.reshape(N, L * L))  # scale*W_pre mix
-            if adder is not None:
-                np.add(mixed, adder, out=mixed)                               # + [T] mask adder
-            mx = mixed.max(axis=-1, keepdims=True)
-            np.subtract(mixed, mx, out=mixed)
-            np.exp(mixed, out=mixed)
-            sm = mixed.sum(axis=-1, keepdims=True)
-            np.divide(mixed, sm, out=mixed)
-            np.matmul(blk.post_t, mixed.reshape(N, L * L), out=scores.reshape(N, L * L))  # W_post mix
-            out = ctx[s:e].reshape(L, N, D).transpose(1, 0, 2)                # [N,S,D] view of [S,N,D]
-            np.matmul(scores, v, out=out)
+        n = num_threads() if self._split else 1
+        items = [(i, e - s) for i, (s, e) in enumerate(spans) if e > s]
+        groups, load = [[] for _ in range(n)], [0] * n
+        for i, L in sorted(items, key=lambda t: -t[1]):
+            w = load.index(min(load))
+            groups[w].append(i)
+            load[w] += L * L
+        longest = max((L for _, L in items), default=0)
+        profiles = [dict() for _ in range(n)]
+
+        def run(w):
+            sbuf = self._buffer(f"scores{w}", (N * longest * longest,))
+            mbuf = self._buffer(f"mixed{w}", (N * longest * longest,))
+            prof = profiles[w] if self.profile is not None else None
+            last = time.perf_counter()
+
+            def mark(kind):
+                nonlocal last
+                if prof is not None:
+                    now = time.perf_counter()
+                    prof[kind] = prof.get(kind, 0.0) + now - last
+                    last = now
+
+            for i in groups[w]:
+                s, e = spans[i]
+                adder = adders[i]
+                L = e - s
+                rows = qkv[s:e]
+                q = rows[:, :ND].reshape(L, N, D).transpose(1, 0, 2)              # [N,S,D] view
+                k = rows[:, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)        # [N,D,T] view
+                v = rows[:, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)          # [N,T,D] view
+                scores = sbuf[:N * L * L].reshape(N, L, L)
+                mark("other")
+                np.matmul(q, k, out=scores)                                       # [N,S,T] (unscaled)
+                mark("products")
+                mixed = mbuf[:N * L * L].reshape(N, L, L)
+                np.matmul(blk.pre_t, scores.reshape(N, L * L), out=mixed.reshape(N, L * L))  # scale*W_pre mix
+                mark("talking-heads mixing")
+                if adder is not None:
+                    np.add(mixed, adder, out=mixed)                               # + [T] mask adder
+                mx = mixed.max(axis=-1, keepdims=True)
+                np.subtract(mixed, mx, out=mixed)
+                np.exp(mixed, out=mixed)
+                sm = mixed.sum(axis=-1, keepdims=True)
+                np.divide(mixed, sm, out=mixed)
+                mark("softmax")
+                np.matmul(blk.post_t, mixed.reshape(N, L * L), out=scores.reshape(N, L * L))  # W_post mix
+                mark("talking-heads mixing")
+                out = ctx[s:e].reshape(L, N, D).transpose(1, 0, 2)                # [N,S,D] view of [S,N,D]
+                np.matmul(scores, v, out=out)
+                mark("products")
+
+        self._mark("other")
+        t0 = time.perf_counter()
+        busy = [w for w in range(n) if groups[w]]
+        if len(busy) > 1:
+            for f in [_pool().submit(run, w) for w in busy]:
+                f.result()
+        elif busy:
+            run(busy[0])
+        if self.profile is not None:   # the phase's wall time, shared out as the threads spent it
+            wall = time.perf_counter() - t0
+            total = {}
+            for prof in profiles:
+                for kind, sec in prof.items():
+                    total[kind] = total.get(kind, 0.0) + sec
+            whole = sum(total.values()) or 1.0
+            for kind, sec in total.items():
+                self.profile[kind] = self.profile.get(kind, 0.0) + wall * sec / whole
+            self._last = time.perf_counter()
+
+    def _matmul(self, a, b, out):
+        """out = a @ b split over the threads (BLAS single-threaded in each) when splitting: by rows of
+        a for many rows, else by columns of b (each thread then packs only its half of the weights)."""
+        rows, cols = a.shape[0], b.shape[1]
+        n = num_threads()
+        if not self._split or rows < 2 * n or cols < 2 * n:
+            np.matmul(a, b, out=out)
+            return
+        if rows > 512:
+            bounds = [rows * i // n for i in range(n + 1)]
+            parts = [(a[bounds[i]:bounds[i + 1]], b, out[bounds[i]:bounds[i + 1]]) for i in range(n)]
+        else:
+            bounds = [cols * i // n for i in range(n + 1)]
+            parts = [(a, b[:, bounds[i]:bounds[i + 1]], out[:, bounds[i]:bounds[i + 1]]) for i in range(n)]
+        futures = [_pool().submit(np.matmul, x, w, out=o) for x, w, o in parts]
+        for f in futures:
+            f.result()
 
     # ------------------------------------------------------------------------ forward
 
     def encode(self, ids, mask, types, skip_padding=False):
         """Returns (encoder_outputs: list of L [B,S,H], pooled [B,H]), like Encoder._encode."""
+        self._split = num_threads() > 1 and _blas_threads is not None
+        if not self._split:
+            return self._encode(ids, mask, types, skip_padding)
+        with _BLAS_LOCK:
+            previous = _blas_threads(1)
+            try:
+                return self._encode(ids, mask, types, skip_padding)
+            finally:
+                _blas_threads(previous)
+
+    def _encode(self, ids, mask, types, skip_padding):
         cfg, enc, dt = self.config, self.encoder, self.dtype
+        self._last = time.perf_counter()
         B, S = ids.shape
         H, I, ND = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_size
         nL = len(self.blocks)
@@ -268,6 +398,7 @@ class FastEncoder:
             tok_ids, tok_types = ids.reshape(-1), types.reshape(-1)
             tok_pos = np.tile(np.arange(S), B)
         T = len(tok_ids)
+        self._mark("other")
         # embeddings: (word[ids] + position) + type, then LN
         x0 = self._buffer("x0", (T, H))
         np.take(enc.word_table, tok_ids, axis=0, out=x0)
@@ -275,6 +406,7 @@ class FastEncoder:
         np.take(enc.position_table, tok_pos, axis=0, out=e)
         np.add(x0, e, out=x0)
         np.take(enc.type_table, tok_types, axis=0, out=e)
+        self._mark("gather")
         zero = self._buffer("zero_h", (H,))
         zero[:] = 0
         xs = self._buffer("xpack", (2, T, H)) if skip_padding else None
@@ -283,6 +415,7 @@ class FastEncoder:
                              out=(x if skip_padding else x0))
         if not skip_padding:
             x = x0
+        self._mark("layer norm")
         qkv = self._buffer("qkv", (T, 3 * ND))
         ctx = self._buffer("ctx", (T, ND))
         a = self._buffer("a", (T, H))
@@ -290,23 +423,35 @@ class FastEncoder:
         hid = self._buffer("hid", (T, I))
         f = self._buffer("f", (T, H))
         for li, blk in enumerate(self.blocks):
-            np.matmul(x, blk.qkv_kernel, out=qkv)                             # [T,3ND]
+            self._matmul(x, blk.qkv_kernel, qkv)                               # [T,3ND]
+            self._mark("products")
             np.add(qkv, blk.qkv_bias, out=qkv)
             self._attention(blk, qkv, ctx, spans, adders)                     # [T,ND]
-            np.matmul(ctx, blk.output_kernel, out=a)                          # [T,H]
+            self._matmul(ctx, blk.output_kernel, a)                            # [T,H]
+            self._mark("products")
             x1 = self._buffer("x1", (T, H))
             self._add_layer_norm(a, blk.output_bias, x, *blk.attention_ln, out=x1)
-            np.matmul(x1, blk.ff_kernel, out=hg)                              # [T,2I]
+            self._mark("layer norm")
+            self._matmul(x1, blk.ff_kernel, hg)                                # [T,2I]
+            self._mark("products")
             self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)        # [T,I]
-            np.matmul(hid, blk.out_kernel, out=f)                             # [T,H]
+            self._mark("gelu")
+            self._matmul(hid, blk.out_kernel, f)                               # [T,H]
+            self._mark("products")
             if skip_padding:
                 x = xs[(li + 1) % 2]
                 self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
+                self._mark("layer norm")
                 outputs[li].reshape(B * S, H)[flat] = x
+                self._mark("other")
             else:
                 x = outputs[li].reshape(B * S, H)
                 self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
+                self._mark("layer norm")
         seq = outputs[-1]
-        pooled = np.tanh(K.dense(seq[:, 0], enc.pooler_kernel, enc.pooler_bias))   # [B,H]
+        pooled = K.dense(seq[:, 0], enc.pooler_kernel, enc.pooler_bias)              # [B,H]
+        self._mark("products")
+        np.tanh(pooled, out=pooled)
+        self._mark("other")
         return list(outputs), pooled
 

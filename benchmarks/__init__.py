@@ -1,0 +1,1 @@
+"""Benchmarks: `bash benchmarks/run_cpu.sh` (CPU, issue 7); results under benchmarks/results/."""

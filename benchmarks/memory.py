@@ -1,0 +1,89 @@
+"""Peak memory of one base-model run, one runner per process (called by benchmarks/run_cpu.py).
+
+    python -m benchmarks.memory engine-fast|engine-fast-skip|engine-readable|tf|onnxruntime --case 8x128
+
+Loads the model, runs the case twice (warm-up + one call), prints one JSON line:
+{"runner", "case", "peak_rss_mb" (ru_maxrss of this process), "rss_after_load_mb"}.
+The engine runners never import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_paths():
+    """(base SavedModel dir, its HDF5 extraction), building / extracting them when missing."""
+    import fcntl
+
+    from weights import format as fmt
+    from weights import reference
+    savedmodel = os.path.normpath(os.path.abspath(reference.cached("base", seed=0)))
+    out = f"{savedmodel}.format{fmt.FORMAT_VERSION}.h5"   # the same file as tests/conftest.py's base_h5
+    if not os.path.isfile(out):
+        with open(out + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(out):
+                from weights import extract
+                extract.extract(savedmodel, out, force=True)
+    return savedmodel, out
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runner")
+    ap.add_argument("--case", default="8x128")
+    ap.add_argument("--h5")
+    ap.add_argument("--savedmodel")
+    ap.add_argument("--onnx")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, REPO)
+    import numpy as np
+    B, S = (int(v) for v in args.case.split("x"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, (B, S)).astype(np.int32)
+    inputs = {"input_word_ids": ids, "input_mask": np.ones((B, S), np.int32),
+              "input_type_ids": np.zeros((B, S), np.int32)}
+    if args.runner.startswith("engine"):
+        import engine
+        enc = engine.load(args.h5, fast=args.runner != "engine-readable")
+        run = (lambda x: enc(x, skip_padding=True)) if args.runner == "engine-fast-skip" else enc
+    elif args.runner == "tf":
+        import tensorflow as tf
+        model = tf.saved_model.load(args.savedmodel)
+        run = lambda x: {k: v.numpy() for k, v in model({k: tf.constant(v) for k, v in x.items()}).items()  # noqa: E731
+                         if not isinstance(v, list)}
+    elif args.runner == "onnxruntime":
+        import onnxruntime as ort
+        session = ort.InferenceSession(args.onnx, providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, x)  # noqa: E731
+    else:
+        raise SystemExit(f"unknown runner {args.runner}")
+    after_load = _rss_mb()
+    run(inputs)
+    out = run(inputs)
+    del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"runner": args.runner, "case": args.case, "peak_rss_mb": round(peak, 1),
+                      "rss_after_load_mb": round(after_load, 1)}))
+
+
+if __name__ == "__main__":
+    main()
