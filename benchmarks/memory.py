@@ -3,7 +3,8 @@
     python -m benchmarks.memory engine-fast|engine-fast-skip|engine-readable|tf|onnxruntime --case 8x128
 
 Loads the model, runs the case twice (warm-up + one call), prints one JSON line:
-{"runner", "case", "peak_rss_mb" (ru_maxrss of this process), "rss_after_load_mb"}.
+{"runner", "case", "peak_rss_mb" (VmHWM of this process), "rss_after_load_mb"}. VmHWM, not
+ru_maxrss: on Linux ru_maxrss survives fork+exec, so a child of a big parent reports the parent's peak.
 The engine runners never import TensorFlow.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -38,10 +38,10 @@ def model_paths():
     return savedmodel, out
 
 
-def _rss_mb():
+def _rss_mb(field="VmRSS"):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -80,7 +80,7 @@ def main(argv=None):
     run(inputs)
     out = run(inputs)
     del out
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _rss_mb("VmHWM")
     print(json.dumps({"runner": args.runner, "case": args.case, "peak_rss_mb": round(peak, 1),
                       "rss_after_load_mb": round(after_load, 1)}))
 

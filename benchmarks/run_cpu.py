@@ -268,9 +268,9 @@ def machine_info():
 
 
 def peak_memory(case, h5, savedmodel, onnx_ok):
-    """Peak RSS (ru_maxrss) of one run per runner, each in a fresh subprocess."""
+    """Peak RSS (VmHWM) of one run per runner, each in a fresh subprocess."""
     res = {}
-    runners = ["engine-fast", "engine-fast-skip", "tf"] + (["onnxruntime"] if onnx_ok else [])
+    runners = ["engine-fast", "engine-fast-skip", "engine-readable", "tf"] + (["onnxruntime"] if onnx_ok else [])
     for runner in runners:
         cmd = [sys.executable, "-m", "benchmarks.memory", runner, "--case", case, "--h5", h5,
                "--savedmodel", savedmodel, "--onnx", ONNX_PATH]
@@ -292,8 +292,20 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--memory-only", action="store_true", help="redo only the peak-memory part of an existing cpu.json")
     args = ap.parse_args(argv)
     reps = 2 if args.quick else args.reps
+    if args.memory_only:
+        from benchmarks import memory as memory_mod
+        savedmodel, h5 = memory_mod.model_paths()
+        with open(os.path.join(args.out, "cpu.json")) as f:
+            results = json.load(f)
+        results["peak_memory_8x128"] = peak_memory("8x128", h5, savedmodel, False)
+        results["machine"]["memory_measured_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")
+        print(f"[bench]   {json.dumps(results['peak_memory_8x128'])}", flush=True)
+        _write(results, args.out)
+        return 0
     os.makedirs(args.out, exist_ok=True)
     sys.path.insert(0, REPO)
 
