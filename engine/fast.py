@@ -253,7 +253,8 @@ class FastEncoder:
             np.multiply(t, c["coeff"], out=t)   # c*x^3
             np.add(h, t, out=t)                 # x + c*x^3
             np.multiply(t, c["minus_2k"], out=t)  # -2z
-            np.exp(t, out=t)                    # exp(-2z) (inf for very negative x: x/inf = -0, no NaN)
+            with np.errstate(over="ignore"):    # inf for very negative x is intended: x/inf = -0, no NaN
+                np.exp(t, out=t)                # exp(-2z)
             np.add(t, c["one"], out=t)          # 1 + exp(-2z)
             np.divide(h, t, out=t)              # gelu(x)
             np.multiply(t, g, out=t)            # gelu * gate
