@@ -108,7 +108,6 @@ def _assert_clear(info, needle):
 @pytest.mark.parametrize("entry", ["call", "fast", "mlm", "trace"])
 @pytest.mark.parametrize("case, inputs, needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_encoder_inputs(encoders, entry, case, inputs, needle):
-    enc = encoders["fast" if entry == "fast" else "call"]
     if entry == "mlm" and isinstance(inputs, dict):  # every other check comes before the positions'
         inputs = dict(inputs, masked_lm_positions=np.zeros((2, 1), np.int32))
     call = {"call": lambda x: encoders["call"](x), "fast": lambda x: encoders["fast"](x),

@@ -70,7 +70,7 @@ def _check(fast, ref, cfg, case, seed):
     assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
     skipped = engine.to_numpy(fast.mlm(inputs, skip_padding=True))
     diffs = _real_token_differences(skipped, want, inputs["input_mask"], inputs["masked_lm_positions"])
-    print(f"skip_padding vs readable, real tokens:\n" + parity.format_table(diffs))
+    print("skip_padding vs readable, real tokens:\n" + parity.format_table(diffs))
     assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
     pad = ~inputs["input_mask"].astype(bool)
     for out in skipped["encoder_outputs"]:
