@@ -14,7 +14,7 @@ import pytest
 import engine
 from engine import parity
 
-RTOL = parity.DEFAULT_RTOL
+RTOL = parity.DEFAULT_RTOL  # pooled_output: parity.POOLED_RTOL, as in tests/test_parity.py
 
 CASES = [
     dict(batch=1, seq_length=1),
@@ -65,7 +65,7 @@ def _check(fast, ref, cfg, case, seed):
     inputs = _inputs(cfg, case, seed)
     want = engine.to_numpy(ref.mlm(inputs))
     got = engine.to_numpy(fast.mlm(inputs))
-    diffs = parity.compare(got, want, RTOL)
+    diffs = parity.compare(got, want, RTOL, pooled_rtol=parity.POOLED_RTOL)
     print(f"\nfast vs readable {case}:\n" + parity.format_table(diffs))
     assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
     skipped = engine.to_numpy(fast.mlm(inputs, skip_padding=True))
@@ -107,7 +107,7 @@ def test_tiny_fast_matches_tensorflow(tf_tiny, tiny_pair, case):
     inputs = _inputs(fast.config, case, seed=1000 + case["seq_length"])
     out = tf_tiny.mlm({k: tf.constant(v) for k, v in inputs.items()})
     theirs = {k: ([t.numpy() for t in v] if isinstance(v, list) else v.numpy()) for k, v in out.items()}
-    diffs = parity.compare(engine.to_numpy(fast.mlm(inputs)), theirs, RTOL)
+    diffs = parity.compare(engine.to_numpy(fast.mlm(inputs)), theirs, RTOL, pooled_rtol=parity.POOLED_RTOL)
     print(f"\nfast vs TF {case}:\n" + parity.format_table(diffs))
     assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
     diffs = _real_token_differences(engine.to_numpy(fast.mlm(inputs, skip_padding=True)), theirs,
@@ -136,7 +136,7 @@ def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
     via_readable = engine.to_numpy(fast.mlm(inputs, record=lambda n, v: rec.append(n)))
     want = engine.to_numpy(ref.mlm(inputs))
     assert rec
-    diffs = parity.compare(via_readable, want, RTOL)
+    diffs = parity.compare(via_readable, want, RTOL, pooled_rtol=parity.POOLED_RTOL)
     assert all(d.ok for d in diffs)
 
 
