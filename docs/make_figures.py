@@ -27,9 +27,8 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 def _default_weights() -> str:
-    from engine import cli
-    from weights import reference
-    return cli._extracted_weights(reference.cached("tiny", seed=0))
+    from weights import extract, reference
+    return extract.cached_extraction(reference.cached("tiny", seed=0))
 
 
 def _labels(enc, ids):
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
     import engine
     from engine.preprocess import Preprocessor
     enc = engine.load(args.weights or _default_weights())
-    prep = Preprocessor(enc.vocab, lower_case=enc.config.do_lower_case)
+    prep = Preprocessor.from_weights(enc)
     inputs = prep([args.text], seq_length=128)
     n = int(inputs["input_mask"][0].sum())
     inputs = {k: v[:, :n] for k, v in inputs.items()}           # no padding: the real tokens only

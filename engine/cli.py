@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from engine.preprocess import Preprocessor
+
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # A few sentences of our own, single and paired, that run real text through the preprocessor.
@@ -57,32 +59,10 @@ def _default_savedmodel() -> str:
     return reference.cached("tiny", seed=0)
 
 
-def _extracted_weights(savedmodel: str) -> str:
-    """The HDF5 file extracted from `savedmodel`, made once and kept beside the reference cache."""
-    import hashlib
-
-    from weights import extract, reference
-    stamp = os.path.getmtime(os.path.join(savedmodel, "saved_model.pb"))
-    key = hashlib.sha256(f"{os.path.abspath(savedmodel)}|{stamp}".encode()).hexdigest()[:16]
-    out = os.path.join(reference.cache_dir(), "extracted", f"{os.path.basename(os.path.normpath(savedmodel))}-{key}.h5")
-    if not os.path.isfile(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        _progress(f"extracting {savedmodel} -> {out}")
-        extract.extract(savedmodel, out, force=True)
-    return out
-
-
-def _preprocessor(enc):
-    from engine.preprocess import Preprocessor
-    if not enc.vocab:
-        raise CliError("the weights file holds no vocab: text input needs one")
-    return Preprocessor(enc.vocab, lower_case=enc.config.do_lower_case)
-
-
 def _verify_inputs(enc, batch: int, seq_length: int, seed: int):
     """Two input sets: real text through the preprocessor, and random ids with padding structure."""
     from engine import parity
-    prep = _preprocessor(enc)
+    prep = Preprocessor.from_weights(enc)
     texts = (SAMPLE_TEXTS * (batch // len(SAMPLE_TEXTS) + 1))[:max(batch - len(SAMPLE_PAIRS), 1)]
     singles = prep(texts, seq_length=seq_length)
     first = prep.tokenize([a for a, _ in SAMPLE_PAIRS])
@@ -109,7 +89,11 @@ def cmd_verify(args) -> int:
     savedmodel = args.savedmodel or _default_savedmodel()
     if not os.path.isdir(savedmodel):
         raise CliError(f"--savedmodel {savedmodel}: not a directory")
-    weights_path = args.weights or _extracted_weights(savedmodel)
+    if args.weights:
+        weights_path = args.weights
+    else:
+        from weights import extract
+        weights_path = extract.cached_extraction(savedmodel)
     enc = engine.load(weights_path, backend=args.backend)
     cfg = enc.config
     seq_length = min(args.seq_length, cfg.max_position_embeddings)
@@ -215,7 +199,7 @@ def _trace_inputs(args, enc):
         inputs.setdefault("input_type_ids", np.zeros_like(ids))
         return inputs, None
     texts = _read_texts(args)
-    return _preprocessor(enc)(texts, seq_length=args.seq_length), texts
+    return Preprocessor.from_weights(enc)(texts, seq_length=args.seq_length), texts
 
 
 def cmd_trace(args) -> int:
@@ -288,7 +272,7 @@ def cmd_encode(args) -> int:
         enc = engine.load(args.weights, backend=args.backend, verify_checksums=True)
     except WeightsFileError as e:  # several problems come on several lines: one line here
         raise CliError(f"WeightsFileError: {str(e).replace(':' + chr(10) + '  ', ': ').replace(chr(10) + '  ', '; ')}") from None
-    prep = _preprocessor(enc)
+    prep = Preprocessor.from_weights(enc)
     key = "sequence_output" if args.sequence else "pooled_output"
     try:
         summary = stream.encode(enc, prep, args.input if args.input else list(args.texts), args.output, key=key,
@@ -333,7 +317,7 @@ def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
 def cmd_fill_mask(args) -> int:
     import engine
     enc = engine.load(args.weights, backend=args.backend)
-    prep = _preprocessor(enc)
+    prep = Preprocessor.from_weights(enc)
     for n, candidates in enumerate(fill_mask(enc, prep, args.text, args.top_k, args.seq_length)):
         print(f"[MASK] #{n + 1}:")
         for token, prob in candidates:

@@ -38,34 +38,15 @@ def tf_base(base_savedmodel):
     return tf.saved_model.load(base_savedmodel)
 
 
-def _extracted_h5(savedmodel: str) -> str:
-    """The HDF5 extraction of `savedmodel`, made once and kept next to it (keyed by its path).
-
-    A file lock makes concurrent test sessions wait for one extraction; the write itself is atomic,
-    so an existing file is always complete.
-    """
-    import fcntl
-
-    from weights import format as fmt
-    savedmodel = os.path.normpath(os.path.abspath(savedmodel))
-    out = f"{savedmodel}.format{fmt.FORMAT_VERSION}.h5"
-    if os.path.isfile(out):
-        return out
-    with open(out + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(out):
-            from weights import extract
-            extract.extract(savedmodel, out, force=True)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_h5(tiny_savedmodel):
-    """The tiny reference model extracted to HDF5 (built once, cached next to the SavedModel)."""
-    return _extracted_h5(tiny_savedmodel)
+    """The tiny reference model extracted to HDF5 (once, cached: weights.extract.cached_extraction)."""
+    from weights import extract
+    return extract.cached_extraction(tiny_savedmodel)
 
 
 @pytest.fixture(scope="session")
 def base_h5(base_savedmodel):
-    """The base-size reference model extracted to HDF5 (built once, cached next to the SavedModel)."""
-    return _extracted_h5(base_savedmodel)
+    """The base-size reference model extracted to HDF5 (once, cached: weights.extract.cached_extraction)."""
+    from weights import extract
+    return extract.cached_extraction(base_savedmodel)

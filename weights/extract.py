@@ -648,6 +648,31 @@ def extract(savedmodel_dir: str, out_path: str, *, force: bool = False, progress
                             warnings=plan.warnings)
 
 
+def cached_extraction(savedmodel_dir: str, *, progress: bool = True) -> str:
+    """The HDF5 extraction of `savedmodel_dir`, made once and kept under the reference cache
+    (`weights.reference.cache_dir()/extracted`), keyed by the SavedModel's path, the time of its
+    saved_model.pb and the format version. A file lock makes concurrent callers wait for one
+    extraction; the write is atomic, so an existing file is always complete."""
+    import fcntl
+    import hashlib
+
+    from weights.reference import cache_dir
+    savedmodel_dir = os.path.normpath(os.path.abspath(savedmodel_dir))
+    graph = os.path.join(savedmodel_dir, "saved_model.pb")
+    stamp = os.path.getmtime(graph) if os.path.isfile(graph) else 0  # extract() names what is missing
+    key = hashlib.sha256(f"{savedmodel_dir}|{stamp}|{fmt.FORMAT_VERSION}".encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir(), "extracted")
+    out = os.path.join(folder, f"{os.path.basename(savedmodel_dir)}-{key}.h5")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(folder, exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(out):
+            extract(savedmodel_dir, out, force=True, progress=progress)
+    return out
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
