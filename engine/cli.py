@@ -54,6 +54,14 @@ def _progress(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------ helpers
 
+def _preprocessor(enc):
+    """The preprocessor of the loaded model. max_seq_length stays unset: each command checks its
+    --seq-length against the model's positions with its own message."""
+    if not enc.vocab:
+        raise CliError("the weights file holds no vocab: text input needs one")
+    return Preprocessor.from_weights(enc, max_seq_length=None)
+
+
 def _default_savedmodel() -> str:
     from weights import reference
     return reference.cached("tiny", seed=0)
@@ -62,7 +70,7 @@ def _default_savedmodel() -> str:
 def _verify_inputs(enc, batch: int, seq_length: int, seed: int):
     """Two input sets: real text through the preprocessor, and random ids with padding structure."""
     from engine import parity
-    prep = Preprocessor.from_weights(enc)
+    prep = _preprocessor(enc)
     texts = (SAMPLE_TEXTS * (batch // len(SAMPLE_TEXTS) + 1))[:max(batch - len(SAMPLE_PAIRS), 1)]
     singles = prep(texts, seq_length=seq_length)
     first = prep.tokenize([a for a, _ in SAMPLE_PAIRS])
@@ -199,7 +207,7 @@ def _trace_inputs(args, enc):
         inputs.setdefault("input_type_ids", np.zeros_like(ids))
         return inputs, None
     texts = _read_texts(args)
-    return Preprocessor.from_weights(enc)(texts, seq_length=args.seq_length), texts
+    return _preprocessor(enc)(texts, seq_length=args.seq_length), texts
 
 
 def cmd_trace(args) -> int:
@@ -272,7 +280,7 @@ def cmd_encode(args) -> int:
         enc = engine.load(args.weights, backend=args.backend, verify_checksums=True)
     except WeightsFileError as e:  # several problems come on several lines: one line here
         raise CliError(f"WeightsFileError: {str(e).replace(':' + chr(10) + '  ', ': ').replace(chr(10) + '  ', '; ')}") from None
-    prep = Preprocessor.from_weights(enc)
+    prep = _preprocessor(enc)
     key = "sequence_output" if args.sequence else "pooled_output"
     try:
         summary = stream.encode(enc, prep, args.input if args.input else list(args.texts), args.output, key=key,
@@ -317,7 +325,7 @@ def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
 def cmd_fill_mask(args) -> int:
     import engine
     enc = engine.load(args.weights, backend=args.backend)
-    prep = Preprocessor.from_weights(enc)
+    prep = _preprocessor(enc)
     for n, candidates in enumerate(fill_mask(enc, prep, args.text, args.top_k, args.seq_length)):
         print(f"[MASK] #{n + 1}:")
         for token, prob in candidates:
