@@ -1,4 +1,4 @@
-"""GPU benchmark of the fused forward (engine/gpu.py) against the cuBLAS floor.
+"""GPU benchmark of the fused forward (engine/gpu/forward.py) against the cuBLAS floor.
 
     .venv/bin/python -m benchmarks.bench_gpu --random-weights          # base size, random weights
     .venv/bin/python -m benchmarks.bench_gpu --weights model.h5        # an extracted HDF5 file
@@ -83,7 +83,7 @@ def time_ms(cupy, fn, repeats, warmup):
 
 def build_encoder(args):
     import engine
-    from engine import gpu
+    from engine.gpu import forward as gpu
     from weights.format import ModelConfig
     if args.weights:
         import weights
@@ -110,7 +110,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cupy = need_gpu()
 
-    from engine import gpu
+    from engine.gpu import forward as gpu
     cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
     precisions = [v.strip() for v in args.precisions.split(",")]
     for prec in precisions:

@@ -1,8 +1,8 @@
-"""Throughput of engine.preprocess against TF-Text's preprocessing SavedModel, on the same real text.
+"""Throughput of engine.text.preprocess against TF-Text's preprocessing SavedModel, on the same real text.
 
     .venv/bin/python -m benchmarks.bench_preprocess [--repeats 5] [--batch 128] [--out PATH]
 
-The corpus is weights.text_corpus (CLDR names from babel, and the machine's gettext catalogs when it
+The corpus is engine.text.corpus (CLDR names from babel, and the machine's gettext catalogs when it
 has them), fed in batches of --batch texts. For each side, median over --repeats runs of the whole
 corpus, in texts per second:
 - "call": the root call (tokenize + pack to seq_length 128), what a user runs on raw text;
@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     import tensorflow as tf
     import tensorflow_text
 
-    from engine.preprocess import Preprocessor
-    from weights import reference, text_corpus
+    from engine.text.preprocess import Preprocessor
+    from engine.tf import reference
+    from engine.text import corpus as text_corpus
     from weights.vocab import default_vocab_path
 
     cldr, catalogs = text_corpus.cldr_lines(), text_corpus.gettext_lines()

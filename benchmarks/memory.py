@@ -26,14 +26,14 @@ def model_paths():
     import fcntl
 
     from weights import format as fmt
-    from weights import reference
+    from engine.tf import reference
     savedmodel = os.path.normpath(os.path.abspath(reference.cached("base", seed=0)))
     out = f"{savedmodel}.format{fmt.FORMAT_VERSION}.h5"   # the same file as tests/conftest.py's base_h5
     if not os.path.isfile(out):
         with open(out + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.isfile(out):
-                from weights import extract
+                from engine.tf import extract
                 extract.extract(savedmodel, out, force=True)
     return savedmodel, out
 

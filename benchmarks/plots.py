@@ -76,7 +76,7 @@ def plot(results: dict, out: str) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r[0] for r in rows], fontsize=7)
     ax.set_ylabel("time / TensorFlow's median")
-    ax.set_title(f"Where the fast path's time goes (engine/fast.py profile marks)\n{title}", fontsize=9)
+    ax.set_title(f"Where the fast path's time goes (engine/fast/forward.py profile marks)\n{title}", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "cpu_breakdown.png"), dpi=120)

@@ -9,7 +9,7 @@ Every case runs each runner on the same inputs, interleaved (runner A, B, C, A, 
 warm-up call each, and reports medians. Runners:
 - engine-fast: engine.load(h5, fast=True), dense (every position computed);
 - engine-fast-skip: the same with skip_padding=True (only real tokens; realistic text case);
-- engine-readable: the readable reference path (engine/kernels.py), small cases only;
+- engine-readable: the readable reference path (engine/core/kernels.py), small cases only;
 - tf: tf.saved_model.load(savedmodel) then model(inputs), as Hub users call it;
 - onnxruntime: the same SavedModel converted by tf2onnx (when available; see run_cpu.sh);
 - floor: the model's matrix products alone in NumPy with the same shapes (q, k, v, o
@@ -58,18 +58,18 @@ def full_inputs(batch, seq, vocab_size, seed=0):
 
 def text_lines():
     """Real English text shipped on this machine: the English originals of the gettext catalogs
-    (weights/text_corpus.py, the corpus of the preprocessor tests); CLDR names from babel when the
+    (engine/text/corpus.py, the corpus of the preprocessor tests); CLDR names from babel when the
     machine has no catalogs."""
-    from weights import text_corpus
+    from engine.text import corpus as text_corpus
     lines = text_corpus.gettext_lines()
     if len(lines) >= 3000:
-        return "gettext English msgids (/usr/share/locale, weights.text_corpus.gettext_lines)", lines[-3000:]
-    return "CLDR names (babel, weights.text_corpus.cldr_lines)", text_corpus.cldr_lines()
+        return "gettext English msgids (/usr/share/locale, engine.text.corpus.gettext_lines)", lines[-3000:]
+    return "CLDR names (babel, engine.text.corpus.cldr_lines)", text_corpus.cldr_lines()
 
 
 def text_inputs(vocab, batch=TEXT_BATCH, seq=TEXT_SEQ, seed=0):
-    """`batch` texts of 1 to 6 consecutive lines of real text through engine.preprocess, padded to `seq`."""
-    from engine.preprocess import Preprocessor
+    """`batch` texts of 1 to 6 consecutive lines of real text through engine.text.preprocess, padded to `seq`."""
+    from engine.text.preprocess import Preprocessor
     source, lines = text_lines()
     rng = np.random.default_rng(seed)
     texts = []
@@ -111,9 +111,9 @@ class Floor:
         self._products(lambda a, b, out: np.matmul(a, b, out=out), lambda f, items: [f(i) for i in items])
 
     def split(self):
-        """The same products run the way engine/fast.py runs them: OpenBLAS set to one thread, rows
+        """The same products run the way engine/fast/forward.py runs them: OpenBLAS set to one thread, rows
         (and sequences) split over a pool of threads (engine.fast.num_threads())."""
-        from engine import fast
+        from engine.fast import forward as fast
         n = fast.num_threads()
         pool = fast._pool()
 
@@ -185,15 +185,15 @@ def interleaved(runners: dict, inputs: dict, reps: int, slow_reps: dict) -> dict
 
 
 def breakdown(enc, inputs, skip_padding, reps=3):
-    """Median seconds per kernel class of the fast path (engine/fast.py profile marks)."""
+    """Median seconds per kernel class of the fast path (engine/fast/forward.py profile marks)."""
     runs = []
     for _ in range(reps):
-        enc._fast.profile = {}
+        enc.fast_forward.profile = {}
         t0 = time.perf_counter()
         enc(inputs, skip_padding=skip_padding)
         total = time.perf_counter() - t0
-        prof = enc._fast.profile
-        enc._fast.profile = None
+        prof = enc.fast_forward.profile
+        enc.fast_forward.profile = None
         prof["total"] = total
         runs.append(prof)
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in KERNEL_CLASSES + ("total",)}
@@ -260,7 +260,7 @@ def machine_info():
         info["numpy_simd_found"] = cfg["SIMD Extensions"].get("found")
     except Exception as e:  # pragma: no cover
         info["numpy_blas"] = f"unknown ({e})"
-    from engine import fast
+    from engine.fast import forward as fast
     info["engine_elementwise_threads"] = fast.num_threads()
     info["env_threads"] = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                           "TALKHEADS_THREADS") if os.environ.get(k)}

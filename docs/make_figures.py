@@ -27,7 +27,7 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 def _default_weights() -> str:
-    from weights import extract, reference
+    from engine.tf import extract, reference
     return extract.cached_extraction(reference.cached("tiny", seed=0))
 
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import engine
-    from engine.preprocess import Preprocessor
+    from engine.text.preprocess import Preprocessor
     enc = engine.load(args.weights or _default_weights())
     prep = Preprocessor.from_weights(enc)
     inputs = prep([args.text], seq_length=128)

@@ -8,9 +8,9 @@
 NumPy and h5py only; CuPy when asked for; never TensorFlow.
 """
 
-from engine.backend import BackendError, to_numpy
-from engine.inputs import InputError
-from engine.model import Encoder, load
-from engine.preprocess import Preprocessor
+from engine.core.backend import BackendError, to_numpy
+from engine.core.inputs import InputError
+from engine.api import Encoder, load
+from engine.text.preprocess import Preprocessor
 
 __all__ = ["load", "Encoder", "Preprocessor", "to_numpy", "InputError", "BackendError"]

@@ -15,14 +15,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def tiny_savedmodel():
     """The tiny reference SavedModel (L=2, H=64, N=4, I=256, real 30522 vocab), seed 0."""
-    from weights import reference
+    from engine.tf import reference
     return reference.cached("tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def base_savedmodel():
     """The base-size reference SavedModel (L=12, H=768, N=12, I=3072), seed 0."""
-    from weights import reference
+    from engine.tf import reference
     return reference.cached("base", seed=0)
 
 
@@ -40,13 +40,13 @@ def tf_base(base_savedmodel):
 
 @pytest.fixture(scope="session")
 def tiny_h5(tiny_savedmodel):
-    """The tiny reference model extracted to HDF5 (once, cached: weights.extract.cached_extraction)."""
-    from weights import extract
+    """The tiny reference model extracted to HDF5 (once, cached: engine.tf.extract.cached_extraction)."""
+    from engine.tf import extract
     return extract.cached_extraction(tiny_savedmodel)
 
 
 @pytest.fixture(scope="session")
 def base_h5(base_savedmodel):
-    """The base-size reference model extracted to HDF5 (once, cached: weights.extract.cached_extraction)."""
-    from weights import extract
+    """The base-size reference model extracted to HDF5 (once, cached: engine.tf.extract.cached_extraction)."""
+    from engine.tf import extract
     return extract.cached_extraction(base_savedmodel)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.inputs import InputError
+from engine.core.inputs import InputError
 from tests.conftest import REPO
 from weights.format import ModelConfig, expected_shapes
 
@@ -96,7 +96,7 @@ MLM_CASES = [
     ("missing positions", _DROP, "inputs: missing masked_lm_positions"),
 ]
 def _assert_clear(info, needle):
-    """One InputError (a ValueError) with the message, raised from engine/inputs.py, not NumPy."""
+    """One InputError (a ValueError) with the message, raised from engine/core/inputs.py, not NumPy."""
     assert isinstance(info.value, ValueError)
     assert info.type is InputError, info.value
     msg = str(info.value)
@@ -183,8 +183,8 @@ def _variants(inputs):
 
 
 def test_layouts_and_integer_dtypes_work_as_tf(tiny_h5, tiny_savedmodel):
-    from engine import parity
-    from weights import reference
+    from engine.tools import parity
+    from engine.tf import reference
     enc = engine.load(tiny_h5)
     fast = engine.load(tiny_h5, fast=True)
     rng = np.random.default_rng(3)
@@ -206,11 +206,11 @@ def test_layouts_and_integer_dtypes_work_as_tf(tiny_h5, tiny_savedmodel):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Preprocessor: TypeError/ValueError naming the argument (engine/preprocess.py).
+# The Preprocessor: TypeError/ValueError naming the argument (engine/text/preprocess.py).
 
 @pytest.fixture(scope="module")
 def prep(tiny_h5):
-    from engine.preprocess import Preprocessor
+    from engine.text.preprocess import Preprocessor
     return Preprocessor(engine.load(tiny_h5).vocab, max_seq_length=512)
 
 
@@ -259,7 +259,7 @@ GATE = "layers/0/feedforward/gate/kernel"
 
 
 def _write_weights(path):
-    from weights import extract
+    from engine.tf import extract
     extract.write_weights(str(path), CFG, _tensors(CFG), vocab=VOCAB, progress=False)
     return path
 
@@ -404,7 +404,7 @@ def test_a_good_small_file_encodes(tmp_path):
     (["hi", "--sequence", "--dynamic-padding"], "--dynamic-padding applies to pooled_output only"),
 ])
 def test_bad_encode_arguments(tmp_path, args, needle, capsys):
-    from engine import cli
+    from engine.cli import main as cli
     (tmp_path / "bad_utf8.txt").write_bytes(b"fine\nbad \xff byte\nfine\n")
     (tmp_path / "empty.txt").write_bytes(b"")
     weights = _write_weights(tmp_path / "model.h5")
@@ -427,7 +427,7 @@ def test_bad_encode_arguments(tmp_path, args, needle, capsys):
     ('{"input_word_ids": [[1, 2, 3, 4, 5, 6, 7, 8, 9]]}', "sequence length 9 exceeds the model's 8 positions"),
 ])
 def test_bad_trace_ids_through_the_cli(tmp_path, ids, needle, capsys):
-    from engine import cli
+    from engine.cli import main as cli
     weights = _write_weights(tmp_path / "model.h5")
     assert cli.main(["trace", "--weights", str(weights), "--ids", ids, "--out", str(tmp_path / "t.h5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -73,7 +73,7 @@ def test_encode_writes_npy_h5_and_jsonl_matching_the_api(tiny_h5, tmp_path):
     import h5py
 
     import engine
-    from engine.preprocess import Preprocessor
+    from engine.text.preprocess import Preprocessor
     texts = ["hello world", "the cat sat on the mat", "ünïcödé and 漢字"]
     enc = engine.load(tiny_h5)
     expected = enc(Preprocessor(enc.vocab)(texts, seq_length=128))["pooled_output"]
@@ -117,9 +117,9 @@ def test_fill_mask_prints_top_k_per_mask(tiny_h5):
 def test_fill_mask_agrees_with_tensorflow_mlm(tiny_h5, tiny_savedmodel):
     """The probabilities come from mlm_logits at the [MASK] positions: compare with TF's logits."""
     import engine
-    from engine.cli import fill_mask
-    from engine.preprocess import Preprocessor
-    from weights import reference
+    from engine.cli.main import fill_mask
+    from engine.text.preprocess import Preprocessor
+    from engine.tf import reference
     enc = engine.load(tiny_h5)
     prep = Preprocessor(enc.vocab)
     result = fill_mask(enc, prep, "paris is the [MASK] of france", top_k=4)
@@ -143,8 +143,13 @@ def test_extract_and_reference_are_reachable(tiny_savedmodel, tmp_path):
     proc = run("extract", tiny_savedmodel, str(out))
     assert proc.returncode == 2 and "exists" in proc.stderr
     assert out.read_bytes() == before
-    proc = run("reference", "--help")
-    assert proc.returncode == 0 and "--config" in proc.stdout
+    for route in (["reference"], ["--debug", "reference"]):   # one route, with and without --debug
+        proc = run(*route, "--help")
+        assert proc.returncode == 0 and "--config" in proc.stdout and "python -m engine reference" in proc.stdout
+    proc = run("reference", str(tmp_path / "m"), "--config", "tiny", "--layers", "0")
+    assert proc.returncode == 2 and "layers must be a positive integer" in proc.stderr, proc.stderr[-2000:]
+    proc = run("encode", "--weights", str(out), "hi", "--output", str(tmp_path / "x.npy"), "--no-such-flag")
+    assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

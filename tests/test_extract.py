@@ -1,4 +1,4 @@
-"""SavedModel -> HDF5 extraction (weights.extract), the format, and the validating loader (weights.load)."""
+"""SavedModel -> HDF5 extraction (engine.tf.extract), the format, and the validating loader (weights.load)."""
 
 import datetime
 import io
@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO
 from weights import LoadedWeights, WeightsFileError, format as fmt, load
 
-# The test's own statement of the name mapping (independent of weights.extract's tables).
+# The test's own statement of the name mapping (independent of engine.tf.extract's tables).
 H5_OF_BLOCK = {
     "self_attention/query/kernel": "attention/query/kernel",
     "self_attention/query/bias": "attention/query/bias",
@@ -84,7 +84,7 @@ SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "##s", "hél
 
 def _extract_module():
     import importlib
-    return importlib.import_module("weights.extract")
+    return importlib.import_module("engine.tf.extract")
 
 
 def _tf_name_to_h5(names):
@@ -161,7 +161,7 @@ def _check_extraction_matches_tf(model, h5_path, savedmodel, cfg):
 
 
 def test_tiny_extraction_is_bit_exact(tf_tiny, tiny_savedmodel, tmp_path, capfd):
-    from weights.reference import CONFIGS
+    from engine.tf.reference import CONFIGS
     extract = _extract_module()
     out = tmp_path / "tiny.h5"
     result = extract.extract(tiny_savedmodel, str(out))
@@ -172,13 +172,13 @@ def test_tiny_extraction_is_bit_exact(tf_tiny, tiny_savedmodel, tmp_path, capfd)
 
 
 def test_tiny_h5_fixture_is_the_extraction(tf_tiny, tiny_h5, tiny_savedmodel):
-    from weights.reference import CONFIGS
+    from engine.tf.reference import CONFIGS
     _check_extraction_matches_tf(tf_tiny, tiny_h5, tiny_savedmodel, CONFIGS["tiny"])
 
 
 @pytest.mark.slow
 def test_base_extraction_is_bit_exact(tf_base, base_h5, base_savedmodel):
-    from weights.reference import CONFIGS
+    from engine.tf.reference import CONFIGS
     _check_extraction_matches_tf(tf_base, base_h5, base_savedmodel, CONFIGS["base"])
     w = load(base_h5)
     assert len(w.tensors) == 247 + 5
@@ -413,7 +413,7 @@ def test_refuses_to_replace_without_force(tiny_savedmodel, tmp_path):
     _write_small(out)
     before = out.read_bytes()
     stat = out.stat()
-    proc = subprocess.run([sys.executable, "-m", "weights.extract", tiny_savedmodel, str(out)],
+    proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "exists" in proc.stderr and "--force" in proc.stderr and "Traceback" not in proc.stderr
@@ -430,7 +430,7 @@ def test_refuses_to_replace_without_force(tiny_savedmodel, tmp_path):
 
 def test_cli_extracts_with_progress(tiny_savedmodel, tmp_path):
     out = tmp_path / "cli.h5"
-    proc = subprocess.run([sys.executable, "-m", "weights.extract", tiny_savedmodel, str(out)],
+    proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "extract: reading [" in proc.stderr and "extract: writing [" in proc.stderr
@@ -467,7 +467,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc, old):
 
 _KILL_SCRIPT = """
 import sys, time
-import weights.extract as e
+import engine.tf.extract as e
 original, count = e._write_dataset, [0]
 def slow(*args, **kwargs):
     original(*args, **kwargs)
@@ -634,6 +634,8 @@ def test_load_missing_and_unexpected_datasets(small_h5):
     ("hidden_size", 8.5, "config attribute 'hidden_size' = 8.5 is not an integer"),
     ("has_mlm", None, "config attribute 'has_mlm' is missing"),
     ("format", None, "no 'format' attribute"),
+    # the engine implements the Hub model's tanh GELU only; no extracted file names another
+    ("hidden_activation", "gelu_erf", "hidden_activation 'gelu_erf' is not supported (the model uses gelu_tanh)"),
 ])
 def test_load_bad_attributes(small_h5, attr, value, expected):
     path, _, _ = small_h5
@@ -679,7 +681,7 @@ def test_load_no_permission(small_h5, monkeypatch):
 
 
 def test_loader_and_extract_module_import_no_tensorflow():
-    code = ("import sys, weights, weights.extract, weights.load, weights.progress; "
+    code = ("import sys, weights, engine.tf.extract, weights.load, engine.tools.progress; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
@@ -687,7 +689,7 @@ def test_loader_and_extract_module_import_no_tensorflow():
 
 
 def test_progress_line():
-    from weights.progress import Progress
+    from engine.tools.progress import Progress
     live = io.StringIO()
     with Progress(1000, "reading", stream=live, live=True, min_interval=0) as bar:
         for _ in range(4):

@@ -1,4 +1,4 @@
-"""The fast path (engine/fast.py) held to the readable one (engine/kernels.py + engine/model.py) and to TF.
+"""The fast path (engine/fast/forward.py) held to the readable one (engine/core/kernels.py + engine/core/model.py) and to TF.
 
 - fast vs readable, tiny and base reference models: every output within 1e-5 x max|readable|;
 - skip_padding=True vs the readable path on the real tokens (input_mask == 1) of every
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine import parity
+from engine.tools import parity
 
 RTOL = parity.DEFAULT_RTOL  # pooled_output: parity.POOLED_RTOL, as in tests/test_parity.py
 
@@ -129,8 +129,8 @@ def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
     mlm(record=...)) still gives the readable results."""
     fast, ref = engine.load(tiny_h5, fast=True), engine.load(tiny_h5)
     a = fast.blocks[0].attention
-    assert np.shares_memory(a.query_kernel, fast._fast.blocks[0].qkv_kernel)
-    assert np.shares_memory(fast.blocks[0].feedforward.gate_kernel, fast._fast.blocks[0].ff_kernel)
+    assert np.shares_memory(a.query_kernel, fast.fast_forward.blocks[0].qkv_kernel)
+    assert np.shares_memory(fast.blocks[0].feedforward.gate_kernel, fast.fast_forward.blocks[0].ff_kernel)
     inputs = _inputs(ref.config, dict(batch=2, seq_length=16), seed=3)
     rec = []
     via_readable = engine.to_numpy(fast.mlm(inputs, record=lambda n, v: rec.append(n)))
@@ -141,7 +141,9 @@ def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
 
 
 def test_fast_numpy_only(tiny_h5):
+    """Refused for what it is (the fast path is NumPy's), before CuPy is looked for: this holds on
+    machines with and without CuPy (a BackendError for missing CuPy would not satisfy it)."""
     import weights
     loaded = weights.load(tiny_h5)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="fast=True is the NumPy CPU path"):
         engine.Encoder(loaded.config, loaded.tensors, backend="cupy", fast=True)

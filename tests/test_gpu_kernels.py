@@ -1,7 +1,7 @@
 """The fused GPU path: CUDA source, NumPy twins, and (on a GPU) each kernel against its twin.
 
 Runs without a GPU: the CUDA source compiles with nvcc (skipped without nvcc), the NumPy twins of
-the kernels agree with engine.kernels, and the fused forward of engine.gpu run with the twins
+the kernels agree with engine.core.kernels, and the fused forward of engine.gpu run with the twins
 (NumpyOps) agrees with the plain Encoder. Tests marked `gpu` need CuPy and a CUDA device and skip
 with the reason otherwise. Measured figures are printed (pytest -s).
 """
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import engine
-from engine import gpu
-from engine import gpu_kernels as G
-from engine import kernels as K
-from engine import parity
+from engine.gpu import forward as gpu
+from engine.gpu import kernels as G
+from engine.core import kernels as K
+from engine.tools import parity
 from weights.format import ModelConfig
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, head_size=16, intermediate_size=256,
@@ -55,7 +55,7 @@ def tiny_inputs(B=3, S=33, seed=0):
 def test_cuda_source_compiles(tmp_path, arch):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("nvcc not found on PATH: cannot compile engine/gpu_kernels.cu here")
+        pytest.skip("nvcc not found on PATH: cannot compile engine/gpu/kernels.cu here")
     ptx = tmp_path / f"gpu_kernels_{arch}.ptx"
     cmd = [nvcc, f"-arch={arch}", "--ptx", *G.NVRTC_OPTIONS, G.CU_SOURCE, "-o", str(ptx)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -69,7 +69,7 @@ def test_cuda_source_compiles(tmp_path, arch):
 def test_launched_kernel_names_exist_in_source():
     src = G.read_source()
     used = set(re.findall(r'fn\(f?"(\w+?)(?:_\{self\.suffix\})?"\)', open(G.__file__).read()))
-    assert used, "no kernel names found in gpu_kernels.py"
+    assert used, "no kernel names found in engine/gpu/kernels.py"
     for name in used:
         assert name in src, name
 
@@ -120,7 +120,7 @@ def test_layer_norm_residual_twin(rng):
 
 def test_attention_twins_match_the_readable_attention(tiny_encoder):
     """bias_split_heads, talking_heads_softmax and merge_heads, chained with the merged products,
-    give the intermediates of engine.kernels.talking_heads_attention."""
+    give the intermediates of engine.core.kernels.talking_heads_attention."""
     enc = tiny_encoder
     w = enc.blocks[0].attention
     B, S, H, N, D = 2, 17, TINY.hidden_size, TINY.num_heads, TINY.head_size
@@ -207,13 +207,18 @@ def test_reduced_precision_emulated_on_cpu(tiny_encoder, precision, bound):
     assert max(errs) <= bound
 
 
-def test_options_are_validated_and_numpy_backend_is_untouched(tiny_encoder):
+def test_options_are_validated_and_numpy_backend_is_untouched(tiny_encoder, monkeypatch):
     with pytest.raises(ValueError, match="gpu_path"):
         gpu.use_fused_path("fast")
     with pytest.raises(ValueError, match="precision"):
         gpu.resolve_precision("fp8")
-    assert gpu.use_fused_path(None) in (True, False)
-    assert tiny_encoder._gpu is None
+    monkeypatch.delenv(gpu.PATH_ENV, raising=False)
+    assert gpu.use_fused_path(None) is True              # fused by default
+    assert gpu.use_fused_path("plain") is False
+    monkeypatch.setenv(gpu.PATH_ENV, "plain")
+    assert gpu.use_fused_path(None) is False             # the environment, when no argument
+    assert gpu.use_fused_path("fused") is True           # the argument wins over the environment
+    assert tiny_encoder.fast_forward is None
 
 
 # ------------------------------------------------------------------------------------ on a GPU
@@ -362,7 +367,7 @@ def test_gpu_fused_forward_matches_twins_and_plain(precision, tiny_encoder):
     tensors = gpu.random_tensors(TINY, seed=0)
     fused = engine.Encoder(TINY, tensors, backend="cupy", precision=precision)
     plain = engine.Encoder(TINY, tensors, backend="cupy", gpu_path="plain")
-    assert fused._gpu is not None and plain._gpu is None
+    assert fused.fast_forward is not None and plain.fast_forward is None
     ids, mask, types = tiny_inputs()
     inputs = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": types}
     got = engine.to_numpy(fused(inputs))
@@ -391,7 +396,7 @@ def test_gpu_cuda_graphs_match_eager(tiny_encoder):
         a, b = engine.to_numpy(eager(inputs)), engine.to_numpy(graphs(inputs))
         for x, y in zip(a["encoder_outputs"], b["encoder_outputs"]):
             np.testing.assert_array_equal(x, y)
-    state = graphs._gpu._graphs[(3, 33)]
+    state = graphs.fast_forward._graphs[(3, 33)]
     print("CUDA graph for (3, 33):", "captured" if isinstance(state, tuple) else f"not used ({state})")
     assert isinstance(state, tuple), "capture failed (see the warning)"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine import parity
+from engine.tools import parity
 
 tf = pytest.importorskip("tensorflow")
 

@@ -1,4 +1,4 @@
-"""engine.preprocess against the real thing: the preprocessing SavedModel that Model Garden's
+"""engine.text.preprocess against the real thing: the preprocessing SavedModel that Model Garden's
 `export_tfhub_lib.export_preprocessing` builds from the uncased vocab (bert_en_uncased_preprocess/3).
 
 Every comparison is id for id (`.tokenize` ragged values and splits, the root call, and
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import preprocess
-from engine.preprocess import Preprocessor
-from weights import text_corpus
+from engine.text import preprocess
+from engine.text.preprocess import Preprocessor
+from engine.text import corpus as text_corpus
 from weights.vocab import default_vocab_path, read_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def tf():
 
 @pytest.fixture(scope="module")
 def tf_prep(tf):
-    from weights import reference
+    from engine.tf import reference
     return tf.saved_model.load(reference.cached_preprocessing())
 
 
@@ -147,8 +147,8 @@ def compare_pack(tf, tf_prep, prep, segments, seq_length, label) -> list[int]:
 # -- the Unicode tables ----------------------------------------------------------------------------
 
 def test_tables_match_tf_text():
-    """The shipped engine/unicode_tables.npz is what TF-Text says about every code point today."""
-    from weights import make_unicode_tables
+    """The shipped engine/text/unicode_tables.npz is what TF-Text says about every code point today."""
+    from engine.tf import make_unicode_tables
     fresh = make_unicode_tables.compute_tables()
     with np.load(preprocess.TABLES_PATH) as f:
         shipped = dict(f)
@@ -510,7 +510,7 @@ def test_from_weights():
 
 
 def test_engine_never_imports_tensorflow():
-    code = ("import sys, engine.preprocess as p; "
+    code = ("import sys, engine.text.preprocess as p; "
             "x = p.Preprocessor(['[PAD]', '[UNK]', '[CLS]', '[SEP]', 'a'])(['a b']); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_text', 'tf_keras')]; "
             "print(bad); sys.exit(1 if bad else 0)")

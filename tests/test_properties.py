@@ -1,7 +1,7 @@
 """Property tests (hypothesis) over random small configurations and inputs (issue 10).
 
 Each example builds `engine.Encoder(config, tensors)` from random tensors shaped by
-weights.format.expected_shapes, then checks: the fast path (engine/fast.py) agrees with the readable
+weights.format.expected_shapes, then checks: the fast path (engine/fast/forward.py) agrees with the readable
 path within 1e-5 relative; float32 agrees with float64 within a loose bound; permuting the batch
 permutes the outputs; appending padded positions leaves the real tokens' outputs unchanged within
 the parity tolerance 1e-5 x max|out|; every output is finite. Derandomized, so CI sees the same

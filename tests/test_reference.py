@@ -91,7 +91,7 @@ def _check_randomized(variables):
 
 
 def test_tiny_reference_structure_and_call(tf_tiny):
-    from weights.reference import CONFIGS
+    from engine.tf.reference import CONFIGS
     cfg = CONFIGS["tiny"]
     float_vars = _check_structure(tf_tiny, cfg)
     assert len(float_vars) == 5 + 2 + 20 * cfg.layers
@@ -101,7 +101,7 @@ def test_tiny_reference_structure_and_call(tf_tiny):
 
 @pytest.mark.slow
 def test_base_reference_has_the_real_sizes(tf_base):
-    from weights.reference import CONFIGS
+    from engine.tf.reference import CONFIGS
     cfg = CONFIGS["base"]
     float_vars = _check_structure(tf_base, cfg)
     assert len(float_vars) == 247
@@ -113,14 +113,14 @@ def test_base_reference_has_the_real_sizes(tf_base):
 
 
 def test_cli_build_is_deterministic_per_seed(tmp_path):
-    """`python -m weights.reference` twice with one seed gives identical variables; another seed differs."""
+    """`python -m engine.tf.reference` twice with one seed gives identical variables; another seed differs."""
     import tensorflow as tf
     args = ["--config", "tiny", "--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32",
             "--positions", "16"]
     paths = {}
     for tag, seed in (("a", 5), ("b", 5), ("c", 6)):
         out = tmp_path / tag
-        proc = subprocess.run([sys.executable, "-m", "weights.reference", str(out), "--seed", str(seed), *args],
+        proc = subprocess.run([sys.executable, "-m", "engine.tf.reference", str(out), "--seed", str(seed), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "reference: wrote" in proc.stderr
@@ -129,13 +129,13 @@ def test_cli_build_is_deterministic_per_seed(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
     # An existing output is never replaced without --force.
-    proc = subprocess.run([sys.executable, "-m", "weights.reference", str(tmp_path / "a"), *args],
+    proc = subprocess.run([sys.executable, "-m", "engine.tf.reference", str(tmp_path / "a"), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "exists" in proc.stderr
 
 
 def test_reference_config_rejects_bad_sizes():
-    from weights.reference import ReferenceConfig
+    from engine.tf.reference import ReferenceConfig
     with pytest.raises(ValueError, match="multiple of heads"):
         ReferenceConfig(hidden=10, heads=3)
     with pytest.raises(ValueError, match="layers"):

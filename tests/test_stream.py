@@ -1,4 +1,4 @@
-"""Streaming `encode` (engine/stream.py): bounded memory, input order, refusing to overwrite, resume
+"""Streaming `encode` (engine/tools/stream.py): bounded memory, input order, refusing to overwrite, resume
 after an interruption (simulated, and a real SIGKILL) with neither duplicate nor missing rows."""
 
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine import stream
+from engine.tools import stream
 from tests.conftest import REPO
 
 WORDS = ("the quick brown fox jumps over lazy dog cat sat on mat paris is capital of france "
@@ -31,7 +31,7 @@ def corpus(path, n, seed=0, max_words=12):
 
 @pytest.fixture(scope="module")
 def model(tiny_h5):
-    from engine.preprocess import Preprocessor
+    from engine.text.preprocess import Preprocessor
     enc = engine.load(tiny_h5)
     return enc, Preprocessor(enc.vocab, lower_case=enc.config.do_lower_case)
 
@@ -192,7 +192,7 @@ def test_a_bad_line_keeps_the_committed_rows_for_resume(model, tmp_path):
 
 # The peak RSS of the encode process itself: VmHWM (reset by exec), not getrusage's ru_maxrss, which on
 # Linux keeps the high-water mark of the forking parent (pytest with TensorFlow loaded: ~700 MiB).
-_RSS = ("import sys\nfrom engine.cli import main\nrc = main(sys.argv[1:])\n"
+_RSS = ("import sys\nfrom engine.cli.main import main\nrc = main(sys.argv[1:])\n"
         "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
         "print('MAXRSS_KB', hwm, file=sys.stderr)\nsys.exit(rc)\n")
 # one BLAS thread: on a loaded 2-core machine OpenBLAS's spinning threads make tiny products 40x slower

@@ -1,7 +1,7 @@
 """Issue 9: the trace. Every intermediate of the engine against TensorFlow's own, step by step.
 
-- Layout: names, order, shapes and letters as engine/trace.py documents them; the HDF5 file.
-- Every traced intermediate matches TF's step-by-step intermediate (weights/reference_trace.py,
+- Layout: names, order, shapes and letters as engine/core/trace.py documents them; the HDF5 file.
+- Every traced intermediate matches TF's step-by-step intermediate (engine/tf/reference_trace.py,
   Model Garden's layers called one method at a time) within the parity tolerance, 1e-5 x max|TF|
   per intermediate, on the tiny and (slow) base reference models. The TF steps first reproduce the
   SavedModel's outputs (faithfulness). Measured maxima are printed (pytest -s).
@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 import engine
-from engine import cli, parity
-from engine import trace as trace_mod
+from engine.cli import main as cli
+from engine.tools import parity
+from engine.core import trace as trace_mod
+from engine.tools import compare, tracefile
 from weights import format as fmt
 
 RTOL = parity.DEFAULT_RTOL
@@ -52,9 +54,9 @@ def test_trace_names_order_shapes_and_file_layout(tiny_h5, tmp_path):
     np.testing.assert_array_equal(t["pooled_output"], out["pooled_output"])
 
     path = tmp_path / "trace.h5"
-    t.write(str(path), texts=["a", "b", "c"])
+    tracefile.write(t, str(path), texts=["a", "b", "c"])
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == trace_mod.TRACE_FORMAT and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == tracefile.TRACE_FORMAT and f.attrs["format_version"] == 1
         assert [n.decode() if isinstance(n, bytes) else n for n in f.attrs["names"]] == t.names()
         assert json.loads(f.attrs["config"])["num_layers"] == cfg.num_layers
         assert f.attrs["config_hidden_size"] == cfg.hidden_size
@@ -67,16 +69,16 @@ def test_trace_names_order_shapes_and_file_layout(tiny_h5, tmp_path):
             ds = f[name]
             assert ds.attrs["order"] == i and ds.attrs["letters"] == letters
             np.testing.assert_array_equal(ds[()], t[name])
-    back = trace_mod.read(str(path))
+    back = tracefile.read(str(path))
     assert back.names() == t.names() and back.letters == t.letters
     # Streaming writer: the same file content.
     path2 = tmp_path / "trace2.h5"
-    assert trace_mod.trace_to_file(enc, inputs, str(path2)) == t.names()
-    assert all(trace_mod.compare(back, trace_mod.read(str(path2)).tensors, rtol=0.0)[i].ok for i in range(len(t)))
+    assert tracefile.trace_to_file(enc, inputs, str(path2)) == t.names()
+    assert all(compare.compare(back, tracefile.read(str(path2)).tensors, rtol=0.0)[i].ok for i in range(len(t)))
 
 
 def test_documented_table_matches_the_steps():
-    """The table in engine/trace.py's docstring lists exactly the recorded names and letters."""
+    """The table in engine/core/trace.py's docstring lists exactly the recorded names and letters."""
     rows = re.findall(r"^    ((?:embeddings|layers/<i>|pooled_output|mlm)\S*)\s+([A-Z](?:,[A-Z])*)\s",
                       trace_mod.__doc__, re.M)
     documented = [(name.replace("<i>", "0"), letters) for name, letters in rows]
@@ -95,7 +97,7 @@ def test_encoder_only_trace_has_no_mlm_steps(tiny_h5):
 # ------------------------------------------------------------------------------------------ vs TF
 
 def _check_against_tf(savedmodel, h5, batch, seq_length, label):
-    from weights import reference_trace
+    from engine.tf import reference_trace
     enc = engine.load(h5)
     inputs = _inputs(enc.config, batch, seq_length)
     report = reference_trace.verify_trace(savedmodel, enc, inputs, RTOL)
@@ -103,16 +105,16 @@ def _check_against_tf(savedmodel, h5, batch, seq_length, label):
     print(parity.format_table(report.faithfulness))
     assert report.faithful
     print(f"{label}: engine vs TF, every intermediate (B={batch}, S={seq_length}):")
-    print(trace_mod.format_table(report.diffs))
-    print(f"{label}: {trace_mod.summary(report.diffs)}")
+    print(compare.format_table(report.diffs))
+    print(f"{label}: {compare.summary(report.diffs)}")
     assert [d.name for d in report.diffs] == [n for n, _, _ in trace_mod.steps(enc.config.num_layers)]
     bad = [d for d in report.diffs if not d.ok]
-    assert not bad, trace_mod.summary(report.diffs)
+    assert not bad, compare.summary(report.diffs)
     return report, inputs
 
 
 def test_tiny_every_intermediate_matches_tensorflow(tiny_savedmodel, tiny_h5):
-    from weights import reference_trace
+    from engine.tf import reference_trace
     report, inputs = _check_against_tf(tiny_savedmodel, tiny_h5, 4, 33, "tiny")
     # The rebuild is exact: the steps equal the rebuilt model's eager call, and the rebuilt model
     # as a tf.function equals the SavedModel; only eager-vs-graph float32 noise separates the two.
@@ -143,12 +145,12 @@ def _perturbed_copy(h5, tmp_path, dataset, delta=0.05, index=(0, 1)):
 
 
 def test_verify_trace_pinpoints_a_perturbed_weight(tiny_savedmodel, tiny_h5, tmp_path, capsys):
-    from weights import reference_trace
+    from engine.tf import reference_trace
     bad = _perturbed_copy(tiny_h5, tmp_path, "layers/1/attention/post_softmax_weight")
     enc = engine.load(bad, verify_checksums=True)
     report = reference_trace.verify_trace(tiny_savedmodel, enc, _inputs(enc.config, 3, 17), RTOL)
     first = report.first
-    print(f"\nperturbed post_softmax_weight[0,1] of block 1 by 0.05: {trace_mod.summary(report.diffs)}")
+    print(f"\nperturbed post_softmax_weight[0,1] of block 1 by 0.05: {compare.summary(report.diffs)}")
     assert report.faithful
     assert first is not None and first.name == "layers/1/mixed_probs"
     names = [d.name for d in report.diffs]
@@ -166,20 +168,20 @@ def test_compare_finds_first_divergence_between_trace_files(tiny_h5, tmp_path, c
     enc = engine.load(tiny_h5)
     inputs = _inputs(enc.config, 2, 9)
     ours = tmp_path / "ours.h5"
-    trace_mod.trace_to_file(enc, inputs, str(ours))
+    tracefile.trace_to_file(enc, inputs, str(ours))
     # Same file: all agree.
     assert cli.main(["compare", str(ours), str(ours)]) == cli.EXIT_OK
     assert "all 41 intermediates agree" in capsys.readouterr().out
     # A port with a wrong gate bias in block 0: the first divergence is its gate branch.
     bad = engine.load(_perturbed_copy(tiny_h5, tmp_path, "layers/0/feedforward/gate/bias", 0.01, (3,)))
     theirs = tmp_path / "theirs.h5"
-    trace_mod.trace_to_file(bad, inputs, str(theirs))
+    tracefile.trace_to_file(bad, inputs, str(theirs))
     assert cli.main(["compare", str(ours), str(theirs)]) == cli.EXIT_MISMATCH
     out = capsys.readouterr().out
     assert "first divergence at layers/0/gate_branch" in out
     assert re.search(r"layers/0/gelu_branch .* ok\n", out)
-    diffs = trace_mod.compare(trace_mod.read(str(ours)), trace_mod.read(str(theirs)).tensors)
-    assert trace_mod.first_divergence(diffs).name == "layers/0/gate_branch"
+    diffs = compare.compare(tracefile.read(str(ours)), tracefile.read(str(theirs)).tensors)
+    assert compare.first_divergence(diffs).name == "layers/0/gate_branch"
 
 
 def test_compare_with_a_name_map_and_other_layouts(tiny_h5, tmp_path, capsys):
@@ -188,7 +190,7 @@ def test_compare_with_a_name_map_and_other_layouts(tiny_h5, tmp_path, capsys):
     enc = engine.load(tiny_h5)
     t = enc.trace(_inputs(enc.config, 2, 9))
     ours = tmp_path / "ours.h5"
-    t.write(str(ours))
+    tracefile.write(t, str(ours))
     theirs = tmp_path / "theirs.h5"
     mapping = {}
     with h5py.File(theirs, "w") as f:
@@ -216,14 +218,14 @@ def test_trace_command_with_text_and_with_ids(tiny_h5, tmp_path):
     out = tmp_path / "text.h5"
     assert cli.main(["trace", "--weights", tiny_h5, "The quick brown fox.", "Talking heads.",
                      "--seq-length", "10", "--out", str(out)]) == cli.EXIT_OK
-    t = trace_mod.read(str(out))
+    t = tracefile.read(str(out))
     assert t["layers/1/mixed_probs"].shape == (2, 4, 10, 10) and t["mlm/logits"].shape == (2, 10, 30522)
     assert json.loads(t.attrs["texts"]) == ["The quick brown fox.", "Talking heads."]
     assert t.inputs["input_word_ids"][0, 0] == 101
     out = tmp_path / "ids.h5"
     assert cli.main(["trace", "--weights", tiny_h5, "--ids", "[[101, 7592, 2088, 102, 0]]",
                      "--out", str(out)]) == cli.EXIT_OK
-    t = trace_mod.read(str(out))
+    t = tracefile.read(str(out))
     np.testing.assert_array_equal(t.inputs["input_mask"], [[1, 1, 1, 1, 0]])
     assert t["layers/0/q"].shape == (1, 5, 4, 16)
     assert cli.main(["trace", "--weights", tiny_h5, "--ids", "not json", "--out", str(out)]) == cli.EXIT_ERROR

@@ -1,7 +1,7 @@
-"""Weights: the HDF5 format, its loader (h5py + NumPy), extraction from a SavedModel, reference models.
+"""Weights I/O with h5py and NumPy only: the HDF5 format (format.py), its loader (load.py) and the
+WordPiece vocab reader (vocab.py). The bottom of the import graph: imports nothing of engine.
 
-`load`, `LoadedWeights` and `WeightsFileError` never import TensorFlow; `weights.extract` and
-`weights.reference` do (import them explicitly).
+Extraction from a SavedModel and the reference models import TensorFlow and live in engine/tf/.
 """
 
 from weights.load import LoadedWeights, WeightsFileError, load

@@ -55,13 +55,13 @@ FORMAT_NAME = "talkheads-ggelu-bert"
 FORMAT_VERSION = 1
 FORMAT_ATTRS = ("format", "format_version")
 VOCAB_DATASET = "vocab"
-# Provenance root attributes written by weights.extract (all strings):
+# Provenance root attributes written by engine.tf.extract (all strings):
 PROVENANCE_ATTRS = (
     "source_path",                 # absolute path of the SavedModel extracted
     "source_tensorflow_version",   # the TF version that saved it, when the SavedModel records one
     "tensorflow_version",          # the TF version that extracted it
     "extracted_at",                # UTC, ISO 8601
-    "extractor",                   # "weights.extract"
+    "extractor",                   # "engine.tf.extract"
     "do_lower_case_source",        # the variable do_lower_case came from, or "default"
 )
 
@@ -92,8 +92,9 @@ class ModelConfig:
         if self.num_heads * self.head_size != self.hidden_size:
             raise ValueError(f"model config: num_heads*head_size = {self.num_heads}*{self.head_size} "
                              f"!= hidden_size {self.hidden_size}")
-        if self.hidden_activation not in ("gelu_tanh", "gelu_erf"):
-            raise ValueError(f"model config: unknown hidden_activation {self.hidden_activation!r}")
+        if self.hidden_activation != "gelu_tanh":  # the Hub model's; the only one the engine implements
+            raise ValueError(f"model config: hidden_activation {self.hidden_activation!r} is not supported "
+                             "(the model uses gelu_tanh)")
 
     def to_attrs(self) -> dict:
         return dataclasses.asdict(self)

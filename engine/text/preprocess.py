@@ -1,6 +1,6 @@
 """Text to encoder inputs without TensorFlow: the ids of TF Hub's `bert_en_uncased_preprocess/3`.
 
-    from engine.preprocess import Preprocessor
+    from engine.text.preprocess import Preprocessor
     prep = Preprocessor.from_vocab_file("vocab.txt")                 # or Preprocessor(tokens), .from_weights(w)
     inputs = prep(["Hello world!", "Zürich"], seq_length=128)       # input_word_ids, input_mask, input_type_ids
     a, b = prep.tokenize(["How old?"]), prep.tokenize(["Ten."])     # [B, (words), (pieces)] nested lists
@@ -21,7 +21,7 @@ vocab lookup table) followed by `BertPackInputs` (round-robin trimming, `combine
 
 The Unicode data (ICU and RE2 are at other Unicode versions than Python's `unicodedata`) comes from
 `unicode_tables.npz` beside this file, generated from TF-Text itself by
-`python -m weights.make_unicode_tables`. ICU folds each character to its full mapping and
+`python -m engine.tf.make_unicode_tables`. ICU folds each character to its full mapping and
 canonically reorders the result; the table holds each character's mapping, and the rare strings in
 which reordering could change the outcome (two surviving marks with a combining class, such as
 U+1D165 or a Mc virama) take a slower exact path.
@@ -63,7 +63,7 @@ class _UnicodeTables:
             with np.load(path) as f:
                 data = {k: f[k] for k in f.files}
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is missing: regenerate it with `python -m weights.make_unicode_tables`")
+            raise FileNotFoundError(f"{path} is missing: regenerate it with `python -m engine.tf.make_unicode_tables`")
         if int(data["format_version"]) != TABLES_FORMAT_VERSION:
             raise ValueError(f"{path}: format version {int(data['format_version'])}, expected {TABLES_FORMAT_VERSION}")
         self.versions = [str(v) for v in data["versions"]]

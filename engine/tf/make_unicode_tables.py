@@ -1,4 +1,4 @@
-"""Generates `engine/unicode_tables.npz`, the Unicode data of the TensorFlow-free preprocessor, FROM TF-Text.
+"""Generates `engine/text/unicode_tables.npz`, the Unicode data of the TensorFlow-free preprocessor, FROM TF-Text.
 
 TF-Text's `BertTokenizer(lower_case=True)` (what `bert_en_uncased_preprocess/3` runs) normalizes with
 ICU and splits with RE2, each with its own Unicode version (neither is Python's `unicodedata`).
@@ -17,12 +17,12 @@ that the SavedModel runs, one code point at a time (all 1,112,064 scalar values,
 
 Why this is enough: ICU applies NFKC_Casefold by appending each input character's full mapping to a
 buffer that is canonically reordered (and then recomposed, which the NFD that follows undoes), so
-NFD(NFKC_Casefold(s)) == canonical_reorder(concat(fold[c] for c in s)); `engine.preprocess` does
+NFD(NFKC_Casefold(s)) == canonical_reorder(concat(fold[c] for c in s)); `engine.text.preprocess` does
 exactly that, and tests/test_preprocess.py checks it on real text, targeted cases and fuzzing.
 
-    python -m weights.make_unicode_tables [--out engine/unicode_tables.npz] [--check]
+    python -m engine.tf.make_unicode_tables [--out engine/text/unicode_tables.npz] [--check]
 
-Needs TensorFlow and tensorflow-text (like `weights.reference`); the engine only reads the file.
+Needs TensorFlow and tensorflow-text (like `engine.tf.reference`); the engine only reads the file.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 TABLES_FORMAT_VERSION = 1
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "engine", "unicode_tables.npz")
+                           "text", "unicode_tables.npz")
 _LOW_MARK = "\u0334"   # ccc 1, the lowest non-zero class
 _HIGH_MARK = "\u0345"  # ccc 240, the highest class
 
@@ -184,7 +184,7 @@ def tables_equal(a: dict, b: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m weights.make_unicode_tables", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.tf.make_unicode_tables", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing it")
     args = parser.parse_args(argv)

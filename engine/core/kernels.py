@@ -10,7 +10,7 @@ Each function takes arrays of one backend and returns arrays of the same backend
 array module is taken from the arguments, so the same code runs on NumPy and on CuPy.
 
 These are the readable reference. They follow Model Garden's order of operations (which is what
-makes float32 results agree with TensorFlow to a few ulps); `engine.fast` holds faster variants
+makes float32 results agree with TensorFlow to a few ulps); `engine.fast` and `engine.gpu` hold faster variants
 that the tests keep equal to these.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from engine.backend import array_module
+from engine.core.backend import array_module
 
 GELU_TANH_COEFF = 0.044715
 SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi), the constant in tf.nn.gelu(approximate=True)
@@ -33,23 +33,6 @@ def gelu_tanh(x):
     k = x.dtype.type(SQRT_2_OVER_PI)
     half, one = x.dtype.type(0.5), x.dtype.type(1.0)
     return half * x * (one + xp.tanh(k * (x + c * (x * x * x))))
-
-
-def gelu_erf(x):
-    """GELU, exact erf form: 0.5x(1+erf(x/sqrt(2))). [...] -> [...] (an option, not the Hub model's)."""
-    xp = array_module(x)
-    if xp.__name__ == "numpy":
-        from math import erf
-        import numpy as np
-        erf_v = np.frompyfunc(erf, 1, 1)
-        e = erf_v(x.astype("float64") / math.sqrt(2.0)).astype(x.dtype)
-    else:
-        import cupyx.scipy.special
-        e = cupyx.scipy.special.erf(x / x.dtype.type(math.sqrt(2.0)))
-    return x.dtype.type(0.5) * x * (x.dtype.type(1.0) + e)
-
-
-ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu_erf": gelu_erf}
 
 
 def layer_norm(x, gamma, beta, eps):
@@ -152,7 +135,7 @@ def attention_output(ctx, kernel, bias):
 def talking_heads_attention(x, mask_adder, p, record=None):
     """The talking-heads self-attention of one block, before the residual. [B,S,H] -> [B,S,H]
 
-    `p` holds the block's attention weights (see engine.model.AttentionWeights). `record(name, array)`,
+    `p` holds the block's attention weights (see engine.core.model.AttentionWeights). `record(name, array)`,
     when given, receives every intermediate (used by the trace).
     """
     rec = record or (lambda name, value: None)
@@ -181,11 +164,11 @@ def talking_heads_attention(x, mask_adder, p, record=None):
 
 # ---------------------------------------------------------------------------- feed-forward
 
-def geglu_feedforward(x, p, activation=gelu_tanh, record=None):
+def geglu_feedforward(x, p, record=None):
     """Gated GELU feed-forward, before the residual: (gelu(x·Wi+bi) * (x·Wg+bg))·Wo + bo.
     [B,S,H] -> [B,S,I] -> [B,S,H]"""
     rec = record or (lambda name, value: None)
-    gelu_branch = activation(dense(x, p.intermediate_kernel, p.intermediate_bias))  # [B,S,I]
+    gelu_branch = gelu_tanh(dense(x, p.intermediate_kernel, p.intermediate_bias))  # [B,S,I]
     gate_branch = dense(x, p.gate_kernel, p.gate_bias)                               # [B,S,I]
     hidden = gelu_branch * gate_branch                                               # [B,S,I]
     rec("gelu_branch", gelu_branch), rec("gate_branch", gate_branch), rec("geglu", hidden)
@@ -210,14 +193,14 @@ def gather_positions(sequence_output, positions):
 
 
 def mlm_logits(gathered, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias,
-               eps, activation=gelu_tanh, record=None):
+               eps, record=None):
     """MLM head on gathered vectors only: LN(gelu(g·Wd+bd)) · word^T + bias. [B,P,H] -> [B,P,V]
 
     The output matrix is the word-embedding table (tied weights). Gathering first means logits are
     computed for the P masked positions, never for all S.
     """
     rec = record or (lambda name, value: None)
-    t = activation(dense(gathered, transform_kernel, transform_bias))               # [B,P,H]
+    t = gelu_tanh(dense(gathered, transform_kernel, transform_bias))               # [B,P,H]
     rec("mlm_dense", t)
     t = layer_norm(t, ln_gamma, ln_beta, eps)                                        # [B,P,H]
     rec("mlm_transform", t)

@@ -3,7 +3,7 @@
     python -m engine                         # the main job: verify on the embedded default (tiny model)
     python -m engine verify --savedmodel DIR [--weights H5] [--backend numpy|cupy] [--batch B --seq-length S] [--json]
     python -m engine encode --weights H5 TEXT... | --input FILE  --output OUT.{npy,h5,jsonl} [--sequence]
-                            [--max-tokens 8192] [--resume | --force]   (streams; engine/stream.py)
+                            [--max-tokens 8192] [--resume | --force]   (streams; engine/tools/stream.py)
     python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
     python -m engine extract SAVEDMODEL OUT.h5 [--force]
     python -m engine reference OUT_DIR --config tiny|base [--seed N]
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from engine.preprocess import Preprocessor
+from engine.text.preprocess import Preprocessor
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -63,13 +63,13 @@ def _preprocessor(enc):
 
 
 def _default_savedmodel() -> str:
-    from weights import reference
+    from engine.tf import reference
     return reference.cached("tiny", seed=0)
 
 
 def _verify_inputs(enc, batch: int, seq_length: int, seed: int):
     """Two input sets: real text through the preprocessor, and random ids with padding structure."""
-    from engine import parity
+    from engine.tools import parity
     prep = _preprocessor(enc)
     texts = (SAMPLE_TEXTS * (batch // len(SAMPLE_TEXTS) + 1))[:max(batch - len(SAMPLE_PAIRS), 1)]
     singles = prep(texts, seq_length=seq_length)
@@ -91,8 +91,8 @@ def _verify_inputs(enc, batch: int, seq_length: int, seed: int):
 
 def cmd_verify(args) -> int:
     import engine
-    from engine import parity
-    from weights import reference
+    from engine.tools import parity
+    from engine.tf import reference
 
     savedmodel = args.savedmodel or _default_savedmodel()
     if not os.path.isdir(savedmodel):
@@ -100,7 +100,7 @@ def cmd_verify(args) -> int:
     if args.weights:
         weights_path = args.weights
     else:
-        from weights import extract
+        from engine.tf import extract
         weights_path = extract.cached_extraction(savedmodel)
     enc = engine.load(weights_path, backend=args.backend)
     cfg = enc.config
@@ -145,9 +145,8 @@ def cmd_verify(args) -> int:
 
 def _verify_trace(args, savedmodel, enc, seq_length, report) -> int:
     """verify --trace: every intermediate of the engine against TensorFlow's step-by-step trace."""
-    from engine import parity
-    from engine import trace as trace_mod
-    from weights import reference_trace
+    from engine.tf import reference_trace
+    from engine.tools import compare, parity
     ok = True
     for name, inputs in _verify_inputs(enc, args.batch, seq_length, args.seed).items():
         _progress(f"verify --trace: {name} inputs [{args.batch}x{seq_length}]: TensorFlow step by step ...")
@@ -166,10 +165,10 @@ def _verify_trace(args, savedmodel, enc, seq_length, report) -> int:
                   f"({'faithful' if result.faithful else 'NOT FAITHFUL'}):")
             print(parity.format_table(result.faithfulness))
             if first is not None:
-                rows = trace_mod.format_table(result.diffs).split("\n")
+                rows = compare.format_table(result.diffs).split("\n")
                 at = result.diffs.index(first) + 1
                 print("\n".join([rows[0]] + rows[max(1, at - 6):at + 3]))
-            print("engine vs TensorFlow: " + trace_mod.summary(result.diffs))
+            print("engine vs TensorFlow: " + compare.summary(result.diffs))
     report["ok"] = bool(ok)
     if args.json:
         print(json.dumps(report, indent=1, default=float))
@@ -212,11 +211,11 @@ def _trace_inputs(args, enc):
 
 def cmd_trace(args) -> int:
     import engine
-    from engine import trace as trace_mod
+    from engine.tools import tracefile
     enc = engine.load(args.weights, backend=args.backend)
     inputs, texts = _trace_inputs(args, enc)
     t0 = time.perf_counter()
-    names = trace_mod.trace_to_file(enc, inputs, args.out, texts=texts)
+    names = tracefile.trace_to_file(enc, inputs, args.out, texts=texts)
     size = os.path.getsize(args.out)
     _progress(f"trace: wrote {len(names)} intermediates of {enc.config.num_layers} blocks for "
               f"{inputs['input_word_ids'].shape[0]}x{inputs['input_word_ids'].shape[1]} inputs to {args.out} "
@@ -225,13 +224,13 @@ def cmd_trace(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from engine import trace as trace_mod
+    from engine.tools import compare, tracefile
     for path in (args.a, args.b):
         if not os.path.isfile(path):
             raise CliError(f"{path}: no such file")
-    ours, theirs = trace_mod.read(args.a), trace_mod.read(args.b)
+    ours, theirs = tracefile.read(args.a), tracefile.read(args.b)
     try:
-        name_map = trace_mod.load_map(args.map)
+        name_map = compare.load_map(args.map)
     except (OSError, ValueError) as e:
         raise CliError(f"--map: {e}") from None
     if theirs.inputs and ours.inputs:
@@ -239,15 +238,15 @@ def cmd_compare(args) -> int:
             np.array_equal(ours.inputs[k], theirs.inputs[k]) for k in ours.inputs)
         if not same:
             _progress(f"compare: warning: the two files were traced on different inputs ({args.b} /inputs)")
-    diffs = trace_mod.compare(ours, theirs.tensors, args.rtol, name_map)
-    first = trace_mod.first_divergence(diffs)
+    diffs = compare.compare(ours, theirs.tensors, args.rtol, name_map)
+    first = compare.first_divergence(diffs)
     if args.json:
         print(json.dumps({"reference": args.a, "candidate": args.b, "tolerance": args.rtol,
                           "first_divergence": None if first is None else first.as_dict(),
                           "intermediates": [d.as_dict() for d in diffs]}, indent=1, default=float))
     else:
-        print(trace_mod.format_table(diffs))
-        print(trace_mod.summary(diffs))
+        print(compare.format_table(diffs))
+        print(compare.summary(diffs))
     return EXIT_OK if first is None else EXIT_MISMATCH
 
 
@@ -267,9 +266,9 @@ def _read_texts(args) -> list[str]:
 
 def cmd_encode(args) -> int:
     """Streams the texts (or --input, read lazily) through the encoder in token-budget batches;
-    resumable. The design (commits, --resume, --force) is in engine/stream.py."""
+    resumable. The design (commits, --resume, --force) is in engine/tools/stream.py."""
     import engine
-    from engine import stream
+    from engine.tools import stream
     if not args.input and not args.texts:
         raise CliError("no text given: pass TEXT arguments or --input FILE")
     if args.resume and args.force:
@@ -299,7 +298,7 @@ def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
     at each [MASK] and the mask id is put between the tokenized pieces.
     """
     import engine
-    from engine import kernels
+    from engine.core import kernels
     pieces = text.split("[MASK]")
     if len(pieces) < 2:
         raise CliError(f"no [MASK] in {text!r}")
@@ -334,13 +333,13 @@ def cmd_fill_mask(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from weights import extract
+    from engine.tf import extract
     return extract.main([args.savedmodel, args.output] + (["--force"] if args.force else []))
 
 
 def cmd_reference(args) -> int:
-    from weights import reference
-    return reference.main(args.rest)
+    from engine.tf import reference
+    return reference.main(args.builder_args, prog="python -m engine reference")
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -367,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare every intermediate with TensorFlow's step by step; print the first divergence")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("trace", help="every intermediate tensor, in order, to an HDF5 file (engine/trace.py)")
+    p = sub.add_parser("trace", help="every intermediate tensor, in order, to an HDF5 file (engine/core/trace.py)")
     p.add_argument("texts", nargs="*")
     p.add_argument("--weights", required=True)
     p.add_argument("--ids", help="JSON ids instead of text: [[101, ...], ...] or {\"input_word_ids\": ...}, "
@@ -417,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("reference", help="build a randomized reference SavedModel (needs TensorFlow)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # Every argument, --help included, goes to the builder's own parser (engine.tf.reference.main).
+    p = sub.add_parser("reference", help="build a randomized reference SavedModel (needs TensorFlow); "
+                                         "`reference --help` lists its options", add_help=False)
     p.set_defaults(func=cmd_reference)
     return parser
 
@@ -433,11 +432,12 @@ def _validate(args) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["reference"]:  # its own parser takes every flag, --help included
-        from weights import reference
-        return reference.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "reference":
+        args.builder_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:  # the embedded default: verify on the tiny reference model
         args = parser.parse_args(["--debug", "verify"] if args.debug else ["verify"])
     try:

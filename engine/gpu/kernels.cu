@@ -1,5 +1,5 @@
-// CUDA kernels of the fused GPU path (engine/gpu.py), loaded by engine/gpu_kernels.py with
-// cupy.RawModule. Each kernel has a NumPy twin in engine/gpu_kernels.py (same name + "_reference")
+// CUDA kernels of the fused GPU path (engine/gpu/forward.py), loaded by engine/gpu/kernels.py with
+// cupy.RawModule. Each kernel has a NumPy twin in engine/gpu/kernels.py (same name + "_reference")
 // that states exactly what it computes; tests/test_gpu_kernels.py compares the two.
 //
 // Self-contained on purpose (no #include): it compiles the same way under NVRTC (CuPy) and nvcc

@@ -1,6 +1,6 @@
 """SavedModel -> HDF5: extracts TF Hub's talkheads_ggelu_bert_en_base (or a reference model) once.
 
-    python -m weights.extract SAVEDMODEL_DIR OUT.h5 [--force]
+    python -m engine.tf.extract SAVEDMODEL_DIR OUT.h5 [--force]
 
 Reads the SavedModel with `tf.saved_model.load`: the root's `.variables` (the encoder), `.mlm.variables`
 (the encoder's variables again plus the masked-LM head), the non-float `do_lower_case` variable and
@@ -24,8 +24,8 @@ extraction leaves no half file at OUT.h5 (a SIGKILL can leave a hidden `.OUT.h5.
 removed by the next extraction to the same output), and an existing OUT.h5 is only replaced with
 --force.
 
-This module and `weights.reference` are the only ones that import TensorFlow; `write_weights` and
-the matching code do not need it (TensorFlow is imported inside `read_savedmodel`).
+It lives in engine/tf/ with everything else that imports TensorFlow; `write_weights` and the
+matching code do not need it (TensorFlow is imported inside `read_savedmodel`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 
 from weights import format as fmt
-from weights.progress import Progress
+from engine.tools.progress import Progress
 
 
 class ExtractionError(ValueError):
@@ -636,7 +636,7 @@ def extract(savedmodel_dir: str, out_path: str, *, force: bool = False, progress
         "source_tensorflow_version": source.source_tensorflow_version,
         "tensorflow_version": source.tensorflow_version,
         "extracted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "extractor": "weights.extract",
+        "extractor": "engine.tf.extract",
         "do_lower_case_source": source.do_lower_case_source or "default",
     }
     sources = {path: var.name for path, var in plan.mapping.items()}
@@ -650,13 +650,13 @@ def extract(savedmodel_dir: str, out_path: str, *, force: bool = False, progress
 
 def cached_extraction(savedmodel_dir: str, *, progress: bool = True) -> str:
     """The HDF5 extraction of `savedmodel_dir`, made once and kept under the reference cache
-    (`weights.reference.cache_dir()/extracted`), keyed by the SavedModel's path, the time of its
+    (`engine.tf.reference.cache_dir()/extracted`), keyed by the SavedModel's path, the time of its
     saved_model.pb and the format version. A file lock makes concurrent callers wait for one
     extraction; the write is atomic, so an existing file is always complete."""
     import fcntl
     import hashlib
 
-    from weights.reference import cache_dir
+    from engine.tf.reference import cache_dir
     savedmodel_dir = os.path.normpath(os.path.abspath(savedmodel_dir))
     graph = os.path.join(savedmodel_dir, "saved_model.pb")
     stamp = os.path.getmtime(graph) if os.path.isfile(graph) else 0  # extract() names what is missing
@@ -679,7 +679,7 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m weights.extract",
+        prog="python -m engine.tf.extract",
         description="Extract a talking-heads GGELU BERT SavedModel (TF Hub talkheads_ggelu_bert_en_base) "
                     "into one HDF5 weight file.")
     parser.add_argument("savedmodel_dir", help="the SavedModel folder (with saved_model.pb)")

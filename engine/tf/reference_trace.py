@@ -1,7 +1,7 @@
 """TensorFlow's own intermediates, step by step, with Model Garden's layers: the other side of the trace.
 
 The model is rebuilt with the same code that exported it (`export_tfhub_lib._create_model` under
-the talking-heads GEGLU gin bindings, as `weights.reference` does), every variable is copied in
+the talking-heads GEGLU gin bindings, as `engine.tf.reference` does), every variable is copied in
 from the SavedModel (`tf.saved_model.load(dir).mlm.variables`, matched by name with the
 `transformer_scaffold_<k>` prefixes renumbered in block order), and the layers' own methods are
 called one step at a time:
@@ -21,11 +21,11 @@ called one step at a time:
     MLM          masked_lm._gather_indexes, .dense (with its GELU), .layer_norm,
                  matmul with the embedding table (transposed) and bias_add of .bias
 
-The names are those of `engine.trace` (TF's [B*P,...] MLM tensors are reshaped to [B,P,...]).
+The names are those of `engine.core.trace` (TF's [B*P,...] MLM tensors are reshaped to [B,P,...]).
 `faithfulness()` checks that these steps reproduce the SavedModel's own outputs, which proves the
 rebuild (and the variable copy) faithful; `verify_trace()` runs both sides and compares them.
 
-This module imports TensorFlow (it lives under weights/, like weights.reference).
+This module imports TensorFlow (it lives in engine/tf/, with everything else that does).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+
+from engine.tools import compare
 
 _SCAFFOLD = re.compile(r"^(?:bert/)?transformer_scaffold(?:_(\d+))?/")
 _REBUILT = {}
@@ -64,7 +66,7 @@ def _normalized_names(variables) -> dict:
 def _load_savedmodel(path: str):
     import tensorflow as tf
 
-    from weights import reference
+    from engine.tf import reference
     if path not in reference._LOADED:
         reference._LOADED[path] = tf.saved_model.load(path)
     return reference._LOADED[path]
@@ -72,7 +74,7 @@ def _load_savedmodel(path: str):
 
 def _infer_config(saved: dict):
     """ReferenceConfig sizes from the SavedModel's variable shapes."""
-    from weights.reference import ReferenceConfig
+    from engine.tf.reference import ReferenceConfig
     V, H = saved["word_embeddings/embeddings"].shape
     blocks = sorted({k.split("/")[0] for k in saved if k.startswith("block")}, key=lambda b: int(b[5:]))
     N = saved["block0/self_attention/pre_softmax_weight"].shape[0]
@@ -86,7 +88,7 @@ def _infer_config(saved: dict):
 class Rebuilt:
     encoder: object       # EncoderScaffold
     masked_lm: object     # layers.MaskedLM
-    config: object        # weights.reference.ReferenceConfig
+    config: object        # engine.tf.reference.ReferenceConfig
 
 
 def rebuild(savedmodel: str) -> Rebuilt:
@@ -98,7 +100,7 @@ def rebuild(savedmodel: str) -> Rebuilt:
     import tensorflow as tf
     from official.nlp.tools import export_tfhub_lib
 
-    from weights import reference
+    from engine.tf import reference
     tf.get_logger().setLevel("ERROR")
     loaded = _load_savedmodel(savedmodel)
     source = loaded.mlm.variables if hasattr(loaded, "mlm") else loaded.variables
@@ -128,9 +130,9 @@ def rebuild(savedmodel: str) -> Rebuilt:
 
 
 def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
-    """TensorFlow's intermediates, by engine.trace's names and in its order, as NumPy arrays.
+    """TensorFlow's intermediates, by engine.core.trace's names and in its order, as NumPy arrays.
 
-    Without masked_lm_positions the MLM steps take every position (as engine.trace does).
+    Without masked_lm_positions the MLM steps take every position (as engine.core.trace does).
     `sink(name, array)`, when given, receives each one too.
     """
     import tensorflow as tf
@@ -223,8 +225,8 @@ def faithfulness(savedmodel: str, inputs: dict, trace: dict | None = None, rtol:
     Measured on the reference models: the steps equal the rebuilt model's own eager call bit for bit,
     and the rebuilt model run as a tf.function equals the SavedModel bit for bit; what remains
     (about 1e-6 x max|TF|) is eager against graph execution (Grappler), i.e. float32 noise."""
-    from engine import parity
-    from weights import reference
+    from engine.tools import parity
+    from engine.tf import reference
     trace = trace if trace is not None else tf_trace(savedmodel, inputs)
     has_mlm = "mlm/logits" in trace
     theirs = reference.run_savedmodel(savedmodel, inputs, mlm=has_mlm)
@@ -245,7 +247,7 @@ def exactness(savedmodel: str, inputs: dict, trace: dict) -> dict:
     when the rebuild is exact)."""
     import tensorflow as tf
 
-    from weights import reference
+    from engine.tf import reference
     model = rebuild(savedmodel)
     feed = {k: tf.constant(np.asarray(v, np.int32)) for k, v in inputs.items() if k != "masked_lm_positions"}
     eager = model.encoder(feed)
@@ -263,7 +265,7 @@ def exactness(savedmodel: str, inputs: dict, trace: dict) -> dict:
 @dataclasses.dataclass
 class TraceReport:
     faithfulness: list        # parity.Difference: TF steps vs the SavedModel's outputs
-    diffs: list               # engine.trace.StepDiff: engine vs TF steps, in order
+    diffs: list               # engine.tools.compare.StepDiff: engine vs TF steps, in order
 
     @property
     def faithful(self) -> bool:
@@ -271,8 +273,7 @@ class TraceReport:
 
     @property
     def first(self):
-        from engine import trace as trace_mod
-        return trace_mod.first_divergence(self.diffs)
+        return compare.first_divergence(self.diffs)
 
     @property
     def ok(self) -> bool:
@@ -282,12 +283,11 @@ class TraceReport:
 def verify_trace(savedmodel: str, enc, inputs: dict, rtol: float = 1e-5) -> TraceReport:
     """Engine trace (enc: an engine.Encoder) against TensorFlow's step-by-step trace, with TF as the
     reference (tolerance rtol x max|TF| per intermediate), after the faithfulness check."""
-    from engine import trace as trace_mod
     theirs = tf_trace(savedmodel, inputs)
     faithful = faithfulness(savedmodel, inputs, theirs)
-    ours = trace_mod.trace(enc, inputs)
+    ours = enc.trace(inputs)
     ordered = {name: theirs[name] for name in ours.names() if name in theirs}
-    diffs = trace_mod.compare(ordered, ours.tensors, rtol)
+    diffs = compare.compare(ordered, ours.tensors, rtol)
     missing = [n for n in ours.names() if n not in theirs]
-    diffs += [trace_mod.StepDiff(n, "missing", rtol=rtol, detail="not in the TF trace") for n in missing]
+    diffs += [compare.StepDiff(n, "missing", rtol=rtol, detail="not in the TF trace") for n in missing]
     return TraceReport(faithful, diffs)

@@ -1,7 +1,7 @@
-"""The fused GPU forward pass: the encoder of engine.model in 12 launches per block.
+"""The fused GPU forward pass: the encoder of engine.core.model in 12 launches per block.
 
-`engine.Encoder(..., backend="cupy")` uses it for its encoder (the MLM head and traced calls take the
-plain path); `fused=False` or TALKHEADS_GPU_PATH=plain forces the plain path. Per block:
+`engine.Encoder(..., backend="cupy")` uses it for its float32 encoder (float64, the MLM head and
+traced calls take the plain path); `gpu_path="plain"` or TALKHEADS_GPU_PATH=plain forces the plain path. Per block:
 
     qkv   = x_c · [Wq|Wk|Wv]                                  cuBLAS   [B*S,3H] f32   (merged product)
     q,k,v = split_heads(qkv + [bq|bk|bv])                     kernel   [B,N,S,D] c
@@ -17,7 +17,7 @@ plain path); `fused=False` or TALKHEADS_GPU_PATH=plain forces the plain path. Pe
     f     = h · Wout                                          cuBLAS   [B*S,H] f32
     x     = LN((f + bout) + x1)                               kernel   f32 and c
 
-"f32" is float32; "c" is the compute storage of the precision (engine.gpu_kernels: float32, tf32,
+"f32" is float32; "c" is the compute storage of the precision (engine.gpu.kernels: float32, tf32,
 float16, bfloat16). The residual stream, every layer norm and softmax, and all accumulation stay in
 float32; only the products' inputs are rounded. With precision "float32" there is no separate "c"
 copy and no TF32 anywhere (explicit CUBLAS_COMPUTE_32F, whatever CUPY_TF32 says).
@@ -27,7 +27,7 @@ shape runs eagerly, then captures the whole forward into a graph on a private st
 that shape copy the inputs into the graph's buffers, launch the graph once and copy the outputs out.
 If capture fails, that shape falls back to eager launches (and says so once, as a warning).
 
-`GpuForward` is written against an "ops" object (engine.gpu_kernels.CudaOps or NumpyOps), so the same
+`GpuForward` is written against an "ops" object (engine.gpu.kernels.CudaOps or NumpyOps), so the same
 forward runs on the CPU with the NumPy twins: that is how it is tested without a GPU.
 """
 
@@ -39,7 +39,7 @@ import warnings
 
 import numpy as np
 
-from engine import gpu_kernels as G
+from engine.gpu import kernels as G
 
 PATH_ENV = "TALKHEADS_GPU_PATH"            # "fused" (default) or "plain"
 PRECISION_ENV = "TALKHEADS_GPU_PRECISION"  # float32 (default), tf32, float16, bfloat16
@@ -118,6 +118,7 @@ class GpuForward:
     """
 
     MAX_WORKSPACES = 4
+    skips_padding = False
 
     def __init__(self, encoder, precision: str | None = None, ops: str = "cuda", cuda_graphs: bool | None = None):
         self.precision = resolve_precision(precision)
@@ -129,11 +130,6 @@ class GpuForward:
         self.eps = float(cfg.layer_norm_epsilon)
         self.mask_constant = float(cfg.attention_mask_constant)
         self.scale = float(np.float32(1.0 / math.sqrt(float(cfg.head_size))))
-        if cfg.hidden_activation != "gelu_tanh":
-            raise ValueError("the fused GPU path implements gelu_tanh only: use fused=False")
-        if encoder.dtype != "float32":
-            raise ValueError("the fused GPU path is float32 (with reduced-precision products as options): "
-                             "use fused=False for float64")
         f32 = lambda x: xp.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
         self.word, self.position, self.type_table = f32(encoder.word_table), f32(encoder.position_table), f32(encoder.type_table)
         self.embedding_ln = tuple(f32(t) for t in encoder.embedding_ln)
@@ -216,8 +212,9 @@ class GpuForward:
 
     # ------------------------------------------------------------------------------ entry point
 
-    def encode(self, ids, mask, types):
-        """(encoder_outputs, pooled) for int arrays [B,S] of the ops' backend."""
+    def encode(self, ids, mask, types, skip_padding=False):
+        """(encoder_outputs, pooled) for int arrays [B,S] of the ops' backend. Every position is
+        computed (skips_padding is False: engine.core.model refuses skip_padding=True before this)."""
         xp = self.ops.xp
         B, S = ids.shape
         ws = self._workspace(B, S)

@@ -1,10 +1,10 @@
-"""The fast CPU path: the same model as engine.kernels + engine.model, arranged for speed (NumPy only).
+"""The fast CPU path: the same model as engine.core.kernels + engine.core.model, arranged for speed (NumPy only).
 
     enc = engine.load("model.h5", fast=True)
     enc(inputs)                          # same outputs as the readable path, within 1e-5 relative
     enc(inputs, skip_padding=True)       # opt-in: computes the real tokens only (see below)
 
-What differs from the readable path (engine.kernels), and why the numbers stay the same:
+What differs from the readable path (engine.core.kernels), and why the numbers stay the same:
 - Q, K and V are one product x·[Wq|Wk|Wv] ([T,H] @ [H,3*N*D]); the GEGLU's two input products are
   one product x·[Wi|Wg] ([T,H] @ [H,2*I]). Every product is np.matmul on contiguous (or
   BLAS-strided) 2-D operands with `out=` into preallocated buffers, so OpenBLAS runs multithreaded
@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from engine import kernels as K
+from engine.core import kernels as K
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -163,15 +163,16 @@ class _FastBlock:
 
 
 class FastEncoder:
-    """The fast forward pass of an engine.model.Encoder (NumPy backend). Built by Encoder(..., fast=True)."""
+    """The fast forward pass of an engine.core.model.Encoder (NumPy backend). Built by
+    engine.Encoder(..., fast=True) / engine.load(..., fast=True)."""
+
+    skips_padding = True     # encode(..., skip_padding=True) packs the real tokens
 
     # rows per element-wise block (kept in L2: 16 x 2I floats for the GEGLU)
     GEGLU_BLOCK = 16
     LN_BLOCK = 64
 
     def __init__(self, encoder):
-        if encoder.backend != "numpy":
-            raise ValueError("fast=True is the NumPy CPU path: use backend='numpy'")
         self.config = cfg = encoder.config
         self.dtype = np.dtype(encoder.dtype)
         self.encoder = encoder
@@ -179,10 +180,6 @@ class FastEncoder:
         t = self.dtype.type
         self._c = {"half": t(0.5), "one": t(1.0), "coeff": t(K.GELU_TANH_COEFF), "k": t(K.SQRT_2_OVER_PI), "minus_2k": t(-2.0 * K.SQRT_2_OVER_PI),
                    "eps": t(cfg.layer_norm_epsilon), "mask": t(cfg.attention_mask_constant)}
-        if cfg.hidden_activation != "gelu_tanh":
-            self._activation = K.ACTIVATIONS[cfg.hidden_activation]
-        else:
-            self._activation = None
         self._work = {}
         self._split = False
         self.profile = None      # a dict to fill with seconds per kernel class (benchmarks); None: off
@@ -237,15 +234,11 @@ class FastEncoder:
         """out = gelu(h + bi) * (g + bg) with [h|g] = hg [T,2I]; out [T,I]."""
         I = out.shape[1]
         c = self._c
-        act = self._activation
 
         def run(s, e, w):
             h, g, t = hg[s:e, :I], hg[s:e, I:], out[s:e]
             np.add(h, bi, out=h)
             np.add(g, bg, out=g)
-            if act is not None:
-                np.multiply(act(h), g, out=t)
-                return
             # 0.5*x*(1 + tanh(z)) = x / (1 + exp(-2z)), z = k*(x + c*x^3): the same function, a few
             # ulps apart; NumPy's float32 exp is ~3x faster than its tanh.
             np.multiply(h, h, out=t)            # x*x

@@ -1,4 +1,4 @@
-"""The encoder and the MLM model, assembled from `engine.kernels`.
+"""The encoder and the MLM model, assembled from `engine.core.kernels`.
 
     E   = word[ids] + position[:S] + type[type_ids]          [B,S,H]
     x   = LN(E)
@@ -8,7 +8,7 @@
     pooled = tanh(x[:,0]·Wp + bp)                            [B,H]
     mlm    = LN(gelu(x[b,pos]·Wd + bd)) · word^T + bias      [B,P,V]
 
-Letters: see engine.kernels. The API mirrors the Hub model: `enc(inputs)` and `enc.mlm(inputs)`.
+Letters: see engine.core.kernels. The API mirrors the Hub model: `enc(inputs)` and `enc.mlm(inputs)`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import dataclasses
 
 import numpy as np
 
-from engine import backend as backend_mod
-from engine import kernels as K
-from engine.inputs import validate
+from engine.core import backend as backend_mod
+from engine.core import kernels as K
+from engine.core import trace as trace_mod
+from engine.core.inputs import validate
 from weights.format import ModelConfig, expected_shapes
 
 
@@ -77,11 +78,10 @@ def _block_weights(tensors, i, put) -> BlockWeights:
 def transformer_block(x, mask_adder, w: BlockWeights, config: ModelConfig, record=None):
     """One post-LN block: attention, residual, LN; GEGLU, residual, LN. [B,S,H] -> [B,S,H]"""
     rec = record or (lambda name, value: None)
-    activation = K.ACTIVATIONS[config.hidden_activation]
     a = K.talking_heads_attention(x, mask_adder, w.attention, record=record)        # [B,S,H]
     x = K.layer_norm(x + a, *w.attention_ln, config.layer_norm_epsilon)              # [B,S,H]
     rec("attention_layer_norm", x)
-    f = K.geglu_feedforward(x, w.feedforward, activation, record=record)            # [B,S,H]
+    f = K.geglu_feedforward(x, w.feedforward, record=record)            # [B,S,H]
     x = K.layer_norm(f + x, *w.feedforward_ln, config.layer_norm_epsilon)            # [B,S,H]
     rec("feedforward_layer_norm", x)
     return x
@@ -102,8 +102,7 @@ class Encoder:
     """
 
     def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
-                 dtype: str = "float32", vocab=None, fast: bool = False,
-                 gpu_path: str | None = None, precision: str | None = None, cuda_graphs: bool | None = None):
+                 dtype: str = "float32", vocab=None):
         self.config = config
         self.backend = backend_mod.resolve_name(backend)
         self.xp = backend_mod.get_xp(self.backend)
@@ -129,18 +128,10 @@ class Encoder:
                 transform_kernel=put(tensors["mlm/transform/kernel"]), transform_bias=put(tensors["mlm/transform/bias"]),
                 ln_gamma=put(tensors["mlm/layer_norm/gamma"]), ln_beta=put(tensors["mlm/layer_norm/beta"]),
                 output_bias=put(tensors["mlm/output_bias"]))
-        # fast=True: the NumPy fast path of engine/fast.py (fused products, in-place, skip_padding)
-        self._fast = None
-        if fast:
-            from engine.fast import FastEncoder
-            self._fast = FastEncoder(self)
-        # backend "cupy": the fused GPU path of engine/gpu.py unless gpu_path="plain" ($TALKHEADS_GPU_PATH);
-        # precision float32 | tf32 | float16 | bfloat16 ($TALKHEADS_GPU_PRECISION); cuda_graphs opt-in.
-        self._gpu = None
-        if self.backend == "cupy" and self.dtype == "float32":
-            from engine import gpu
-            if gpu.use_fused_path(gpu_path):
-                self._gpu = gpu.GpuForward(self, precision=precision, cuda_graphs=cuda_graphs)
+        # A faster forward of the same encoder (engine.fast or engine.gpu), attached by engine.Encoder:
+        # its encode(ids, mask, types, skip_padding) replaces the readable one below when nothing is
+        # recorded. The core itself never imports them.
+        self.fast_forward = None
 
     # -------------------------------------------------------------------------------- forward
 
@@ -152,12 +143,10 @@ class Encoder:
 
     def _encode(self, ids, mask, types, record=None, skip_padding=False):
         """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled)."""
-        if skip_padding and self._fast is None:
+        if skip_padding and not getattr(self.fast_forward, "skips_padding", False):
             raise ValueError("skip_padding=True needs the fast path: engine.load(..., fast=True)")
-        if self._fast is not None and record is None:
-            return self._fast.encode(ids, mask, types, skip_padding=skip_padding)
-        if self._gpu is not None and record is None:
-            return self._gpu.encode(ids, mask, types)
+        if self.fast_forward is not None and record is None:
+            return self.fast_forward.encode(ids, mask, types, skip_padding=skip_padding)
         cfg = self.config
         rec = record or (lambda name, value: None)
         e = K.embed(ids, types, self.word_table, self.position_table, self.type_table)   # [B,S,H]
@@ -176,7 +165,7 @@ class Encoder:
 
     def __call__(self, inputs, skip_padding=False):
         """Encoder outputs for a dict of input_word_ids, input_mask, input_type_ids ([B,S] ints).
-        skip_padding=True (fast path only): padded positions are not computed (zeros); see engine/fast.py."""
+        skip_padding=True (fast path only): padded positions are not computed (zeros); see engine/fast/forward.py."""
         ids, mask, types, _ = self._device_inputs(inputs, with_positions=False)
         outputs, pooled = self._encode(ids, mask, types, skip_padding=skip_padding)
         return {"pooled_output": pooled, "sequence_output": outputs[-1],
@@ -194,7 +183,6 @@ class Encoder:
         m = self.mlm_weights
         logits = K.mlm_logits(gathered, m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"],
                               self.word_table, m["output_bias"], self.config.layer_norm_epsilon,
-                              K.ACTIVATIONS[self.config.hidden_activation],
                               record=(lambda n, v: record(f"mlm/{n}", v)) if record else None)
         if record:
             record("mlm/logits", logits)
@@ -202,26 +190,10 @@ class Encoder:
                 "encoder_outputs": outputs}
 
     def trace(self, inputs):
-        """Every intermediate, in order, as an engine.trace.Trace ({name: NumPy array}); names and
-        shapes in engine/trace.py. Without masked_lm_positions the MLM steps take every position."""
-        from engine import trace as trace_mod
+        """Every intermediate, in order, as an engine.core.trace.Trace ({name: NumPy array}); names and
+        shapes in engine/core/trace.py. Without masked_lm_positions the MLM steps take every position."""
         return trace_mod.trace(self, inputs)
 
     @staticmethod
     def to_numpy(x):
         return backend_mod.to_numpy(x)
-
-
-def load(path: str, backend: str | None = None, dtype: str = "float32", verify_checksums: bool = False,
-         fast: bool = False, **gpu_options) -> Encoder:
-    """Loads an extracted HDF5 weights file (see weights/format.py) into an Encoder.
-
-    backend: "numpy" or "cupy" (default: $TALKHEADS_BACKEND, else numpy). dtype: "float32" or "float64".
-    fast: the NumPy fast path (engine/fast.py), which also allows enc(inputs, skip_padding=True).
-    gpu_options (backend "cupy"): gpu_path="fused"|"plain", precision="float32"|"tf32"|"float16"|"bfloat16",
-    cuda_graphs=True|False; see engine/gpu.py.
-    """
-    import weights
-    loaded = weights.load(path, verify_checksums=verify_checksums)
-    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab, fast=fast,
-                   **gpu_options)

@@ -9,9 +9,9 @@ classes (`tf-models-official`): `EncoderScaffold` whose hidden layers are
 Every variable is randomized with realistic scales: default initializers leave biases at zero,
 layer-norm gammas at one and talking-heads mixing near zero, which would hide bugs.
 
-    python -m weights.reference OUT_DIR --config {tiny,base} [--seed N] [--layers L --hidden H ...]
+    python -m engine.tf.reference OUT_DIR --config {tiny,base} [--seed N] [--layers L --hidden H ...]
 
-This module and `weights.extract` are the only ones that import TensorFlow.
+It lives in engine/tf/ with everything else that imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -244,9 +244,9 @@ def run_savedmodel(path: str, inputs: dict, mlm: bool = True) -> dict:
     return {k: ([t.numpy() for t in v] if isinstance(v, (list, tuple)) else v.numpy()) for k, v in out.items()}
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m weights.reference",
+        prog=prog,
         description="Build a randomized talking-heads GEGLU BERT SavedModel with Model Garden's export code.")
     parser.add_argument("out_dir", help="folder to create (refused if it exists, unless --force)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",

@@ -1,11 +1,11 @@
 """The CUDA kernels of the fused GPU path, their NumPy twins, and two interchangeable "ops" sets.
 
-The CUDA C source is engine/gpu_kernels.cu (complete, no #include; compiled by CuPy's NVRTC with
+The CUDA C source is engine/gpu/kernels.cu (complete, no #include; compiled by CuPy's NVRTC with
 `--fmad=false`, and by nvcc in tests/test_gpu_kernels.py). For every kernel there is a NumPy twin
-here, `<kernel>_reference`, written with engine.kernels, that states exactly what the kernel
+here, `<kernel>_reference`, written with engine.core.kernels, that states exactly what the kernel
 computes (up to the order of float32 summations):
 
-    kernel (gpu_kernels.cu)     twin                               what
+    kernel (kernels.cu)     twin                               what
     embed_layer_norm            embed_layer_norm_reference         LN((word[id] + pos[s]) + type[tid])
     layer_norm_residual         layer_norm_residual_reference      LN((x + bias) + residual)
     bias_split_heads            bias_split_heads_reference         qkv + b -> q, k, v [B,N,S,D]
@@ -37,11 +37,11 @@ import os
 
 import numpy as np
 
-from engine import kernels as K
+from engine.core import kernels as K
 
-CU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_kernels.cu")
+CU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
 NVRTC_OPTIONS = ("--fmad=false", "--std=c++14")
-MAX_HEADS = 16               # as in gpu_kernels.cu
+MAX_HEADS = 16               # as in kernels.cu
 PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
 SUFFIX = {"float32": "f32", "tf32": "f32", "float16": "f16", "bfloat16": "bf16"}
 LN_THREADS = 256             # threads per row of the layer norms

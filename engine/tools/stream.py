@@ -1,6 +1,6 @@
 """Streaming `encode`: a corpus of any size, in bounded memory, resumable after an interruption.
 
-    from engine import stream
+    from engine.tools import stream
     stream.encode(enc, prep, "corpus.txt", "out.h5", key="pooled_output", seq_length=128,
                   max_tokens=8192, resume=False, force=False)
 
@@ -58,7 +58,7 @@ import time
 
 import numpy as np
 
-from engine import backend as backend_mod
+from engine.core import backend as backend_mod
 
 PROGRESS_VERSION = 1
 OUTPUT_KINDS = {".npy": "npy", ".h5": "h5", ".hdf5": "h5", ".jsonl": "jsonl"}
