@@ -16,14 +16,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_savedmodel():
     """The tiny reference SavedModel (L=2, H=64, N=4, I=256, real 30522 vocab), seed 0."""
     from engine.tf import reference
-    return reference.cached("tiny", seed=0)
+    return reference.cached("tiny", seed=0, conditioning="random")
 
 
 @pytest.fixture(scope="session")
 def base_savedmodel():
     """The base-size reference SavedModel (L=12, H=768, N=12, I=3072), seed 0."""
     from engine.tf import reference
-    return reference.cached("base", seed=0)
+    return reference.cached("base", seed=0, conditioning="random")
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +50,30 @@ def base_h5(base_savedmodel):
     """The base-size reference model extracted to HDF5 (once, cached: engine.tf.extract.cached_extraction)."""
     from engine.tf import extract
     return extract.cached_extraction(base_savedmodel)
+
+
+# Trained-like conditioning (engine.tf.reference._TrainedLike): sharp pre-softmax mixing, LayerNorm
+# gammas and betas away from 1 and 0, outlier hidden dimensions, larger embeddings.
+
+@pytest.fixture(scope="session")
+def tiny_trained_savedmodel():
+    from engine.tf import reference
+    return reference.cached("tiny", seed=0, conditioning="trained")
+
+
+@pytest.fixture(scope="session")
+def base_trained_savedmodel():
+    from engine.tf import reference
+    return reference.cached("base", seed=0, conditioning="trained")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_h5(tiny_trained_savedmodel):
+    from engine.tf import extract
+    return extract.cached_extraction(tiny_trained_savedmodel)
+
+
+@pytest.fixture(scope="session")
+def base_trained_h5(base_trained_savedmodel):
+    from engine.tf import extract
+    return extract.cached_extraction(base_trained_savedmodel)

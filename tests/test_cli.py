@@ -28,25 +28,62 @@ def _error_line(proc):
 def test_main_job_prints_the_parity_table_for_the_tiny_model(tiny_savedmodel):
     proc = run()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PASS" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("PASS: noise verdict")
+    assert "engine vs TF" in proc.stdout and "TF vs float64" in proc.stdout and "engine vs float64" in proc.stdout
     for name in ("encoder_outputs[0]", "encoder_outputs[1]", "sequence_output", "pooled_output", "mlm_logits"):
         rows = [l for l in proc.stdout.splitlines() if l.split()[:1] == [name]]
-        assert len(rows) == 2 and all(l.endswith("yes") for l in rows)  # text inputs and random inputs
-    assert " NO" not in proc.stdout
+        assert len(rows) == 2 and all(l.endswith("PASS") for l in rows)  # text inputs and random inputs
+        assert all(len(l.split()) == 8 for l in rows)                   # name, 3 x (max, rms), verdict
 
 
-def test_verify_json_on_tiny_reports_every_figure_under_tolerance(tiny_savedmodel, tiny_h5):
+def _rules_hold(o):
+    """The two rules of engine.tools.verdict, recomputed from the reported figures."""
+    floor = 2.0 ** -23
+    for s in ("max", "rms", "median"):
+        e, t = max(o["ruled_engine_vs_float64"][s], floor), max(o["ruled_tf_vs_float64"][s], floor)
+        if e > o["accuracy_factor"][s] * t or t > o["noise_factor"][s] * e:
+            return False
+    return True
+
+
+def test_verify_json_on_tiny_reports_every_figure(tiny_savedmodel, tiny_h5):
     proc = run("verify", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--json", "--batch", "3",
                "--seq-length", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    assert report["ok"] is True
+    assert report["ok"] is True and report["path"] == "fast" and report["rule"].startswith("noise verdict")
     outputs = [o for case in report["cases"] for o in case["outputs"]]
     assert {case["inputs"] for case in report["cases"]} == {"text", "random"}
     assert len(outputs) == 2 * 5
     for o in outputs:
-        assert o["ok"] and o["max_abs_diff"] <= o["tolerance"] * o["max_abs_reference"], o
-    print("max relative difference:", report["max_relative_diff"])
+        assert o["ok"] and _rules_hold(o), o
+        assert set(o["engine_vs_tf"]) == set(o["tf_vs_float64"]) == set(o["engine_vs_float64"]) == {"max", "rms", "median"}
+    print("worst engine vs TF (max, relative):", max(o["engine_vs_tf"]["max"] for o in outputs))
+    # the readable path, one flag away, and the plain fixed tolerance
+    proc = run("verify", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--json", "--batch", "3",
+               "--seq-length", "64", "--readable", "--rtol", "1e-5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["path"] == "readable" and report["rule"].startswith("fixed tolerance")
+    assert all(o["max_abs_diff"] <= 1e-5 * o["max_abs_reference"] for c in report["cases"] for o in c["outputs"])
+
+
+def test_verify_fails_a_weights_file_that_differs_from_the_savedmodel(tiny_savedmodel, tiny_h5, tmp_path):
+    import shutil
+
+    import h5py
+    bad = tmp_path / "shifted.h5"
+    shutil.copy(tiny_h5, bad)
+    with h5py.File(bad, "r+") as f:
+        f["layers/1/attention_layer_norm/beta"][...] += np.float32(1e-4)
+    proc = run("verify", "--savedmodel", tiny_savedmodel, "--weights", str(bad), "--json", "--batch", "3",
+               "--seq-length", "64")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    failed = {o["name"] for c in report["cases"] for o in c["outputs"] if not o["ok"]}
+    assert "encoder_outputs[1]" in failed and "encoder_outputs[0]" not in failed, failed
+    proc = run("verify", "--savedmodel", tiny_savedmodel, "--pooled-rtol", "1e-5")
+    assert proc.returncode == 2 and "--pooled-rtol goes with --rtol" in proc.stderr
 
 
 @pytest.mark.slow
@@ -58,8 +95,16 @@ def test_verify_json_on_base(base_savedmodel, base_h5):
     assert report["ok"] is True and report["config"]["num_layers"] == 12
     outputs = [o for case in report["cases"] for o in case["outputs"]]
     assert len(outputs) == 2 * (12 + 3)
-    assert all(o["ok"] for o in outputs)
-    print("base max relative difference:", report["max_relative_diff"])
+    assert all(o["ok"] and _rules_hold(o) for o in outputs)
+
+
+@pytest.mark.slow
+def test_verify_passes_the_base_trained_like_model(base_trained_savedmodel, base_trained_h5):
+    """The acceptance case of the noise verdict: base size, trained-like conditioning, defaults."""
+    proc = run("verify", "--savedmodel", base_trained_savedmodel, "--weights", base_trained_h5)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "TF vs float64" in proc.stdout and proc.stdout.rstrip().splitlines()[-1].startswith("PASS")
+    print(proc.stdout)
 
 
 def test_verify_exits_1_above_tolerance(tiny_savedmodel, tiny_h5):

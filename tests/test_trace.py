@@ -21,7 +21,7 @@ import engine
 from engine.cli import main as cli
 from engine.tools import parity
 from engine.core import trace as trace_mod
-from engine.tools import compare, tracefile
+from engine.tools import compare, tracefile, verdict
 from weights import format as fmt
 
 RTOL = parity.DEFAULT_RTOL
@@ -97,19 +97,20 @@ def test_encoder_only_trace_has_no_mlm_steps(tiny_h5):
 # ------------------------------------------------------------------------------------------ vs TF
 
 def _check_against_tf(savedmodel, h5, batch, seq_length, label):
+    """Every intermediate judged against float32 noise (engine.tools.verdict), after TF's
+    step-by-step trace is shown faithful to the SavedModel by the same rule."""
     from engine.tf import reference_trace
-    enc = engine.load(h5)
+    enc, enc64 = engine.load(h5), engine.load(h5, dtype="float64")
     inputs = _inputs(enc.config, batch, seq_length)
-    report = reference_trace.verify_trace(savedmodel, enc, inputs, RTOL)
+    report = reference_trace.verify_trace(savedmodel, enc, inputs, enc64=enc64)
     print(f"\n{label}: TF steps vs the SavedModel's outputs:")
-    print(parity.format_table(report.faithfulness))
+    print(verdict.format_table(report.faithfulness))
     assert report.faithful
     print(f"{label}: engine vs TF, every intermediate (B={batch}, S={seq_length}):")
-    print(compare.format_table(report.diffs))
-    print(f"{label}: {compare.summary(report.diffs)}")
+    print(verdict.format_table(report.diffs))
     assert [d.name for d in report.diffs] == [n for n, _, _ in trace_mod.steps(enc.config.num_layers)]
-    bad = [d for d in report.diffs if not d.ok]
-    assert not bad, compare.summary(report.diffs)
+    bad = [f"{d.name}: {d.status} {d.detail}" for d in report.diffs if not d.ok]
+    assert not bad, "\n".join(bad)
     return report, inputs
 
 
@@ -125,9 +126,18 @@ def test_tiny_every_intermediate_matches_tensorflow(tiny_savedmodel, tiny_h5):
     assert next(d for d in report.diffs if d.name == "layers/0/masked_scores").ok
 
 
+def test_tiny_trained_like_every_intermediate_matches_tensorflow(tiny_trained_savedmodel, tiny_trained_h5):
+    _check_against_tf(tiny_trained_savedmodel, tiny_trained_h5, 4, 33, "tiny trained-like")
+
+
 @pytest.mark.slow
 def test_base_every_intermediate_matches_tensorflow(base_savedmodel, base_h5):
     _check_against_tf(base_savedmodel, base_h5, 3, 40, "base")
+
+
+@pytest.mark.slow
+def test_base_trained_like_every_intermediate_matches_tensorflow(base_trained_savedmodel, base_trained_h5):
+    _check_against_tf(base_trained_savedmodel, base_trained_h5, 3, 40, "base trained-like")
 
 
 # ------------------------------------------------------------------------------------------ pinpointing
@@ -147,15 +157,16 @@ def _perturbed_copy(h5, tmp_path, dataset, delta=0.05, index=(0, 1)):
 def test_verify_trace_pinpoints_a_perturbed_weight(tiny_savedmodel, tiny_h5, tmp_path, capsys):
     from engine.tf import reference_trace
     bad = _perturbed_copy(tiny_h5, tmp_path, "layers/1/attention/post_softmax_weight")
-    enc = engine.load(bad, verify_checksums=True)
-    report = reference_trace.verify_trace(tiny_savedmodel, enc, _inputs(enc.config, 3, 17), RTOL)
-    first = report.first
-    print(f"\nperturbed post_softmax_weight[0,1] of block 1 by 0.05: {compare.summary(report.diffs)}")
-    assert report.faithful
-    assert first is not None and first.name == "layers/1/mixed_probs"
-    names = [d.name for d in report.diffs]
-    assert all(d.ok for d in report.diffs[:names.index("layers/1/mixed_probs")])
-    assert first.relative > 1e-3   # far above float32 noise
+    enc, enc64 = engine.load(bad, verify_checksums=True), engine.load(bad, dtype="float64")
+    for report in (reference_trace.verify_trace(tiny_savedmodel, enc, _inputs(enc.config, 3, 17), enc64=enc64),
+                   reference_trace.verify_trace(tiny_savedmodel, enc, _inputs(enc.config, 3, 17), rtol=RTOL)):
+        first = report.first
+        print(f"\nperturbed post_softmax_weight[0,1] of block 1 by 0.05: first failure {first.name}: {first.detail}")
+        assert report.faithful
+        assert first is not None and first.name == "layers/1/mixed_probs"
+        names = [d.name for d in report.diffs]
+        assert all(d.ok for d in report.diffs[:names.index("layers/1/mixed_probs")])
+    assert report.diffs[names.index("layers/1/mixed_probs")].relative > 1e-3   # far above float32 noise
     # The command line says the same.
     rc = cli.main(["verify", "--trace", "--savedmodel", tiny_savedmodel, "--weights", bad,
                    "--batch", "2", "--seq-length", "12"])
@@ -209,9 +220,50 @@ def test_compare_with_a_name_map_and_other_layouts(tiny_h5, tmp_path, capsys):
                 mapping[their] = name
     map_file = tmp_path / "map.json"
     map_file.write_text(json.dumps(mapping))
-    assert cli.main(["compare", str(ours), str(theirs), "--map", str(map_file)]) == cli.EXIT_OK
+    # two of ours missing from theirs: not agreement, though everything they have agrees
+    assert cli.main(["compare", str(ours), str(theirs), "--map", str(map_file)]) == cli.EXIT_MISMATCH
     out = capsys.readouterr().out
-    assert "all 39 intermediates agree" in out and "2 missing (first layers/0/raw_scores)" in out
+    assert "first divergence at layers/0/raw_scores" in out and "2 missing (first layers/0/raw_scores)" in out
+    assert len(re.findall(r" ok\n", out)) == 39
+    with h5py.File(theirs, "a") as f:
+        for i in range(2):
+            f[f"raw_{i}"] = t[f"layers/{i}/raw_scores"]
+            mapping[f"raw_{i}"] = f"layers/{i}/raw_scores"
+    map_file.write_text(json.dumps(mapping))
+    assert cli.main(["compare", str(ours), str(theirs), "--map", str(map_file)]) == cli.EXIT_OK
+    assert "all 41 intermediates agree" in capsys.readouterr().out
+
+
+def test_compare_against_an_unrelated_file_or_nothing_fails(tiny_h5, tmp_path, capsys):
+    enc = engine.load(tiny_h5)
+    ours = tmp_path / "ours.h5"
+    tracefile.trace_to_file(enc, _inputs(enc.config, 2, 9), str(ours))
+    unrelated = tmp_path / "unrelated.h5"
+    with h5py.File(unrelated, "w") as f:
+        f["something/else"] = np.ones(3, np.float32)
+    assert cli.main(["compare", str(ours), str(unrelated)]) == cli.EXIT_MISMATCH
+    assert "41 missing" in capsys.readouterr().out
+    assert cli.main(["compare", str(unrelated), str(ours)]) == cli.EXIT_MISMATCH   # its one name is not in ours
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w"):
+        pass
+    assert cli.main(["compare", str(empty), str(ours)]) == cli.EXIT_MISMATCH
+    assert "nothing compared" in capsys.readouterr().out
+
+
+def test_compare_rtol_is_exact_for_every_intermediate(tiny_h5, tmp_path, capsys):
+    """--rtol applies to pooled_output too (no hidden floor); --pooled-rtol sets it apart."""
+    enc = engine.load(tiny_h5)
+    t = enc.trace(_inputs(enc.config, 2, 9))
+    ours, theirs = tmp_path / "ours.h5", tmp_path / "theirs.h5"
+    tracefile.write(t, str(ours))
+    t.tensors["pooled_output"] = t["pooled_output"] * np.float32(1 + 3e-6)
+    tracefile.write(t, str(theirs))
+    assert cli.main(["compare", str(ours), str(ours), "--rtol", "0"]) == cli.EXIT_OK
+    assert cli.main(["compare", str(ours), str(theirs), "--rtol", "1e-5"]) == cli.EXIT_OK
+    assert cli.main(["compare", str(ours), str(theirs), "--rtol", "1e-6"]) == cli.EXIT_MISMATCH
+    assert "first divergence at pooled_output" in capsys.readouterr().out
+    assert cli.main(["compare", str(ours), str(theirs), "--rtol", "1e-6", "--pooled-rtol", "1e-5"]) == cli.EXIT_OK
 
 
 def test_trace_command_with_text_and_with_ids(tiny_h5, tmp_path):

@@ -108,6 +108,23 @@ def attention_mask_adder(input_mask, dtype, constant=-1e9):
     return adder[:, None, None, :]
 
 
+def apply_attention_mask(scores, mask_adder):
+    """Adds the mask adder; in float64 the masked logits are then rounded to float32, as the model
+    computes them. [B,N,S,T] + [B,1,1,T] -> [B,N,S,T]
+
+    The Hub model adds -1e9 in float32, where s + -1e9 is exactly -1e9 for |s| < 32: a row whose keys
+    are all padding attends uniformly. Kept in float64, s - 1e9 would keep the logits' differences and
+    such a row would differ from the model by O(1). Rounding the masked entries to float32 makes the
+    float64 path compute the model's function there too; on every other row the masked entries weigh
+    exp(-1e9) = 0 in either precision, so nothing else changes.
+    """
+    masked = scores + mask_adder
+    if masked.dtype.itemsize > 4:
+        xp = array_module(masked)
+        masked = xp.where(mask_adder != 0, masked.astype(xp.float32).astype(masked.dtype), masked)
+    return masked
+
+
 def softmax(x):
     """Softmax over the last axis, max-subtracted. [...,T] -> [...,T]"""
     xp = array_module(x)
@@ -117,7 +134,7 @@ def softmax(x):
 
 def masked_softmax(scores, mask_adder):
     """Softmax of scores plus the additive mask. [B,N,S,T] + [B,1,1,T] -> [B,N,S,T]"""
-    return softmax(scores + mask_adder)
+    return softmax(apply_attention_mask(scores, mask_adder))
 
 
 def attention_context(probs, v):
@@ -149,7 +166,7 @@ def talking_heads_attention(x, mask_adder, p, record=None):
     rec("scaled_scores", scores)
     mixed = talking_heads_mix(scores, p.pre_softmax_weight)          # [B,N,S,T]
     rec("mixed_scores", mixed)
-    masked = mixed + mask_adder                                      # [B,N,S,T]
+    masked = apply_attention_mask(mixed, mask_adder)                 # [B,N,S,T]
     rec("masked_scores", masked)
     probs = softmax(masked)                                          # [B,N,S,T]
     rec("probs", probs)

@@ -302,6 +302,9 @@ class FastEncoder:
                 mark("talking-heads mixing")
                 if adder is not None:
                     np.add(mixed, adder, out=mixed)                               # + [T] mask adder
+                    if mixed.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
+                        cols = adder != 0          # engine.core.kernels.apply_attention_mask)
+                        mixed[:, :, cols] = mixed[:, :, cols].astype(np.float32)
                 mx = mixed.max(axis=-1, keepdims=True)
                 np.subtract(mixed, mx, out=mixed)
                 np.exp(mixed, out=mixed)

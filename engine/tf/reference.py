@@ -98,13 +98,59 @@ def _talking_heads_gin_bindings():
         gin.clear_config()
 
 
-def _realistic_value(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+CONDITIONINGS = ("random", "trained")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainedLike:
+    """The conditioning of trained weights, which float32 noise feels most (conditioning="trained"):
+
+    - sharp pre-softmax talking-heads mixing: W_pre = 2.5 I + N(0, 0.8), so the mixed logits are
+      several times the raw ones and the softmax is peaked;
+    - LayerNorm gammas spread around 1 (log-normal, sigma 0.4) and betas away from 0 (N(0, 0.3));
+    - a few outlier hidden dimensions, the same in every LayerNorm as in trained BERTs: gamma
+      x 4 to 8 and beta +-2 to 4 there, so the residual stream carries values of 10 and more;
+    - larger embeddings (word and type std 0.5, positions 0.2).
+    """
+    outlier_dims: tuple
+
+    @classmethod
+    def for_seed(cls, seed: int, hidden: int) -> "_TrainedLike":
+        rng = np.random.default_rng([seed, 7919])        # its own stream: the variables' stream is unchanged
+        return cls(tuple(int(d) for d in rng.choice(hidden, size=min(3, hidden), replace=False)))
+
+    def value(self, leaf: str, shape: tuple, rng: np.random.Generator):
+        """The trained-like value of one variable, or None where the random rule applies."""
+        if leaf.endswith("/gamma"):
+            g = rng.lognormal(0.0, 0.4, shape)
+            g[list(self.outlier_dims)] *= rng.uniform(4.0, 8.0, len(self.outlier_dims))
+            return g
+        if leaf.endswith("/beta"):
+            b = rng.normal(0.0, 0.3, shape)
+            b[list(self.outlier_dims)] = rng.choice([-1.0, 1.0], len(self.outlier_dims)) * rng.uniform(
+                2.0, 4.0, len(self.outlier_dims))
+            return b
+        if leaf.endswith("pre_softmax_weight"):
+            return 2.5 * np.eye(shape[0]) + rng.normal(0.0, 0.8, shape)
+        if leaf.endswith("position_embedding/embeddings"):
+            return rng.normal(0.0, 0.2, shape)
+        if leaf.endswith("/embeddings"):
+            return rng.normal(0.0, 0.5, shape)
+        return None
+
+
+def _realistic_value(name: str, shape: tuple, rng: np.random.Generator, trained: _TrainedLike | None = None):
     """A random value for one variable, at the scale a trained BERT has for that role.
 
     Dense kernels get std 1/sqrt(fan_in), so activations stay O(1) through every block and the
-    attention logits are peaked enough for masking and mixing bugs to show.
+    attention logits are peaked enough for masking and mixing bugs to show. `trained`: the
+    trained-like conditioning above overrides the rule for the variables it names.
     """
     leaf = name.split(":")[0]
+    if trained is not None:
+        value = trained.value(leaf, shape, rng)
+        if value is not None:
+            return value
     if leaf.endswith("/gamma"):
         return rng.uniform(0.6, 1.4, shape)
     if leaf.endswith("/beta"):
@@ -126,15 +172,20 @@ def _realistic_value(name: str, shape: tuple, rng: np.random.Generator) -> np.nd
     raise ValueError(f"reference: no randomization rule for variable {name!r} {shape}")
 
 
-def randomize(variables, seed: int) -> None:
-    """Assigns every float variable a realistic random value, deterministically per seed."""
+def randomize(variables, seed: int, conditioning: str = "random", hidden: int | None = None) -> None:
+    """Assigns every float variable a realistic random value, deterministically per seed;
+    conditioning "trained" gives the trained-like conditioning of _TrainedLike (needs `hidden`)."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"reference: conditioning {conditioning!r}: choose one of {', '.join(CONDITIONINGS)}")
+    trained = _TrainedLike.for_seed(seed, hidden) if conditioning == "trained" else None
     rng = np.random.default_rng(seed)
     for var in variables:
         shape = tuple(var.shape)
-        var.assign(_realistic_value(var.name, shape, rng).astype(np.float32))
+        var.assign(_realistic_value(var.name, shape, rng, trained).astype(np.float32))
 
 
-def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | None = None) -> None:
+def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | None = None,
+          conditioning: str = "random") -> None:
     """Builds the SavedModel at `out_dir` (which must not exist) with Model Garden's export code."""
     import tensorflow as tf
     import tf_keras
@@ -150,11 +201,11 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
     start = time.time()
     encoder_config = _encoder_config(cfg)
     with _talking_heads_gin_bindings(), tempfile.TemporaryDirectory(prefix="reference-ckpt-") as tmp:
-        _progress(f"building {cfg} with seed {seed}")
+        _progress(f"building {cfg} with seed {seed}, {conditioning} conditioning")
         tf_keras.backend.clear_session()
         tf.random.set_seed(seed)
         _, pretrainer = export_tfhub_lib._create_model(encoder_config=encoder_config, with_mlm=True)
-        randomize(pretrainer.variables, seed)
+        randomize(pretrainer.variables, seed, conditioning, hidden=cfg.hidden)
         n_params = sum(int(np.prod(v.shape)) for v in pretrainer.variables)
         _progress(f"randomized {len(pretrainer.variables)} variables, {n_params:,} parameters")
         checkpoint = tf.train.Checkpoint(**pretrainer.checkpoint_items).save(os.path.join(tmp, "ckpt"))
@@ -165,13 +216,14 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
             out_dir, encoder_config=encoder_config, model_checkpoint_path=checkpoint,
             with_mlm=True, vocab_file=vocab_file, do_lower_case=True)
     with open(os.path.join(out_dir, "reference.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "seed": seed,
+        json.dump({"config": dataclasses.asdict(cfg), "seed": seed, "conditioning": conditioning,
                    "format_version": REFERENCE_FORMAT_VERSION,
                    "tensorflow": tf.__version__}, f, indent=1)
     _progress(f"built in {time.time() - start:.1f}s")
 
 
-def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool = False) -> str:
+def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool = False,
+                 conditioning: str = "random") -> str:
     """Builds into a temporary sibling folder, then renames it into place: never a half model."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not force:
@@ -180,7 +232,7 @@ def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
     try:
-        build(os.path.join(tmp, "model"), cfg, seed)
+        build(os.path.join(tmp, "model"), cfg, seed, conditioning=conditioning)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(os.path.join(tmp, "model"), out_dir)
@@ -216,14 +268,15 @@ def _cached_build(name: str, marker: str, build_into) -> str:
     return path
 
 
-def cached(config: str | ReferenceConfig = "tiny", seed: int = 0) -> str:
-    """Returns the path of a reference SavedModel, building it once per config and seed."""
+def cached(config: str | ReferenceConfig = "tiny", seed: int = 0, conditioning: str = "random") -> str:
+    """Returns the path of a reference SavedModel, building it once per config, seed and conditioning."""
     import tensorflow as tf
     cfg = CONFIGS[config] if isinstance(config, str) else config
-    key = json.dumps([dataclasses.asdict(cfg), seed, REFERENCE_FORMAT_VERSION, tf.__version__], sort_keys=True)
-    name = "{}-seed{}-{}".format(config if isinstance(config, str) else "custom", seed,
-                                 hashlib.sha256(key.encode()).hexdigest()[:12])
-    return _cached_build(name, "reference.json", lambda out: build(out, cfg, seed))
+    key = json.dumps([dataclasses.asdict(cfg), seed, conditioning, REFERENCE_FORMAT_VERSION, tf.__version__],
+                     sort_keys=True)
+    name = "{}-{}-seed{}-{}".format(config if isinstance(config, str) else "custom", conditioning, seed,
+                                    hashlib.sha256(key.encode()).hexdigest()[:12])
+    return _cached_build(name, "reference.json", lambda out: build(out, cfg, seed, conditioning=conditioning))
 
 
 _LOADED = {}
@@ -251,7 +304,11 @@ def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     parser.add_argument("out_dir", help="folder to create (refused if it exists, unless --force)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
                         help="starting sizes: tiny (L=2 H=64 N=4 I=256) or base (L=12 H=768 N=12 I=3072)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random value (default 0)")
+    parser.add_argument("--conditioning", choices=CONDITIONINGS, default="random",
+                        help="random: every variable at a realistic scale; trained: also the conditioning of "
+                             "trained weights (sharp pre-softmax mixing, LayerNorm gammas and betas away from "
+                             "1 and 0, outlier hidden dimensions, larger embeddings)")
     for field in dataclasses.fields(ReferenceConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, dest=field.name,
                             help=f"override {field.name}")
@@ -261,7 +318,7 @@ def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
                  if getattr(args, f.name) is not None}
     try:
         cfg = dataclasses.replace(CONFIGS[args.config], **overrides)
-        build_atomic(args.out_dir, cfg, args.seed, force=args.force)
+        build_atomic(args.out_dir, cfg, args.seed, force=args.force, conditioning=args.conditioning)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

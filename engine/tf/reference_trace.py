@@ -215,30 +215,40 @@ def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
     return out
 
 
-FAITHFUL_RTOL = 1e-5
+def _outputs_of_trace(trace, num_layers: int) -> dict:
+    """The Hub outputs, as a step-by-step trace holds them."""
+    out = {"sequence_output": trace[f"layers/{num_layers - 1}/feedforward_layer_norm"],
+           "pooled_output": trace["pooled_output"],
+           "encoder_outputs": [trace[f"layers/{i}/feedforward_layer_norm"] for i in range(num_layers)]}
+    if "mlm/logits" in trace:
+        out["mlm_logits"] = trace["mlm/logits"]
+    return out
 
 
-def faithfulness(savedmodel: str, inputs: dict, trace: dict | None = None, rtol: float = FAITHFUL_RTOL) -> list:
-    """The step-by-step TF trace against the SavedModel's own outputs (parity.Difference list):
-    sequence_output, every encoder_outputs[i], pooled_output and mlm_logits.
+def faithfulness(savedmodel: str, inputs: dict, trace: dict | None = None, exact: dict | None = None,
+                 rtol: float | None = None) -> list:
+    """The step-by-step TF trace against the SavedModel's own outputs: sequence_output, every
+    encoder_outputs[i], pooled_output and mlm_logits.
 
-    Measured on the reference models: the steps equal the rebuilt model's own eager call bit for bit,
-    and the rebuilt model run as a tf.function equals the SavedModel bit for bit; what remains
-    (about 1e-6 x max|TF|) is eager against graph execution (Grappler), i.e. float32 noise."""
-    from engine.tools import parity
+    With `exact` (a float64 trace of the same inputs, e.g. the engine's) the judgement is
+    engine.tools.verdict's, the steps in the role of the engine: both are float32 runs of TF, and
+    each one's distance to float64 must be float32 noise by the other's measure. Else `rtol`, a
+    fixed tolerance (parity.compare). Measured on the reference models: the steps equal the rebuilt
+    model's own eager call bit for bit, and the rebuilt model run as a tf.function equals the
+    SavedModel bit for bit; what remains is eager against graph execution (Grappler), i.e. float32
+    noise, which at base size reaches 1e-5 x max|TF| on pooled_output."""
     from engine.tf import reference
+    from engine.tools import parity, verdict
     trace = trace if trace is not None else tf_trace(savedmodel, inputs)
     has_mlm = "mlm/logits" in trace
     theirs = reference.run_savedmodel(savedmodel, inputs, mlm=has_mlm)
     L = len(theirs["encoder_outputs"])
-    ours = {"sequence_output": trace[f"layers/{L - 1}/feedforward_layer_norm"],
-            "pooled_output": trace["pooled_output"],
-            "encoder_outputs": [trace[f"layers/{i}/feedforward_layer_norm"] for i in range(L)]}
-    ref = {k: theirs[k] for k in ours}
-    if has_mlm:
-        ours["mlm_logits"] = trace["mlm/logits"]
-        ref["mlm_logits"] = theirs["mlm_logits"]
-    return parity.compare(ours, ref, rtol=rtol)
+    steps = _outputs_of_trace(trace, L)
+    ref = {k: theirs[k] for k in steps}
+    if exact is None:
+        return parity.compare(steps, ref, rtol=1e-5 if rtol is None else rtol)
+    truth = parity.flatten_outputs(_outputs_of_trace(exact, L))
+    return verdict.judge_all(parity.flatten_outputs(steps), parity.flatten_outputs(ref), truth)
 
 
 def exactness(savedmodel: str, inputs: dict, trace: dict) -> dict:
@@ -264,8 +274,8 @@ def exactness(savedmodel: str, inputs: dict, trace: dict) -> dict:
 
 @dataclasses.dataclass
 class TraceReport:
-    faithfulness: list        # parity.Difference: TF steps vs the SavedModel's outputs
-    diffs: list               # engine.tools.compare.StepDiff: engine vs TF steps, in order
+    faithfulness: list        # TF steps vs the SavedModel's outputs (verdict.Judgement or parity.Difference)
+    diffs: list               # engine vs TF steps, in order (verdict.Judgement or compare.StepDiff)
 
     @property
     def faithful(self) -> bool:
@@ -273,21 +283,32 @@ class TraceReport:
 
     @property
     def first(self):
-        return compare.first_divergence(self.diffs)
+        return next((d for d in self.diffs if not d.ok), None)
 
     @property
     def ok(self) -> bool:
         return self.faithful and self.first is None
 
 
-def verify_trace(savedmodel: str, enc, inputs: dict, rtol: float = 1e-5) -> TraceReport:
-    """Engine trace (enc: an engine.Encoder) against TensorFlow's step-by-step trace, with TF as the
-    reference (tolerance rtol x max|TF| per intermediate), after the faithfulness check."""
+def verify_trace(savedmodel: str, enc, inputs: dict, enc64=None, rtol: float | None = None,
+                 pooled_rtol: float | None = None) -> TraceReport:
+    """Engine trace (enc: an engine.Encoder in float32) against TensorFlow's step-by-step trace,
+    after the faithfulness check. With `enc64` (the same weights in float64) every intermediate gets
+    engine.tools.verdict's judgement against float32 noise; else the fixed tolerance rtol x max|TF|
+    (pooled_rtol for pooled_output, default rtol). Every engine intermediate missing from TF's
+    trace is a failure."""
+    from engine.tools import verdict
     theirs = tf_trace(savedmodel, inputs)
-    faithful = faithfulness(savedmodel, inputs, theirs)
     ours = enc.trace(inputs)
+    if enc64 is not None:
+        exact = enc64.trace(inputs)
+        faithful = faithfulness(savedmodel, inputs, theirs, exact=exact.tensors)
+        return TraceReport(faithful, verdict.judge_all(ours.tensors, theirs, exact.tensors, names=ours.names(),
+                                                       parents=verdict.trace_parents(enc.config.num_layers)))
+    rtol = compare.DEFAULT_RTOL if rtol is None else rtol
+    faithful = faithfulness(savedmodel, inputs, theirs, rtol=rtol)
     ordered = {name: theirs[name] for name in ours.names() if name in theirs}
-    diffs = compare.compare(ordered, ours.tensors, rtol)
+    diffs = compare.compare(ordered, ours.tensors, rtol, pooled_rtol=pooled_rtol)
     missing = [n for n in ours.names() if n not in theirs]
     diffs += [compare.StepDiff(n, "missing", rtol=rtol, detail="not in the TF trace") for n in missing]
     return TraceReport(faithful, diffs)

@@ -10,14 +10,16 @@ Someone else's port can be compared with ours: write a file with the same datase
 `--map FILE.json`, {"their/name": "our/name"} or {"their/name": {"name": "our/name",
 "transpose": [0, 2, 1, 3]}}), one dataset per intermediate. Tensors are compared after the
 optional transpose and then a reshape to our shape: any layout whose elements, read in C order,
-come in our order is accepted (e.g. [B*P,H] for mlm/gathered). Missing names are listed, not
-counted as divergences; `order` attrs are not needed in their file.
+come in our order is accepted (e.g. [B*P,H] for mlm/gathered). An intermediate of ours that their
+file lacks is a failure ("missing"), and so is a comparison of nothing: agreement means every
+intermediate was compared and agrees. `order` attrs are not needed in their file.
 
-Tolerance: an intermediate agrees when max|ours - theirs| <= rtol x max|reference| (rtol 1e-5 by
-default, the parity tolerance; pooled_output, tanh-bounded, gets engine.tools.parity.POOLED_RTOL = 2e-5
-when rtol is not larger, as in the parity suite). Entries of the reference at or beyond half the mask constant
-(the -1e9 of masked_scores) are compared as a pattern (both masked) and left out of the maximum,
-so that the masked logits do not make the tolerance meaningless.
+Tolerance: two trace files carry no float64 truth, so this is the plain threshold for people who
+port to other hardware: an intermediate agrees when max|ours - theirs| <= rtol x max|reference|
+(rtol 1e-5 by default; pooled_rtol for pooled_output, equal to rtol unless given). `verify --trace`
+judges against measured float32 noise instead (engine.tools.verdict). Entries of the reference at
+or beyond half the mask constant (the -1e9 of masked_scores) are compared as a pattern (both
+masked) and left out of the maximum, so that the masked logits do not make the tolerance meaningless.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import dataclasses
 import json
 
 import numpy as np
-
-from engine.tools.parity import POOLED_RTOL
 
 DEFAULT_RTOL = 1e-5
 MASKED_THRESHOLD = 5e8        # |x| >= this is a masked logit (the mask constant is -1e9)
@@ -52,9 +52,6 @@ class StepDiff:
     def ok(self) -> bool:
         return self.status == "ok"
 
-    @property
-    def diverges(self) -> bool:
-        return self.status not in ("ok", "missing")
 
     def as_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "max_abs_diff": self.max_abs,
@@ -122,9 +119,11 @@ def load_map(path: str | None) -> dict:
     return out
 
 
-def compare(reference, candidate, rtol: float = DEFAULT_RTOL, name_map: dict | None = None) -> list[StepDiff]:
+def compare(reference, candidate, rtol: float = DEFAULT_RTOL, name_map: dict | None = None,
+            pooled_rtol: float | None = None) -> list[StepDiff]:
     """Every intermediate of `reference` (a Trace or ordered mapping), in its order, against
-    `candidate` (any mapping name -> array). name_map: from load_map()."""
+    `candidate` (any mapping name -> array). name_map: from load_map(). pooled_rtol: the tolerance
+    of pooled_output (default: rtol)."""
     name_map = name_map or {}
     ref_items = reference.items()
     result = []
@@ -133,13 +132,19 @@ def compare(reference, candidate, rtol: float = DEFAULT_RTOL, name_map: dict | N
         if their_name not in candidate:
             result.append(StepDiff(name, "missing", rtol=rtol, detail=f"no {their_name!r} in the candidate"))
             continue
-        tol = max(rtol, POOLED_RTOL) if name == "pooled_output" else rtol
+        tol = pooled_rtol if pooled_rtol is not None and name == "pooled_output" else rtol
         result.append(compare_arrays(name, ref, candidate[their_name], tol, transpose))
     return result
 
 
 def first_divergence(diffs: list[StepDiff]) -> StepDiff | None:
-    return next((d for d in diffs if d.diverges), None)
+    """The first intermediate that does not agree (a missing one included), in the reference's order."""
+    return next((d for d in diffs if not d.ok), None)
+
+
+def agree(diffs: list[StepDiff]) -> bool:
+    """True when something was compared and every intermediate agrees."""
+    return bool(diffs) and first_divergence(diffs) is None
 
 
 def format_table(diffs: list[StepDiff]) -> str:
@@ -161,6 +166,8 @@ def summary(diffs: list[StepDiff]) -> str:
     compared = [d for d in diffs if d.status != "missing"]
     worst = max((d.relative for d in compared if np.isfinite(d.relative)), default=0.0)
     extra = f"; {len(missing)} missing (first {missing[0]})" if missing else ""
+    if not diffs:
+        return "nothing compared: the reference has no intermediates"
     if first is None:
         return (f"all {len(compared)} intermediates agree (max relative difference {worst:.2e}, "
                 f"tolerance {diffs[0].rtol if diffs else DEFAULT_RTOL:.0e} x max|reference|){extra}")

@@ -1,0 +1,59 @@
+"""Test helpers: the engine against TensorFlow running a SavedModel, judged by engine.tools.verdict
+(the engine's own float64 run on the same inputs as the truth)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import engine
+from engine.tools import parity, verdict
+
+_ENGINES = {}
+
+
+def engines(h5: str, backend: str = "numpy") -> dict:
+    """{"readable": float32, "fast": float32 fast path (numpy only), "float64": the truth}, loaded once per file."""
+    key = (h5, backend)
+    if key not in _ENGINES:
+        got = {"readable": engine.load(h5, backend=backend), "float64": engine.load(h5, backend=backend, dtype="float64")}
+        if backend == "numpy":
+            got["fast"] = engine.load(h5, fast=True)
+        _ENGINES.clear()  # one model at a time: base-size engines are large
+        _ENGINES[key] = got
+    return _ENGINES[key]
+
+
+def tf_outputs(savedmodel: str, inputs: dict, mlm: bool = True) -> dict:
+    from engine.tf import reference
+    return reference.run_savedmodel(savedmodel, inputs, mlm=mlm)
+
+
+def judge(savedmodel: str, h5: str, inputs: dict, path: str = "readable", backend: str = "numpy",
+          label: str = "", theirs: dict | None = None) -> list:
+    """The verdict on every output of `.mlm(inputs)` (the root call's when there are no positions),
+    printed as a table; `theirs`: TF's outputs when already computed."""
+    mlm = "masked_lm_positions" in inputs
+    encs = engines(h5, backend)
+    call = (lambda e: e.mlm) if mlm else (lambda e: e)
+    theirs = theirs if theirs is not None else tf_outputs(savedmodel, inputs, mlm=mlm)
+    ours = parity.flatten_outputs(engine.to_numpy(call(encs[path])(inputs)))
+    exact = parity.flatten_outputs(engine.to_numpy(call(encs["float64"])(inputs)))
+    judgements = verdict.judge_all(ours, parity.flatten_outputs(theirs), exact)
+    print(f"\n{label} {path}:\n{verdict.format_table(judgements)}")
+    return judgements
+
+
+def assert_pass(judgements) -> None:
+    bad = [f"{j.name}: {j.status} {j.detail}" for j in judgements if not j.ok]
+    assert not bad, "\n".join(bad)
+
+
+def random_inputs(cfg, case: dict, seed: int, num_positions: int | None = None) -> dict:
+    """parity.random_inputs for a case dict (batch, seq_length, optional padding, all_padding_row,
+    segment_pairs); min(S, 32) MLM positions per row unless given."""
+    rng = np.random.default_rng(seed)
+    S = case["seq_length"]
+    return parity.random_inputs(rng, case["batch"], S, cfg.vocab_size, padding=case.get("padding", True),
+                                all_padding_row=case.get("all_padding_row", False),
+                                segment_pairs=case.get("segment_pairs", True),
+                                num_positions=num_positions if num_positions is not None else min(S, 32))
