@@ -38,7 +38,9 @@ def judge(savedmodel: str, h5: str, inputs: dict, path: str = "readable", backen
     theirs = theirs if theirs is not None else tf_outputs(savedmodel, inputs, mlm=mlm)
     ours = parity.flatten_outputs(engine.to_numpy(call(encs[path])(inputs)))
     exact = parity.flatten_outputs(engine.to_numpy(call(encs["float64"])(inputs)))
-    judgements = verdict.judge_all(ours, parity.flatten_outputs(theirs), exact)
+    others = [parity.flatten_outputs(engine.to_numpy(call(encs[p])(inputs)))
+              for p in ("readable", "fast") if p != path and p in encs]
+    judgements = verdict.judge_all(ours, parity.flatten_outputs(theirs), exact, others=others)
     print(f"\n{label} {path}:\n{verdict.format_table(judgements)}")
     return judgements
 

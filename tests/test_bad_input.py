@@ -193,7 +193,7 @@ def test_layouts_and_integer_dtypes_work_as_tf(tiny_h5, tiny_savedmodel):
     inputs["input_type_ids"][:] = 0        # the broadcast variant's type ids are all 0
     theirs = reference.run_savedmodel(tiny_savedmodel, inputs)
     ours = engine.to_numpy(enc.mlm(inputs))
-    assert all(d.ok for d in parity.compare(ours, theirs, 1e-5, pooled_rtol=2e-5))
+    assert all(d.ok for d in parity.compare(ours, theirs, 1e-5))   # tiny: pooled_output too (measured <= 1.2e-6)
     base_fast = fast({k: v for k, v in inputs.items() if k != "masked_lm_positions"})
     for name, variant in _variants(inputs):
         got = enc.mlm(variant)

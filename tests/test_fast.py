@@ -1,20 +1,19 @@
-"""The fast path (engine/fast/forward.py) held to the readable one (engine/core/kernels.py + engine/core/model.py) and to TF.
+"""The fast path (engine/fast/forward.py) held to the readable one (engine/core) and to TF, by the
+noise verdict of engine.tools.verdict, the engine's float64 run as the truth:
 
-- fast vs readable, tiny and base reference models: every output within 1e-5 x max|readable|;
-- skip_padding=True vs the readable path on the real tokens (input_mask == 1) of every
-  encoder output, pooled_output of rows whose position 0 is real, and mlm_logits; padded
+- fast vs readable, tiny (random and trained-like) and base reference models: the fast path as
+  accurate as the readable one and their difference float32 noise, on every output;
+- skip_padding=True vs the readable path on the real tokens (input_mask == 1) of every encoder
+  output, pooled_output of rows whose position 0 is real, and mlm_logits at real positions; padded
   positions hold zeros;
-- fast (dense and skip_padding) vs TensorFlow running the tiny SavedModel, at the parity
-  tolerance of tests/test_parity.py.
+- fast (dense and skip_padding) vs TensorFlow running the tiny SavedModels.
 """
 
 import numpy as np
 import pytest
 
 import engine
-from engine.tools import parity
-
-RTOL = parity.DEFAULT_RTOL  # pooled_output: parity.POOLED_RTOL, as in tests/test_parity.py
+from engine.tools import parity, verdict
 
 CASES = [
     dict(batch=1, seq_length=1),
@@ -33,46 +32,43 @@ BASE_CASES = [
 
 def _inputs(cfg, case, seed):
     rng = np.random.default_rng(seed)
-    return parity.random_inputs(rng, case["batch"], case["seq_length"], cfg.vocab_size,
-                                padding=case.get("padding", True),
-                                all_padding_row=case.get("all_padding_row", False), num_positions=5)
+    S = case["seq_length"]
+    return parity.random_inputs(rng, case["batch"], S, cfg.vocab_size, padding=case.get("padding", True),
+                                all_padding_row=case.get("all_padding_row", False), num_positions=min(S, 32))
 
 
-def _real_token_differences(ours, theirs, mask, positions=None):
-    """Differences on real tokens only: encoder outputs at mask==1, pooled of rows with mask[:,0]==1,
-    and mlm_logits at positions that are real tokens."""
+def _real_tokens(outputs, mask, positions):
+    """The outputs on real tokens only: encoder outputs at mask==1, pooled of rows with mask[:,0]==1,
+    and mlm_logits at positions that are real tokens (flattened dict, as verdict.judge_all takes)."""
     real = mask.astype(bool)
-    first = real[:, 0]
-    diffs = []
-    for i, (a, b) in enumerate(zip(ours["encoder_outputs"], theirs["encoder_outputs"])):
-        diffs.append(_diff(f"encoder_outputs[{i}]", a[real], b[real]))
-    diffs.append(_diff("sequence_output", ours["sequence_output"][real], theirs["sequence_output"][real]))
-    diffs.append(_diff("pooled_output", ours["pooled_output"][first], theirs["pooled_output"][first]))
-    if "mlm_logits" in theirs:
+    out = {f"encoder_outputs[{i}]": np.asarray(a)[real] for i, a in enumerate(outputs["encoder_outputs"])}
+    out["sequence_output"] = np.asarray(outputs["sequence_output"])[real]
+    out["pooled_output"] = np.asarray(outputs["pooled_output"])[real[:, 0]]
+    if "mlm_logits" in outputs:
         b_idx = np.arange(mask.shape[0])[:, None].repeat(positions.shape[1], 1)
-        ok = real[b_idx, positions]
-        diffs.append(_diff("mlm_logits", ours["mlm_logits"][ok], theirs["mlm_logits"][ok]))
-    return diffs
+        out["mlm_logits"] = np.asarray(outputs["mlm_logits"])[real[b_idx, positions]]
+    return out
 
 
-def _diff(name, a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return parity.Difference(name, float(np.abs(a - b).max()) if a.size else 0.0,
-                             float(np.abs(b).max()) if b.size else 0.0, RTOL)
+def _assert_pass(judgements, label):
+    print(f"{label}:\n{verdict.format_table(judgements)}")
+    bad = [f"{j.name}: {j.status} {j.detail}" for j in judgements if not j.ok]
+    assert not bad, "\n".join(bad)
 
 
-def _check(fast, ref, cfg, case, seed):
-    inputs = _inputs(cfg, case, seed)
+def _check(fast, ref, exact, case, seed):
+    """fast (float32) judged against ref (readable float32) with exact (readable float64) as the truth."""
+    inputs = _inputs(ref.config, case, seed)
     want = engine.to_numpy(ref.mlm(inputs))
     got = engine.to_numpy(fast.mlm(inputs))
-    diffs = parity.compare(got, want, RTOL, pooled_rtol=parity.POOLED_RTOL)
-    print(f"\nfast vs readable {case}:\n" + parity.format_table(diffs))
-    assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
+    truth = engine.to_numpy(exact.mlm(inputs))
+    flat = parity.flatten_outputs
+    _assert_pass(verdict.judge_all(flat(got), flat(want), flat(truth)), f"\nfast vs readable {case}")
     skipped = engine.to_numpy(fast.mlm(inputs, skip_padding=True))
-    diffs = _real_token_differences(skipped, want, inputs["input_mask"], inputs["masked_lm_positions"])
-    print("skip_padding vs readable, real tokens:\n" + parity.format_table(diffs))
-    assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
-    pad = ~inputs["input_mask"].astype(bool)
+    mask, positions = inputs["input_mask"], inputs["masked_lm_positions"]
+    _assert_pass(verdict.judge_all(_real_tokens(skipped, mask, positions), _real_tokens(want, mask, positions),
+                                   _real_tokens(truth, mask, positions)), "skip_padding vs readable, real tokens")
+    pad = ~mask.astype(bool)
     for out in skipped["encoder_outputs"]:
         assert np.all(out[pad] == 0)
     # the root call agrees with the .mlm call
@@ -82,38 +78,46 @@ def _check(fast, ref, cfg, case, seed):
     np.testing.assert_array_equal(root["default"], root["pooled_output"])
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tiny_h5):
-    return engine.load(tiny_h5, fast=True), engine.load(tiny_h5)
+MODELS = ["random", "trained"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny_model(request):
+    """(savedmodel, fast, readable, float64) for the tiny random and trained-like models."""
+    savedmodel = request.getfixturevalue("tiny_savedmodel" if request.param == "random" else "tiny_trained_savedmodel")
+    h5 = request.getfixturevalue("tiny_h5" if request.param == "random" else "tiny_trained_h5")
+    return savedmodel, engine.load(h5, fast=True), engine.load(h5), engine.load(h5, dtype="float64")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c['batch']}xS{c['seq_length']}")
-def test_tiny_fast_matches_readable(tiny_pair, case):
-    fast, ref = tiny_pair
-    _check(fast, ref, ref.config, case, seed=case["seq_length"])
+def test_tiny_fast_matches_readable(tiny_model, case):
+    _, fast, ref, exact = tiny_model
+    _check(fast, ref, exact, case, seed=case["seq_length"])
 
 
 @pytest.mark.slow
-def test_base_fast_matches_readable(base_h5):
-    fast, ref = engine.load(base_h5, fast=True), engine.load(base_h5)
+@pytest.mark.parametrize("model", MODELS)
+def test_base_fast_matches_readable(model, request):
+    h5 = request.getfixturevalue("base_h5" if model == "random" else "base_trained_h5")
+    fast, ref, exact = engine.load(h5, fast=True), engine.load(h5), engine.load(h5, dtype="float64")
     for i, case in enumerate(BASE_CASES):
-        _check(fast, ref, ref.config, case, seed=200 + i)
+        _check(fast, ref, exact, case, seed=200 + i)
 
 
 @pytest.mark.parametrize("case", CASES[:5], ids=lambda c: f"B{c['batch']}xS{c['seq_length']}")
-def test_tiny_fast_matches_tensorflow(tf_tiny, tiny_pair, case):
-    tf = pytest.importorskip("tensorflow")
-    fast, _ = tiny_pair
+def test_tiny_fast_matches_tensorflow(tiny_model, case):
+    from engine.tf import reference
+    savedmodel, fast, _, exact = tiny_model
     inputs = _inputs(fast.config, case, seed=1000 + case["seq_length"])
-    out = tf_tiny.mlm({k: tf.constant(v) for k, v in inputs.items()})
-    theirs = {k: ([t.numpy() for t in v] if isinstance(v, list) else v.numpy()) for k, v in out.items()}
-    diffs = parity.compare(engine.to_numpy(fast.mlm(inputs)), theirs, RTOL, pooled_rtol=parity.POOLED_RTOL)
-    print(f"\nfast vs TF {case}:\n" + parity.format_table(diffs))
-    assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
-    diffs = _real_token_differences(engine.to_numpy(fast.mlm(inputs, skip_padding=True)), theirs,
-                                    inputs["input_mask"], inputs["masked_lm_positions"])
-    print("skip_padding vs TF, real tokens:\n" + parity.format_table(diffs))
-    assert all(d.ok for d in diffs), [d.as_dict() for d in diffs if not d.ok]
+    theirs = reference.run_savedmodel(savedmodel, inputs)
+    truth = engine.to_numpy(exact.mlm(inputs))
+    flat = parity.flatten_outputs
+    _assert_pass(verdict.judge_all(flat(engine.to_numpy(fast.mlm(inputs))), flat(theirs), flat(truth)),
+                 f"\nfast vs TF {case}")
+    mask, positions = inputs["input_mask"], inputs["masked_lm_positions"]
+    skipped = engine.to_numpy(fast.mlm(inputs, skip_padding=True))
+    _assert_pass(verdict.judge_all(_real_tokens(skipped, mask, positions), _real_tokens(theirs, mask, positions),
+                                   _real_tokens(truth, mask, positions)), "skip_padding vs TF, real tokens")
 
 
 def test_skip_padding_needs_fast(tiny_h5):
@@ -136,8 +140,8 @@ def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
     via_readable = engine.to_numpy(fast.mlm(inputs, record=lambda n, v: rec.append(n)))
     want = engine.to_numpy(ref.mlm(inputs))
     assert rec
-    diffs = parity.compare(via_readable, want, RTOL, pooled_rtol=parity.POOLED_RTOL)
-    assert all(d.ok for d in diffs)
+    for k, v in parity.flatten_outputs(want).items():   # the very same computation: bit for bit
+        np.testing.assert_array_equal(parity.flatten_outputs(via_readable)[k], v)
 
 
 def test_fast_numpy_only(tiny_h5):

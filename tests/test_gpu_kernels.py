@@ -109,74 +109,125 @@ def test_tf32_and_float16_roundings(rng):
 
 # ------------------------------------------------------------------------------------ NumPy twins
 
-def test_layer_norm_residual_twin(rng):
-    x, r = rng.normal(0, 2, (2, 5, 64)).astype(np.float32), rng.normal(0, 2, (2, 5, 64)).astype(np.float32)
+# Each twin against TensorFlow running the same operation in float32 (the ground truth, not the
+# engine's own kernels that the twins are written with). Tolerances: exact for pure data movement;
+# TWIN_RTOL x max|TF| where the two float32 implementations may round differently (a few ulps).
+TWIN_RTOL = 1e-6   # measured: at most 1.8e-7 (pytest -s prints each)
+
+
+def _tf():
+    return pytest.importorskip("tensorflow")
+
+
+def _check_layer_norm_residual(twin):
+    tf = _tf()
+    import tf_keras
+    rng = np.random.default_rng(11)
+    x, r = rng.normal(0, 2, (10, 64)).astype(np.float32), rng.normal(0, 2, (10, 64)).astype(np.float32)
     b, g, be = (rng.normal(0, 1, 64).astype(np.float32) for _ in range(3))
-    # the model's order: a = x·W + b, then LN(residual + a)
-    np.testing.assert_array_equal(G.layer_norm_residual_reference(x, b, r, g, be, 1e-12),
-                                  K.layer_norm(r + K.dense(x, np.eye(64, dtype=np.float32), b), g, be, 1e-12))
-    np.testing.assert_array_equal(G.layer_norm_residual_reference(x, None, None, g, be, 1e-12), K.layer_norm(x, g, be, 1e-12))
+    ln = tf_keras.layers.LayerNormalization(epsilon=1e-12)
+    ln.build((None, 64))
+    ln.set_weights([g, be])
+    theirs = ln((tf.constant(x) + b) + tf.constant(r)).numpy()
+    return max(rel_err(twin(x, b, r, g, be, 1e-12), theirs), rel_err(twin(x, None, None, g, be, 1e-12), ln(x).numpy()))
 
 
-def test_attention_twins_match_the_readable_attention(tiny_encoder):
-    """bias_split_heads, talking_heads_softmax and merge_heads, chained with the merged products,
-    give the intermediates of engine.core.kernels.talking_heads_attention."""
-    enc = tiny_encoder
+def _check_embed_layer_norm(twin, enc):
+    tf = _tf()
+    import tf_keras
+    ids, _, types = tiny_inputs()
+    ln = tf_keras.layers.LayerNormalization(epsilon=1e-12)
+    ln.build((None, None, TINY.hidden_size))
+    ln.set_weights(list(enc.embedding_ln))
+    S = ids.shape[1]
+    e = (tf.gather(enc.word_table, ids) + enc.position_table[:S]) + tf.gather(enc.type_table, types)
+    return rel_err(twin(ids, types, enc.word_table, enc.position_table, enc.type_table, *enc.embedding_ln, 1e-12),
+                   ln(e).numpy())
+
+
+def _check_bias_split_heads(twin):
+    tf = _tf()
+    B, S, N, D = 2, 7, 4, 16
+    rng = np.random.default_rng(12)
+    qkv, bias = rng.normal(0, 1, (B * S, 3 * N * D)).astype(np.float32), rng.normal(0, 1, 3 * N * D).astype(np.float32)
+    y = tf.reshape(tf.constant(qkv) + bias, [B, S, 3, N, D])
+    theirs = [tf.transpose(y[:, :, i], [0, 2, 1, 3]).numpy() for i in range(3)]
+    return max(rel_err(o, t) for o, t in zip(twin(qkv, bias, B, S, N, D), theirs)) * 1e9   # exact: any change fails
+
+
+def _check_talking_heads_softmax(twin, enc):
+    tf = _tf()
     w = enc.blocks[0].attention
-    B, S, H, N, D = 2, 17, TINY.hidden_size, TINY.num_heads, TINY.head_size
-    rng = np.random.default_rng(3)
-    x = rng.normal(0, 1, (B, S, H)).astype(np.float32)
+    B, N, S = 2, TINY.num_heads, 17
+    rng = np.random.default_rng(13)
+    scores = rng.normal(0, 8, (B, N, S, S)).astype(np.float32)
     mask = np.ones((B, S), np.int32)
     mask[0, 11:] = 0
-    mask[1, :] = 0                                             # a row that is all padding
-    rec = {}
-    adder = K.attention_mask_adder(mask, "float32", TINY.attention_mask_constant)
-    out = K.talking_heads_attention(x, adder, w, record=lambda n, v: rec.__setitem__(n, v))
-
-    wqkv = np.concatenate([k.reshape(H, N * D) for k in (w.query_kernel, w.key_kernel, w.value_kernel)], axis=1)
-    bqkv = np.concatenate([b.reshape(N * D) for b in (w.query_bias, w.key_bias, w.value_bias)])
-    q, k, v = G.bias_split_heads_reference(x.reshape(B * S, H) @ wqkv, bqkv, B, S, N, D)
-    for name, ours in (("q", q), ("k", k), ("v", v)):
-        e = rel_err(ours, rec[name].transpose(0, 2, 1, 3))
-        print(f"bias_split_heads {name}: rel err {e:.2e}")
-        assert e <= 1e-6
-    scores = rec["q"].transpose(0, 2, 1, 3) @ rec["k"].transpose(0, 2, 3, 1)    # unscaled q·k [B,N,S,T]
-    scale = np.float32(1.0 / np.sqrt(D))
-    probs = G.talking_heads_softmax_reference(scores, mask, w.pre_softmax_weight, w.post_softmax_weight,
-                                              scale, TINY.attention_mask_constant)
-    np.testing.assert_array_equal(probs, rec["mixed_probs"])
-    # the all-padding row: uniform softmax before the post-mix
-    pre_post = K.softmax(K.talking_heads_mix(scores * scale, w.pre_softmax_weight) + adder)
-    np.testing.assert_allclose(pre_post[1], 1.0 / S, rtol=1e-6)
-    ctx = G.merge_heads_reference(probs @ rec["v"].transpose(0, 2, 1, 3))          # [B,S,H]
-    np.testing.assert_array_equal(ctx, rec["context"].reshape(B, S, H))
-    a = ctx @ w.output_kernel.reshape(H, H) + w.output_bias
-    np.testing.assert_array_equal(a, out)
+    mask[1, :] = 0                                              # a row that is all padding: uniform softmax
+    scale = np.float32(1.0 / np.sqrt(TINY.head_size))
+    mixed = tf.einsum("bnst,nm->bmst", tf.constant(scores) * scale, w.pre_softmax_weight)
+    adder = (1.0 - tf.cast(mask, tf.float32)) * TINY.attention_mask_constant
+    probs = tf.nn.softmax(mixed + adder[:, None, None, :], axis=-1)
+    theirs = tf.einsum("bnst,nm->bmst", probs, w.post_softmax_weight).numpy()
+    return rel_err(twin(scores, mask, w.pre_softmax_weight, w.post_softmax_weight, scale,
+                        TINY.attention_mask_constant), theirs)
 
 
-def test_geglu_twin_matches_the_readable_feedforward(tiny_encoder):
-    f = tiny_encoder.blocks[1].feedforward
-    x = np.random.default_rng(4).normal(0, 1, (3, 9, TINY.hidden_size)).astype(np.float32)
-    rec = {}
-    K.geglu_feedforward(x, f, record=lambda n, v: rec.__setitem__(n, v))
-    y = x @ np.concatenate([f.intermediate_kernel, f.gate_kernel], axis=1)
-    h = G.geglu_reference(y, np.concatenate([f.intermediate_bias, f.gate_bias]))
-    e = rel_err(h, rec["geglu"])
-    print(f"geglu twin (merged product): rel err {e:.2e}")
-    assert e <= 1e-6
+def _check_merge_heads(twin):
+    tf = _tf()
+    ctx = np.random.default_rng(14).normal(0, 1, (2, 4, 5, 16)).astype(np.float32)
+    theirs = tf.reshape(tf.transpose(ctx, [0, 2, 1, 3]), [2, 5, 64]).numpy()
+    return rel_err(twin(ctx), theirs) * 1e9   # exact
 
 
-def test_embed_and_pooler_twins(tiny_encoder):
-    enc = tiny_encoder
-    ids, mask, types = tiny_inputs()
-    np.testing.assert_array_equal(
-        G.embed_layer_norm_reference(ids, types, enc.word_table, enc.position_table, enc.type_table,
-                                     *enc.embedding_ln, TINY.layer_norm_epsilon),
-        K.layer_norm(K.embed(ids, types, enc.word_table, enc.position_table, enc.type_table), *enc.embedding_ln,
-                     TINY.layer_norm_epsilon))
-    x = np.random.default_rng(5).normal(0, 1, (3, 7, TINY.hidden_size)).astype(np.float32)
-    np.testing.assert_array_equal(G.bias_tanh_reference(x[:, 0] @ enc.pooler_kernel, enc.pooler_bias),
-                                  K.pooler(x, enc.pooler_kernel, enc.pooler_bias))
+def _check_geglu(twin):
+    tf = _tf()
+    I = 256
+    rng = np.random.default_rng(15)
+    y, bias = rng.normal(0, 2, (9, 2 * I)).astype(np.float32), rng.normal(0, 1, 2 * I).astype(np.float32)
+    theirs = (tf.nn.gelu(y[:, :I] + bias[:I], approximate=True) * (y[:, I:] + bias[I:])).numpy()
+    return rel_err(twin(y, bias), theirs)
+
+
+def _check_bias_tanh(twin):
+    tf = _tf()
+    rng = np.random.default_rng(16)
+    y, bias = rng.normal(0, 2, (3, 64)).astype(np.float32), rng.normal(0, 1, 64).astype(np.float32)
+    return rel_err(twin(y, bias), tf.tanh(tf.constant(y) + bias).numpy())
+
+
+TWIN_CHECKS = {
+    "layer_norm_residual_reference": lambda twin, enc: _check_layer_norm_residual(twin),
+    "embed_layer_norm_reference": _check_embed_layer_norm,
+    "bias_split_heads_reference": lambda twin, enc: _check_bias_split_heads(twin),
+    "talking_heads_softmax_reference": _check_talking_heads_softmax,
+    "merge_heads_reference": lambda twin, enc: _check_merge_heads(twin),
+    "geglu_reference": lambda twin, enc: _check_geglu(twin),
+    "bias_tanh_reference": lambda twin, enc: _check_bias_tanh(twin),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWIN_CHECKS))
+def test_twin_matches_tensorflow(name, tiny_encoder):
+    err = TWIN_CHECKS[name](getattr(G, name), tiny_encoder)
+    print(f"{name}: max|twin - TF| / max|TF| = {err:.2e} (tolerance {TWIN_RTOL:.0e})")
+    assert err <= TWIN_RTOL
+
+
+def _perturbed(twin):
+    """The twin with its result nudged by 1e-5 (relative): a small real change."""
+    def nudged(*args):
+        out = twin(*args)
+        if isinstance(out, tuple):
+            return tuple(o * np.float32(1 + 1e-5) for o in out)
+        return out * np.float32(1 + 1e-5)
+    return nudged
+
+
+@pytest.mark.parametrize("name", sorted(TWIN_CHECKS))
+def test_a_perturbed_twin_fails_its_check(name, tiny_encoder):
+    err = TWIN_CHECKS[name](_perturbed(getattr(G, name)), tiny_encoder)
+    assert err > TWIN_RTOL, f"{name}: a 1e-5 change passed ({err:.2e})"
 
 
 # ------------------------------------------------------------------------------------ fused forward on the CPU

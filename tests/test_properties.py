@@ -16,7 +16,7 @@ import engine
 from weights.format import ModelConfig, expected_shapes
 
 RTOL = 1e-5
-POOLED_RTOL = 2e-5   # tanh-bounded: the parity suite's pooled_output tolerance (TF's own float32 noise floor)
+POOLED_RTOL = RTOL   # tiny random configs: pooled_output needs no more (the 2e-5 of earlier sessions was a base-size figure)
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

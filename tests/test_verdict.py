@@ -130,7 +130,8 @@ def test_verdict_factors_hold_with_margin_on_the_tiny_models(tiny_savedmodel, ti
                 for j in judge(savedmodel, h5, inputs, path=path, label=f"{label} {case}", theirs=theirs):
                     for s in verdict.STATISTICS:
                         e, t = max(j.ruled_engine[s], verdict.FLOOR), max(j.ruled_tf[s], verdict.FLOOR)
-                        for rule, ratio in (("accuracy", e / t), ("noise", t / e)):
+                        n = max(j.ruled_noise[s], verdict.FLOOR)
+                        for rule, ratio in (("accuracy", e / t), ("noise", t / n)):
                             if ratio > worst.get((rule, s), (0,))[0]:
                                 worst[(rule, s)] = (ratio, f"{label} {case} {path} {j.name}")
     for (rule, s), (ratio, where) in sorted(worst.items()):

@@ -118,9 +118,14 @@ def cmd_verify(args) -> int:
     else:
         from engine.tf import extract
         weights_path = extract.cached_extraction(savedmodel)
-    fast = not args.readable and resolve_name(args.backend) == "numpy"
+    numpy_backend = resolve_name(args.backend) == "numpy"
+    fast = not args.readable and numpy_backend
     enc = engine.load(weights_path, backend=args.backend, fast=fast)
-    enc64 = engine.load(weights_path, backend=args.backend, dtype="float64") if args.rtol is None else None
+    enc64 = other = None
+    if args.rtol is None:   # the noise verdict: the float64 truth, and the other float32 path for the noise level
+        enc64 = engine.load(weights_path, backend=args.backend, dtype="float64")
+        other = engine.load(weights_path, backend=args.backend, fast=numpy_backend and not fast,
+                            **({} if numpy_backend else {"gpu_path": "fused" if args.readable else "plain"}))
     cfg = enc.config
     seq_length = min(args.seq_length, cfg.max_position_embeddings)
     path = "fast" if fast else ("readable" if enc.fast_forward is None else "fused GPU")
@@ -149,7 +154,9 @@ def cmd_verify(args) -> int:
         else:
             _progress(f"verify: {name} inputs: the engine in float64 (the truth) ...")
             exact = parity.flatten_outputs(engine.to_numpy(call(enc64)(inputs)))
-            results = verdict.judge_all(parity.flatten_outputs(ours), parity.flatten_outputs(theirs), exact)
+            noise = parity.flatten_outputs(engine.to_numpy(call(other)(inputs)))
+            results = verdict.judge_all(parity.flatten_outputs(ours), parity.flatten_outputs(theirs), exact,
+                                        others=[noise])
             table = verdict.format_table(results)
         ok &= all(d.ok for d in results)
         report["cases"].append({"inputs": name, "batch": args.batch, "seq_length": seq_length,

@@ -12,7 +12,16 @@ each as a maximum and as an RMS. PASS needs, for both statistics:
 
     accurate:  engine <= ACCURACY_FACTOR x tf      the engine is at least as accurate as TF, within
                                                     a small stated factor;
-    explained: tf     <= NOISE_FACTOR x engine      TF's distance to the truth is float32 noise.
+    explained: tf     <= NOISE_FACTOR x noise       TF's distance to the truth is float32 noise,
+                                                    noise = the largest float32 error among the
+                                                    engine's runs (the judged path and, when given,
+                                                    its other float32 path).
+
+Why the other path: the fast path rounds less often than TensorFlow (fused products, the scale
+folded into W_pre) and can be several times more accurate than TF (measured: TF/fast up to 9x on
+the base trained-like model at 1x512); the readable path follows Model Garden's order of
+operations and its error is TF-sized. The noise that TF's error must be explained by is therefore
+the larger of the two.
 
 The second rule closes the trap of a float64 truth computed from the HDF5 file: when the file (or the
 engine's formula, shared by its float32 and float64 runs) differs from the SavedModel, the float64
@@ -47,14 +56,13 @@ from engine.tools.compare import MASKED_THRESHOLD
 STATISTICS = ("max", "rms", "median")
 FLOOR = 2.0 ** -23            # one float32 ulp at 1, relative to the scale
 # The factors, measured (tests/test_verdict.py prints the tiny-model ratios; the base-size sweep is in
-# the README): over the tiny and base reference models, random and trained-like, readable and fast
-# paths, 13 input shapes from 1x1 to 2x512, the worst clean ratios were engine/TF 3.77 (max), 3.51
-# (rms), 1.83 (median) and TF/engine 3.69 (max), 2.58 (rms), 1.66 (median); one more case, tiny
-# trained-like 4x64, gave 4.6 (rms) on pooled_output even with its parent's floor. Such ratios come
-# from outputs whose error sits in a few tokens (trained-like outlier dimensions, a few [CLS] rows):
-# two independent float32 roundings then differ by that much. A 1e-4 shift of one LayerNorm beta in
-# block 6 of the base trained-like model gives TF/engine ratios of 15-23 (median) and 4.5-6 (rms) at
-# that block, so the noise rule's factors stay at 3 (median) and 3.5 (rms).
+# the README): over the tiny and base reference models, random and trained-like, 16 input shapes from
+# 1x1 to 1x512, the worst clean ratios were, engine path / TF: 3.82 (max), 3.51 (rms), 1.83 (median);
+# TF / noise (the larger of the readable and fast paths' errors): 3.18 (max), 2.07 (rms), 2.18
+# (median). They come from outputs whose error sits in a few tokens (trained-like outlier dimensions,
+# a few [CLS] rows): two independent float32 roundings then differ by that much. A 1e-4 shift of one
+# LayerNorm beta in block 6 of the base trained-like model gives TF/noise ratios of 15-23 (median)
+# and 4.5-6 (rms) at that block.
 ACCURACY_FACTOR = {"max": 5.0, "rms": 5.0, "median": 3.0}
 NOISE_FACTOR = {"max": 5.0, "rms": 3.5, "median": 3.0}
 
@@ -80,8 +88,10 @@ class Judgement:
     engine: dict                 # |engine32 - float64|
     status: str = "ok"           # "ok", "FAIL", "shape", "nonfinite", "mask", "missing"
     detail: str = ""
+    noise: dict = None           # the largest float32 error among the engine's runs
     ruled_engine: dict = None    # the errors the rules compared: own, floored by the parent's
     ruled_tf: dict = None
+    ruled_noise: dict = None
 
     @property
     def ok(self) -> bool:
@@ -90,7 +100,8 @@ class Judgement:
     def as_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "ok": self.ok, "scale": self.scale,
                 "engine_vs_tf": self.diff, "tf_vs_float64": self.tf, "engine_vs_float64": self.engine,
-                "ruled_engine_vs_float64": self.ruled_engine, "ruled_tf_vs_float64": self.ruled_tf,
+                "noise": self.noise, "ruled_engine_vs_float64": self.ruled_engine,
+                "ruled_tf_vs_float64": self.ruled_tf, "ruled_noise": self.ruled_noise,
                 "accuracy_factor": ACCURACY_FACTOR, "noise_factor": NOISE_FACTOR, "detail": self.detail}
 
 
@@ -104,23 +115,26 @@ def _stats(d, scale) -> dict:
             "median": per(float(np.median(a)), scale["rms"])}
 
 
-def rule_failures(engine: dict, tf: dict) -> list[str]:
-    """What the two rules say about an engine error and a TF error (relative figures): [] on PASS."""
+def rule_failures(engine: dict, tf: dict, noise: dict | None = None) -> list[str]:
+    """What the two rules say about an engine error, a TF error and the noise level (the largest of the
+    engine's float32 errors; default: `engine`), relative figures: [] on PASS."""
+    noise = engine if noise is None else noise
     out = []
     for s in STATISTICS:
-        e, t = max(engine[s], FLOOR), max(tf[s], FLOOR)
+        e, t, n = max(engine[s], FLOOR), max(tf[s], FLOOR), max(noise[s], FLOOR)
         if e > ACCURACY_FACTOR[s] * t:
             out.append(f"engine {s} error {engine[s]:.2e} > {ACCURACY_FACTOR[s]:g} x TF's {tf[s]:.2e}")
-        if t > NOISE_FACTOR[s] * e:
+        if t > NOISE_FACTOR[s] * n:
             out.append(f"TF's {s} distance to float64 {tf[s]:.2e} > {NOISE_FACTOR[s]:g} x the engine's "
-                       f"float32 error {engine[s]:.2e}: more than float32 noise")
+                       f"float32 error {noise[s]:.2e}: more than float32 noise")
     return out
 
 
-def judge(name: str, engine32, reference, exact, parent: Judgement | None = None) -> Judgement:
+def judge(name: str, engine32, reference, exact, parent: Judgement | None = None, others=()) -> Judgement:
     """One output or intermediate: engine32 (float32), reference (TF, float32), exact (engine float64).
     The reference may come in any layout that reshapes to ours in C order. `parent`: the judgement of
-    the output this one is computed from, whose errors floor this one's in the rules (PARENTS)."""
+    the output this one is computed from, whose errors floor this one's in the rules (PARENTS).
+    `others`: the same output from the engine's other float32 runs, for the noise level."""
     ours, exact = np.asarray(engine32, np.float64), np.asarray(exact, np.float64)
     theirs = np.asarray(reference, np.float64)
     empty = {s: float("nan") for s in STATISTICS}
@@ -145,19 +159,26 @@ def judge(name: str, engine32, reference, exact, parent: Judgement | None = None
              "rms": float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0}
     j = Judgement(name, scale, _stats(ours[keep] - theirs[keep], scale), _stats(theirs[keep] - x, scale),
                   _stats(ours[keep] - x, scale))
-    j.ruled_engine, j.ruled_tf = j.engine, j.tf
+    j.noise = dict(j.engine)
+    for other in others:
+        other_err = _stats(np.asarray(other, np.float64)[keep] - x, scale)
+        j.noise = {s: max(j.noise[s], other_err[s]) for s in STATISTICS}
+    j.ruled_engine, j.ruled_tf, j.ruled_noise = j.engine, j.tf, j.noise
     if parent is not None and parent.ok:
         j.ruled_engine = {s: max(j.engine[s], parent.ruled_engine[s]) for s in STATISTICS}
         j.ruled_tf = {s: max(j.tf[s], parent.ruled_tf[s]) for s in STATISTICS}
-    failures = rule_failures(j.ruled_engine, j.ruled_tf)
+        j.ruled_noise = {s: max(j.noise[s], parent.ruled_noise[s]) for s in STATISTICS}
+    failures = rule_failures(j.ruled_engine, j.ruled_tf, j.ruled_noise)
     if failures:
         j.status, j.detail = "FAIL", "; ".join(failures)
     return j
 
 
-def judge_all(engine32: dict, reference: dict, exact: dict, names=None, parents: dict | None = None) -> list[Judgement]:
+def judge_all(engine32: dict, reference: dict, exact: dict, names=None, parents: dict | None = None,
+              others=()) -> list[Judgement]:
     """judge() over the names of `exact` (or `names`), in that order; a name the reference or the
-    engine lacks is a failure ("missing"), never agreement. parents: {name: parent name}, default PARENTS."""
+    engine lacks is a failure ("missing"), never agreement. parents: {name: parent name}, default
+    PARENTS. others: dicts of the engine's other float32 runs (the noise level, see judge)."""
     parents = PARENTS if parents is None else parents
     names = list(names if names is not None else exact)
     done = {}
@@ -168,7 +189,8 @@ def judge_all(engine32: dict, reference: dict, exact: dict, names=None, parents:
             nan = {s: float("nan") for s in STATISTICS}
             done[name] = Judgement(name, nan, nan, nan, nan, "missing", f"not in {side}'s results")
             continue
-        done[name] = judge(name, engine32[name], reference[name], exact[name], parent=done.get(parents.get(name)))
+        done[name] = judge(name, engine32[name], reference[name], exact[name], parent=done.get(parents.get(name)),
+                           others=[o[name] for o in others if name in o])
     return [done[name] for name in names]
 
 
@@ -177,14 +199,15 @@ def first_failure(judgements: list[Judgement]) -> Judgement | None:
 
 
 def format_table(judgements: list[Judgement]) -> str:
-    """One line per output: the three distances (max and RMS, relative to scale) and the verdict."""
+    """One line per output: the three distances (max, RMS and median, relative to scale) and the verdict."""
     width = max([len(j.name) for j in judgements] + [12])
-    head = (f"{'output':<{width}}  {'engine vs TF':>19}  {'TF vs float64':>19}  {'engine vs float64':>19}  verdict\n"
-            f"{'':<{width}}  {'max':>9} {'rms':>9}  {'max':>9} {'rms':>9}  {'max':>9} {'rms':>9}")
+    group = 3 * 9 - 1
+    head = (f"{'output':<{width}}  {'engine vs TF':^{group}}  {'TF vs float64':^{group}}  {'engine vs float64':^{group}}  verdict\n"
+            f"{'':<{width}}" + f"  {'max':>8} {'rms':>8} {'median':>8}" * 3)
     lines = [head]
     first = first_failure(judgements)
     for j in judgements:
-        cells = "  ".join(f"{d['max']:>9.2e} {d['rms']:>9.2e}" for d in (j.diff, j.tf, j.engine))
+        cells = "  ".join(" ".join(f"{d[s]:>8.1e}" for s in STATISTICS) for d in (j.diff, j.tf, j.engine))
         mark = "  <-- first" if j is first and first is not None else ""
         lines.append(f"{j.name:<{width}}  {cells}  {'PASS' if j.ok else j.status}{mark}")
     return "\n".join(lines)
@@ -193,4 +216,5 @@ def format_table(judgements: list[Judgement]) -> str:
 def rule_text() -> str:
     f = lambda d: "/".join(f"{d[s]:g}" for s in STATISTICS)  # noqa: E731
     return (f"noise verdict: engine32-vs-float64 <= {f(ACCURACY_FACTOR)} x TF-vs-float64 and TF-vs-float64 <= "
-            f"{f(NOISE_FACTOR)} x engine32-vs-float64 ({'/'.join(STATISTICS)}; errors floored at {FLOOR:.1e} of scale)")
+            f"{f(NOISE_FACTOR)} x the engine's float32 noise, the largest error of its float32 runs ({'/'.join(STATISTICS)}; "
+            f"errors floored at {FLOOR:.1e} of scale)")
