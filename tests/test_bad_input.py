@@ -401,7 +401,7 @@ def test_a_good_small_file_encodes(tmp_path):
     ([], "no text given"),
     (["hi", "--output", "{tmp}/o.csv"], "unknown extension '.csv'"),
     (["hi", "--output", "{tmp}/nodir/o.npy"], "does not exist"),
-    (["hi", "--sequence", "--dynamic-padding"], "--dynamic-padding applies to pooled_output only"),
+    (["hi", "--seq-length", "1"], "--seq-length must be at least 2"),
 ])
 def test_bad_encode_arguments(tmp_path, args, needle, capsys):
     from engine.cli import main as cli

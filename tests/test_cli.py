@@ -120,13 +120,17 @@ def test_encode_writes_npy_h5_and_jsonl_matching_the_api(tiny_h5, tmp_path):
 
     import engine
     from engine.text.preprocess import Preprocessor
+    from engine.tools import verdict
     texts = ["hello world", "the cat sat on the mat", "ünïcödé and 漢字"]
     enc = engine.load(tiny_h5)
-    expected = enc(Preprocessor(enc.vocab)(texts, seq_length=128))["pooled_output"]
-    for ext in ("npy", "h5", "jsonl"):
+    inputs = Preprocessor(enc.vocab)(texts, seq_length=128)
+    expected = enc(inputs)["pooled_output"]                                   # the readable path, Hub packing
+    exact = engine.load(tiny_h5, dtype="float64")(inputs)["pooled_output"]
+    for ext, flags in (("npy", []), ("h5", []), ("jsonl", []), ("npy", ["--readable"])):
         out = tmp_path / f"emb.{ext}"
-        proc = run("encode", "--weights", tiny_h5, *texts, "--output", str(out))
+        proc = run("encode", "--weights", tiny_h5, *texts, "--output", str(out), "--force", *flags)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("readable path" if flags else "fast path") in proc.stderr
         if ext == "npy":
             got = np.load(out)
         elif ext == "h5":
@@ -136,7 +140,8 @@ def test_encode_writes_npy_h5_and_jsonl_matching_the_api(tiny_h5, tmp_path):
             rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
             assert [r["text"] for r in rows] == texts
             got = np.array([r["pooled_output"] for r in rows])
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        judgement = verdict.judge("pooled_output", got, expected, exact)   # within float32 noise of the API
+        assert judgement.ok, judgement.detail
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
@@ -148,6 +153,12 @@ def test_encode_sequence_output_from_input_file(tiny_h5, tmp_path):
                "--seq-length", "16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.load(out).shape == (2, 16, 64)
+    # without --seq-length, rows are as wide as the longest text needs: [CLS] second line is longer [SEP]
+    out = tmp_path / "fit.npy"
+    proc = run("encode", "--weights", tiny_h5, "--input", str(corpus), "--output", str(out), "--sequence")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = np.load(out)
+    assert rows.shape == (2, 6, 64) and np.all(rows[0, 4:] == 0)             # padded positions hold zeros
 
 
 def test_fill_mask_prints_top_k_per_mask(tiny_h5):

@@ -433,7 +433,7 @@ def test_cli_extracts_with_progress(tiny_savedmodel, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "extract: reading [" in proc.stderr and "extract: writing [" in proc.stderr
+    assert "extract: reading: 100%" in proc.stderr and "extract: writing: 100%" in proc.stderr
     assert f"extract: wrote {out}" in proc.stderr
     assert load(out, verify_checksums=True).config.num_layers == 2
     assert os.listdir(tmp_path) == ["cli.h5"]
@@ -691,13 +691,19 @@ def test_loader_and_extract_module_import_no_tensorflow():
 def test_progress_line():
     from engine.tools.progress import Progress
     live = io.StringIO()
-    with Progress(1000, "reading", stream=live, live=True, min_interval=0) as bar:
+    with Progress(1000, "reading", stream=live, live=True, min_interval=0) as bar:  # tqdm's bar
         for _ in range(4):
             bar.update(250, "x")
     text = live.getvalue()
     assert text.count("\r") >= 4 and text.endswith("\n") and text.count("\n") == 1
-    assert "reading [########################] 100% 1.0 kB/1.0 kB" in text
+    assert "reading: 100%" in text and "1.00k/1.00k" in text and "B/s" in text
     quiet = io.StringIO()
     with Progress(10, "writing", stream=quiet) as bar:  # not a terminal: only the final line
         bar.update(10)
-    assert quiet.getvalue().count("\n") == 1 and "\r" not in quiet.getvalue() and "100%" in quiet.getvalue()
+    assert quiet.getvalue().count("\n") == 1 and "\r" not in quiet.getvalue()
+    assert quiet.getvalue().startswith("writing: 100% 10 B/10 B in ")
+    slow = io.StringIO()
+    with Progress(10, "encoding", stream=slow, bytes_unit=False, quiet_every=0) as bar:  # a line per update
+        for _ in range(5):
+            bar.update(2)
+    assert slow.getvalue().count("\n") == 5 and slow.getvalue().splitlines()[-1].startswith("encoding: 100% 10/10")

@@ -281,3 +281,15 @@ def test_trace_command_with_text_and_with_ids(tiny_h5, tmp_path):
     np.testing.assert_array_equal(t.inputs["input_mask"], [[1, 1, 1, 1, 0]])
     assert t["layers/0/q"].shape == (1, 5, 4, 16)
     assert cli.main(["trace", "--weights", tiny_h5, "--ids", "not json", "--out", str(out)]) == cli.EXIT_ERROR
+
+
+def test_verify_trace_honours_pooled_rtol(tiny_savedmodel, tiny_h5, capsys):
+    """With a fixed tolerance, --pooled-rtol applies to pooled_output (it was ignored before):
+    every other intermediate within 1e-5, pooled_output held to 1e-12 fails first."""
+    rc = cli.main(["verify", "--trace", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--batch", "2",
+                   "--seq-length", "12", "--rtol", "1e-5", "--pooled-rtol", "1e-12"])
+    out = capsys.readouterr().out
+    assert rc == cli.EXIT_MISMATCH
+    assert "first divergence at pooled_output" in out
+    assert cli.main(["verify", "--trace", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--batch", "2",
+                     "--seq-length", "12", "--rtol", "1e-5"]) == cli.EXIT_OK

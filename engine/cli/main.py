@@ -62,6 +62,34 @@ def _preprocessor(enc):
     return Preprocessor.from_weights(enc, max_seq_length=None)
 
 
+def _load(args, verify_checksums: bool = False):
+    """The model of a command: the fast path by default (the fused GPU path on cupy), the readable
+    one with --readable. Weight-file problems come as one line."""
+    import engine
+    from engine.core.backend import resolve_name
+    from weights import WeightsFileError
+    fast = not getattr(args, "readable", False) and resolve_name(args.backend) == "numpy"
+    try:
+        return engine.load(args.weights, backend=args.backend, fast=fast, verify_checksums=verify_checksums,
+                           **({"gpu_path": "plain"} if getattr(args, "readable", False) and not fast
+                              and resolve_name(args.backend) == "cupy" else {}))
+    except WeightsFileError as e:  # several problems come on several lines: one line here
+        raise CliError(f"WeightsFileError: {str(e).replace(':' + chr(10) + '  ', ': ').replace(chr(10) + '  ', '; ')}") from None
+
+
+def _seq_length(args, enc, needed: int) -> int:
+    """--seq-length, or what the text needs (`needed` tokens with [CLS] and [SEP]) capped at the
+    model's positions; refused beyond the positions."""
+    positions = enc.config.max_position_embeddings
+    if args.seq_length is None:
+        return max(2, min(needed, positions))
+    if args.seq_length < 2:
+        raise CliError(f"--seq-length must be at least 2 (room for [CLS] and [SEP]), got {args.seq_length}")
+    if args.seq_length > positions:
+        raise CliError(f"--seq-length {args.seq_length} exceeds the model's {positions} positions")
+    return args.seq_length
+
+
 def _default_savedmodel() -> str:
     from engine.tf import reference
     return reference.cached("tiny", seed=0)
@@ -242,7 +270,9 @@ def _trace_inputs(args, enc):
         inputs.setdefault("input_type_ids", np.zeros_like(ids))
         return inputs, None
     texts = _read_texts(args)
-    return _preprocessor(enc)(texts, seq_length=args.seq_length), texts
+    prep = _preprocessor(enc)
+    needed = max(len(t) for t in prep.tokenize_flat(texts)) + 2
+    return prep(texts, seq_length=_seq_length(args, enc, needed)), texts
 
 
 def cmd_trace(args) -> int:
@@ -302,33 +332,41 @@ def _read_texts(args) -> list[str]:
 
 def cmd_encode(args) -> int:
     """Streams the texts (or --input, read lazily) through the encoder in token-budget batches;
-    resumable. The design (commits, --resume, --force) is in engine/tools/stream.py."""
-    import engine
+    resumable. The design (lengths, batches, commits, --resume, --force) is in engine/tools/stream.py."""
     from engine.tools import stream
+    from engine.tools.progress import Progress
     if not args.input and not args.texts:
         raise CliError("no text given: pass TEXT arguments or --input FILE")
     if args.resume and args.force:
         raise CliError("--resume and --force exclude each other")
+    t0 = time.perf_counter()
     # checksums too: a corpus-sized run should not start on silently corrupted weights (flipped bits)
-    from weights import WeightsFileError
-    try:
-        enc = engine.load(args.weights, backend=args.backend, verify_checksums=True)
-    except WeightsFileError as e:  # several problems come on several lines: one line here
-        raise CliError(f"WeightsFileError: {str(e).replace(':' + chr(10) + '  ', ': ').replace(chr(10) + '  ', '; ')}") from None
+    enc = _load(args, verify_checksums=True)
     prep = _preprocessor(enc)
     key = "sequence_output" if args.sequence else "pooled_output"
-    try:
-        summary = stream.encode(enc, prep, args.input if args.input else list(args.texts), args.output, key=key,
-                                seq_length=args.seq_length, max_tokens=args.max_tokens, max_rows=args.batch_size,
-                                dynamic_padding=args.dynamic_padding, resume=args.resume, force=args.force, progress=_progress)
-    except stream.StreamError as e:
-        raise CliError(str(e)) from None
-    _progress(f"encode: wrote {tuple(summary['shape'])} {key} to {args.output}")
+    source = args.input if args.input else list(args.texts)
+    total = os.path.getsize(args.input) if args.input and os.path.isfile(args.input) else len(args.texts)
+    with Progress(total, "encode", bytes_unit=bool(args.input)) as bar:
+        def advance(fraction, rows, tokens):
+            if fraction is not None:
+                bar.update(fraction * bar.total - bar.done, f"{rows} texts, {tokens} tokens")
+        try:
+            summary = stream.encode(enc, prep, source, args.output, key=key, seq_length=args.seq_length,
+                                    max_tokens=args.max_tokens, max_rows=args.batch_size, resume=args.resume,
+                                    force=args.force, progress=_progress, bar=advance)
+        except stream.StreamError as e:
+            raise CliError(str(e)) from None
+    seconds = time.perf_counter() - t0
+    rows = summary["rows"] - summary["resumed_from"]
+    _progress(f"encode: wrote {tuple(summary['shape'])} {key} to {args.output}: {rows} texts, "
+              f"{summary.get('tokens', 0)} tokens in {seconds:.1f}s ({rows / max(seconds, 1e-9):.1f} texts/s, "
+              f"model loading included; {enc.fast_forward is not None and 'fast' or 'readable'} path)")
     return EXIT_OK
 
 
-def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
-    """Top-k (token, probability) for each [MASK] in `text`, in order.
+def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int | None = None):
+    """Top-k (token, probability) for each [MASK] in `text`, in order. seq_length: default what the
+    text needs, capped at the model's positions.
 
     The Hub preprocessor would split the literal "[MASK]" into "[", "mask", "]", so the text is cut
     at each [MASK] and the mask id is put between the tokenized pieces.
@@ -343,12 +381,15 @@ def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
         ids += [t for word in prep.tokenize([piece])[0] for t in word]
         if i < len(pieces) - 1:
             ids.append(prep.mask_id)
+    if seq_length is None:
+        seq_length = min(len(ids) + 2, enc.config.max_position_embeddings)
     packed = prep.bert_pack_inputs([[ids]], seq_length=seq_length)
     positions = np.flatnonzero(packed["input_word_ids"][0] == prep.mask_id)
     if len(positions) < len(pieces) - 1:
         raise CliError(f"the text is longer than seq_length {seq_length}: a [MASK] was trimmed away")
     inputs = dict(packed, masked_lm_positions=positions[None].astype(np.int32))
-    logits = engine.to_numpy(enc.mlm(inputs)["mlm_logits"])[0].astype(np.float64)   # [P,V]
+    skip = bool(getattr(enc.fast_forward, "skips_padding", False))
+    logits = engine.to_numpy(enc.mlm(inputs, skip_padding=skip)["mlm_logits"])[0].astype(np.float64)   # [P,V]
     probs = kernels.softmax(logits)
     result = []
     for p in probs:
@@ -358,10 +399,10 @@ def fill_mask(enc, prep, text: str, top_k: int = 5, seq_length: int = 128):
 
 
 def cmd_fill_mask(args) -> int:
-    import engine
-    enc = engine.load(args.weights, backend=args.backend)
+    enc = _load(args)
     prep = _preprocessor(enc)
-    for n, candidates in enumerate(fill_mask(enc, prep, args.text, args.top_k, args.seq_length)):
+    seq_length = None if args.seq_length is None else _seq_length(args, enc, 0)
+    for n, candidates in enumerate(fill_mask(enc, prep, args.text, args.top_k, seq_length)):
         print(f"[MASK] #{n + 1}:")
         for token, prob in candidates:
             print(f"  {token:<20} {prob:.4f}")
@@ -380,15 +421,44 @@ def cmd_reference(args) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 
+EXAMPLES = {
+    "verify": "example:\n  python -m engine verify --savedmodel talkheads --weights talkheads.h5 --batch 8 --seq-length 128",
+    "trace": "example:\n  python -m engine trace --weights talkheads.h5 \"The quick brown fox.\" --out trace.h5",
+    "compare": "example:\n  python -m engine compare ours.h5 theirs.h5 --map theirs_to_ours.json --rtol 1e-5",
+    "encode": "examples:\n  python -m engine encode --weights talkheads.h5 --input corpus.txt --output embeddings.npy\n"
+              "  python -m engine encode --weights talkheads.h5 \"hello world\" --output one.jsonl --sequence",
+    "fill-mask": "example:\n  python -m engine fill-mask --weights talkheads.h5 \"the [MASK] sat on the mat\" --top-k 5",
+    "extract": "example:\n  python -m engine extract talkheads/ talkheads.h5",
+}
+
+
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def _model_arguments(p, weights_help: str = "the extracted HDF5 weights file (python -m engine extract)",
+                     readable: bool = True) -> None:
+    p.add_argument("--weights", required=True, help=weights_help)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                   help="the array backend (default: $TALKHEADS_BACKEND, else numpy)")
+    if readable:
+        p.add_argument("--readable", action="store_true",
+                       help="run the readable path (engine/core) instead of the fast one: the same numbers "
+                            "within float32 noise, slower")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Exit codes: 0 ok, 1 verify above tolerance, 2 error, 130 interrupted.")
+                                     epilog="Exit codes: 0 ok, 1 verify or compare found a difference, 2 error, "
+                                            "130 interrupted.\nexample:\n  python -m engine verify")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("verify", help="engine vs TensorFlow on the same SavedModel: the parity table")
-    p.add_argument("--savedmodel", help="SavedModel directory (default: the tiny reference model)")
+    p = _command(sub, "verify", "the engine vs TensorFlow on the same SavedModel, with the engine's float64 run "
+                                "as the truth: the noise verdict per output")
+    p.add_argument("--savedmodel", help="SavedModel directory (default: the tiny reference model, built once)")
     p.add_argument("--weights", help="extracted HDF5 (default: extract the SavedModel once, cached)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                    help="the engine's array backend (default: $TALKHEADS_BACKEND, else numpy)")
@@ -409,55 +479,60 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare every intermediate with TensorFlow's step by step; print the first divergence")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("trace", help="every intermediate tensor, in order, to an HDF5 file (engine/core/trace.py)")
-    p.add_argument("texts", nargs="*")
-    p.add_argument("--weights", required=True)
+    p = _command(sub, "trace", "every intermediate tensor, in order, to an HDF5 file (engine/core/trace.py)")
+    p.add_argument("texts", nargs="*", help="texts to trace (or --input, or --ids)")
+    _model_arguments(p, readable=False)
     p.add_argument("--ids", help="JSON ids instead of text: [[101, ...], ...] or {\"input_word_ids\": ...}, "
                                  "inline or a file")
     p.add_argument("--input", help="a UTF-8 text file, one text per line")
     p.add_argument("--out", required=True, help="the trace file to write (.h5)")
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="pack the texts to this length (default: what the longest needs, capped at the "
+                        "model's positions)")
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("compare", help="two trace files: the first divergence in A's order, and a table")
+    p = _command(sub, "compare", "two trace files: the first divergence in A's order, and a table (a fixed "
+                                 "tolerance: trace files carry no float64 truth)")
     p.add_argument("a", help="the reference trace (ours)")
     p.add_argument("b", help="the trace to check (e.g. written by another port)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="max|A-B| <= rtol x max|A| per intermediate")
+    p.add_argument("--rtol", type=float, default=1e-5, help="max|A-B| <= RTOL x max|A| per intermediate (default 1e-5)")
     p.add_argument("--pooled-rtol", type=float, default=None, help="the tolerance of pooled_output (default: --rtol)")
     p.add_argument("--map", help="JSON {their_name: our_name | {name, transpose}} for B's dataset names")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("encode", help="text to pooled (or sequence) embeddings")
-    p.add_argument("texts", nargs="*")
-    p.add_argument("--weights", required=True)
-    p.add_argument("--input", help="a UTF-8 text file, one text per line")
-    p.add_argument("--output", required=True, help=".npy, .h5 or .jsonl")
-    p.add_argument("--sequence", action="store_true", help="write sequence_output [B,S,H] instead of pooled")
-    p.add_argument("--seq-length", type=int, default=128)
+    p = _command(sub, "encode", "text to pooled (or sequence) embeddings, streamed, resumable (engine/tools/stream.py)")
+    p.add_argument("texts", nargs="*", help="texts to encode (or --input)")
+    _model_arguments(p)
+    p.add_argument("--input", help="a UTF-8 text file, one text per line (read lazily: any size)")
+    p.add_argument("--output", required=True, help="the file to write: .npy, .h5 or .jsonl (rows in input order)")
+    p.add_argument("--sequence", action="store_true",
+                   help="write sequence_output [rows, S, H] instead of pooled_output [rows, H]; padded positions "
+                        "hold zeros")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="truncate texts to this many tokens with [CLS] and [SEP] (default: the model's positions; "
+                        "truncated texts are counted in a warning); with --sequence also the row width (default: "
+                        "what the longest text needs)")
     p.add_argument("--max-tokens", type=int, default=8192,
-                   help="token budget per batch: rows x padded length (a longer single text runs alone)")
+                   help="token budget per batch: real tokens on the fast path, rows x padded length on the "
+                        "readable one (default 8192; a longer single text runs alone)")
     p.add_argument("--batch-size", type=int, default=None, help="at most this many rows per batch (default: no cap)")
-    p.add_argument("--dynamic-padding", action="store_true",
-                   help="pack each batch to its longest text, not to --seq-length (pooled only; within 1e-5)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed batch")
     p.add_argument("--force", action="store_true", help="replace an existing output (or partial run)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("fill-mask", help="top-k tokens for each [MASK]")
-    p.add_argument("text")
-    p.add_argument("--weights", required=True)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p = _command(sub, "fill-mask", "the top-k tokens and their probabilities for each [MASK] of a text")
+    p.add_argument("text", help="a text with one or more [MASK]")
+    _model_arguments(p, "an extracted HDF5 weights file with the MLM head")
+    p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK] (default 5)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="pack the text to this length (default: what it needs, capped at the model's positions)")
     p.set_defaults(func=cmd_fill_mask)
 
-    p = sub.add_parser("extract", help="SavedModel to HDF5 (needs TensorFlow)")
-    p.add_argument("savedmodel")
-    p.add_argument("output")
-    p.add_argument("--force", action="store_true")
+    p = _command(sub, "extract", "a SavedModel to one HDF5 weights file (needs TensorFlow)")
+    p.add_argument("savedmodel", help="the SavedModel folder (with saved_model.pb)")
+    p.add_argument("output", help="the .h5 file to write (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_extract)
 
     # Every argument, --help included, goes to the builder's own parser (engine.tf.reference.main).

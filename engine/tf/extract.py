@@ -679,7 +679,8 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.tf.extract",
+        prog="python -m engine.tf.extract", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m engine.tf.extract talkheads/ talkheads.h5",
         description="Extract a talking-heads GGELU BERT SavedModel (TF Hub talkheads_ggelu_bert_en_base) "
                     "into one HDF5 weight file.")
     parser.add_argument("savedmodel_dir", help="the SavedModel folder (with saved_model.pb)")

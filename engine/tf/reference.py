@@ -299,8 +299,9 @@ def run_savedmodel(path: str, inputs: dict, mlm: bool = True) -> dict:
 
 def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Build a randomized talking-heads GEGLU BERT SavedModel with Model Garden's export code.")
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build a randomized talking-heads GEGLU BERT SavedModel with Model Garden's export code.",
+        epilog=f"example:\n  {prog} /tmp/ref --config base --conditioning trained --seed 1")
     parser.add_argument("out_dir", help="folder to create (refused if it exists, unless --force)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
                         help="starting sizes: tiny (L=2 H=64 N=4 I=256) or base (L=12 H=768 N=12 I=3072)")

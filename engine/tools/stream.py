@@ -1,26 +1,31 @@
 """Streaming `encode`: a corpus of any size, in bounded memory, resumable after an interruption.
 
     from engine.tools import stream
-    stream.encode(enc, prep, "corpus.txt", "out.h5", key="pooled_output", seq_length=128,
+    stream.encode(enc, prep, "corpus.txt", "out.h5", key="pooled_output", seq_length=None,
                   max_tokens=8192, resume=False, force=False)
 
     python -m engine encode --weights H5 --input corpus.txt --output out.{npy,h5,jsonl} \
-        [--max-tokens 8192] [--batch-size ROWS] [--resume | --force] [--sequence]
+        [--seq-length S] [--max-tokens 8192] [--batch-size ROWS] [--resume | --force] [--sequence]
 
 Reading. The input is read lazily, one line at a time (one text per line, UTF-8, the trailing "\\n"
 removed; an undecodable line is an error naming its number). Nothing is sorted: rows come out in
 input order.
 
-Batching. Lines are tokenized one by one and gathered greedily into a batch until one more line
-would make rows x padded length exceed `max_tokens` (or the batch would exceed `max_rows` rows,
-when given); a single line longer than the budget makes a batch of its own. By default every row is
-packed to seq_length, exactly as the Hub preprocessor does, so the outputs are those of
-`enc(prep(texts, seq_length))`. With `dynamic_padding=True` (pooled_output only; CLI
-`--dynamic-padding`) each batch is packed to its own longest row (at most seq_length): the tokens
-are the same, only the padding is shorter, and padded keys get exactly zero attention, so
-pooled_output agrees with the seq_length packing within the parity tolerance (about 1e-6 absolute
-on the tiny model, not bit for bit) and short texts cost much less. Memory: one batch of at most
-max_tokens tokens (or one line) plus the model; nothing grows with the corpus.
+Length. Each text is packed as the Hub preprocessor packs it ([CLS] text [SEP]), truncated to
+`seq_length` tokens: by default the model's positions (512 for the Hub model), so that no text is
+cut that the model could read whole. Truncated texts are counted and reported (the first line
+number too). pooled_output rows are packed to the longest text of their batch: the tokens are the
+Hub preprocessor's, only the padding is shorter, and padded keys get exactly zero attention.
+sequence_output rows are all `seq_length` wide in the output; without a given seq_length, a first
+pass over the input finds the longest text (capped at the positions), so that the file is no wider
+than the corpus needs.
+
+Batching. Lines are tokenized one by one and gathered greedily, in input order, into a batch until
+one more line would exceed `max_tokens` (or `max_rows` rows, when given); a single line longer than
+the budget makes a batch of its own. With an encoder that skips padding (engine.load(fast=True), the
+command line's default) padded positions cost nothing, so the budget counts real tokens and the
+rows need no sorting by length; otherwise it counts rows x padded length. Memory: one batch plus the
+model; nothing grows with the corpus.
 
 Output and commits. Rows are appended to a working file `OUT.partial` (an .npy file whose header
 is rewritten with the committed row count) and each batch is committed by
@@ -132,22 +137,43 @@ class _Lines:
             self._file.close()
 
 
-def _batches(lines, prep, seq_length: int, max_tokens: int, max_rows: int | None, fixed_length: bool):
-    """Greedy batches of (texts, raws, flat token ids, padded length), in input order."""
-    texts, raws, rows, longest = [], [], [], 0
-    for raw, text in lines:
+def _batches(lines, prep, seq_length: int, max_tokens: int, max_rows: int | None, fixed_length: bool,
+             count_real: bool, truncated: list, first_line: int = 1):
+    """Greedy batches of (texts, raws, flat token ids, padded length), in input order. The budget
+    counts real tokens (count_real) or rows x padded length. Appends the line numbers (the first
+    line being `first_line`) of texts longer than seq_length to `truncated`."""
+    texts, raws, rows, longest, real = [], [], [], 0, 0
+    for number, (raw, text) in enumerate(lines, first_line):
         ids = prep.tokenize_flat([text])[0]
-        n = seq_length if fixed_length else min(len(ids) + 2, seq_length)
-        width = max(longest, n)
-        if rows and ((len(rows) + 1) * width > max_tokens or (max_rows and len(rows) >= max_rows)):
+        if len(ids) + 2 > seq_length:
+            truncated.append(number)
+        n = min(len(ids) + 2, seq_length)
+        width = seq_length if fixed_length else max(longest, n)
+        cost = real + n if count_real else (len(rows) + 1) * width
+        if rows and (cost > max_tokens or (max_rows and len(rows) >= max_rows)):
             yield texts, raws, rows, longest
-            texts, raws, rows, width = [], [], [], n
+            texts, raws, rows, real = [], [], [], 0
+            width = seq_length if fixed_length else n
         texts.append(text)
         raws.append(raw)
         rows.append(ids)
-        longest = width
+        longest, real = width, real + n
     if rows:
         yield texts, raws, rows, longest
+
+
+def longest_text(source, prep, cap: int) -> int:
+    """The packed length ([CLS] text [SEP]) of the longest line of `source`, at most `cap`."""
+    lines = _Lines(source)
+    longest = 2
+    try:
+        for _, text in lines:
+            longest = max(longest, min(len(prep.tokenize_flat([text])[0]) + 2, cap))
+            if longest == cap:
+                break
+    finally:
+        lines.close()
+    return longest
 
 
 # ------------------------------------------------------------------------------------------ .npy working file
@@ -316,12 +342,14 @@ def paths(output: str) -> tuple[str, str]:
     return output + ".partial", output + ".partial.json"
 
 
-def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_length: int = 128,
-           max_tokens: int = 8192, max_rows: int | None = None, dynamic_padding: bool = False,
-           resume: bool = False, force: bool = False, progress=None, progress_every: float = 1.0) -> dict:
+def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_length: int | None = None,
+           max_tokens: int = 8192, max_rows: int | None = None, resume: bool = False, force: bool = False,
+           progress=None, progress_every: float = 1.0, bar=None) -> dict:
     """Encodes every line of `source` (a text file's path, or a list of texts) into `output`
-    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. Returns a summary dict
-    (rows, shape, resumed_from, batches, seconds). Raises StreamError on a user-facing problem."""
+    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. seq_length: the truncation length
+    (default: the model's positions). `bar(done_fraction, rows, tokens)`: called after each batch,
+    for a progress bar. Returns a summary dict (rows, tokens, truncated, first_truncated_line,
+    shape, resumed_from, batches, seconds). Raises StreamError on a user-facing problem."""
     say = progress or (lambda message: None)
     output = os.fspath(output)
     kind = OUTPUT_KINDS.get(os.path.splitext(output)[1].lower())
@@ -330,15 +358,16 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
                           f"(use .npy, .h5 or .jsonl)")
     if key not in ("pooled_output", "sequence_output"):
         raise StreamError(f"key {key!r}: expected pooled_output or sequence_output")
-    for name, value in (("seq_length", seq_length), ("max_tokens", max_tokens)):
+    positions = enc.config.max_position_embeddings
+    for name, value in (("seq_length", positions if seq_length is None else seq_length), ("max_tokens", max_tokens)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise StreamError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer))
                                  or max_rows < 1):
         raise StreamError(f"--batch-size must be a positive integer, got {max_rows!r}")
-    if seq_length < 2:
+    if seq_length is not None and seq_length < 2:
         raise StreamError(f"--seq-length must be at least 2 (room for [CLS] and [SEP]), got {seq_length}")
-    if seq_length > enc.config.max_position_embeddings:
+    if seq_length is not None and seq_length > enc.config.max_position_embeddings:
         raise StreamError(f"--seq-length {seq_length} exceeds the model's {enc.config.max_position_embeddings} "
                           f"positions")
     if os.path.isdir(output):
@@ -348,14 +377,15 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
         raise StreamError(f"--output {output}: the folder {folder} does not exist")
     partial, record_path = paths(output)
 
-    if dynamic_padding and key == "sequence_output":
-        raise StreamError("--dynamic-padding applies to pooled_output only (sequence_output is [rows, seq_length, H])")
-    fixed = not dynamic_padding
+    fixed = key == "sequence_output"
+    if seq_length is None:
+        seq_length = longest_text(source, prep, positions) if fixed else positions
+    skip_padding = bool(getattr(enc.fast_forward, "skips_padding", False))
     H = enc.config.hidden_size
     row_shape = (seq_length, H) if key == "sequence_output" else (H,)
     lines = _Lines(source)
     params = {"kind": kind, "key": key, "seq_length": int(seq_length), "max_tokens": int(max_tokens),
-              "max_rows": None if max_rows is None else int(max_rows), "dynamic_padding": bool(dynamic_padding),
+              "max_rows": None if max_rows is None else int(max_rows), "skip_padding": skip_padding,
               "dtype": np.dtype(enc.dtype).str,
               "row_shape": list(row_shape), "weights": weights_fingerprint(enc), "input": lines.name}
     record = None
@@ -413,11 +443,14 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
             say(f"encode: resuming {output} after {resumed_from} rows (inputs checked by sha256)")
 
         t0 = last = time.perf_counter()
-        batches = 0
+        batches = tokens = 0
+        truncated = []
         try:
-            for texts, raws, rows, width in _batches(lines, prep, seq_length, max_tokens, max_rows, fixed):
+            for texts, raws, rows, width in _batches(lines, prep, seq_length, max_tokens, max_rows, fixed,
+                                                     skip_padding, truncated, first_line=lines.lines + 1):
                 packed = prep.bert_pack_inputs([rows], seq_length=width)
-                out = backend_mod.to_numpy(enc(packed)[key])
+                tokens += int(packed["input_mask"].sum())
+                out = backend_mod.to_numpy(enc(packed, skip_padding=skip_padding)[key])
                 writer.append(out)
                 writer.commit()
                 for raw in raws:
@@ -426,8 +459,10 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
                               input_bytes=record["input_bytes"] + sum(len(r) for r in raws))
                 _write_json_atomic(record_path, record)
                 batches += 1
+                if bar is not None:
+                    bar(lines.fraction(), writer.rows, tokens)
                 now = time.perf_counter()
-                if now - last >= progress_every:
+                if bar is None and now - last >= progress_every:
                     last = now
                     frac = lines.fraction()
                     rate = (writer.rows - resumed_from) / max(now - t0, 1e-9)
@@ -456,8 +491,13 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
         os.unlink(record_path)
         _fsync_dir(output)
         seconds = time.perf_counter() - t0
-        say(f"encode: {record['rows_done']} rows in {batches} batches, {seconds:.1f}s")
-        return {"rows": record["rows_done"], "shape": [record["rows_done"]] + list(row_shape),
-                "resumed_from": resumed_from, "batches": batches, "seconds": seconds}
+        if truncated:
+            say(f"encode: warning: {len(truncated)} text{'s were' if len(truncated) > 1 else ' was'} longer than "
+                f"{seq_length} tokens and truncated (first at line {truncated[0]}); --seq-length sets the length, "
+                f"at most the model's {positions} positions")
+        return {"rows": record["rows_done"], "tokens": tokens, "truncated": len(truncated),
+                "first_truncated_line": truncated[0] if truncated else None,
+                "shape": [record["rows_done"]] + list(row_shape), "resumed_from": resumed_from,
+                "batches": batches, "seconds": seconds}
     finally:
         lines.close()

@@ -59,12 +59,15 @@ FLOOR = 2.0 ** -23            # one float32 ulp at 1, relative to the scale
 # the README): over the tiny and base reference models, random and trained-like, 16 input shapes from
 # 1x1 to 1x512, the worst clean ratios were, engine path / TF: 3.82 (max), 3.51 (rms), 1.83 (median);
 # TF / noise (the larger of the readable and fast paths' errors): 3.18 (max), 2.07 (rms), 2.18
-# (median). They come from outputs whose error sits in a few tokens (trained-like outlier dimensions,
-# a few [CLS] rows): two independent float32 roundings then differ by that much. A 1e-4 shift of one
+# (median); then the base trained-like 1x512 case gave 5.6 (max: one element of one block). They come
+# from outputs whose error sits in a few tokens (trained-like outlier dimensions, a few [CLS] rows):
+# two independent float32 roundings then differ by that much. The maximum is the tail of a rounding
+# distribution, hence its factor of 10: it is there for a bug in a few tokens, which moves it by
+# orders of magnitude; the median and the RMS catch a small bug in every token. A 1e-4 shift of one
 # LayerNorm beta in block 6 of the base trained-like model gives TF/noise ratios of 15-23 (median)
 # and 4.5-6 (rms) at that block.
-ACCURACY_FACTOR = {"max": 5.0, "rms": 5.0, "median": 3.0}
-NOISE_FACTOR = {"max": 5.0, "rms": 3.5, "median": 3.0}
+ACCURACY_FACTOR = {"max": 10.0, "rms": 5.0, "median": 3.0}
+NOISE_FACTOR = {"max": 10.0, "rms": 3.5, "median": 3.0}
 
 
 # output -> the output it is computed from, whose float32 noise level floors its own (see above)
