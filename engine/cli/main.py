@@ -359,7 +359,7 @@ def cmd_encode(args) -> int:
     seconds = time.perf_counter() - t0
     rows = summary["rows"] - summary["resumed_from"]
     _progress(f"encode: wrote {tuple(summary['shape'])} {key} to {args.output}: {rows} texts, "
-              f"{summary.get('tokens', 0)} tokens in {seconds:.1f}s ({rows / max(seconds, 1e-9):.1f} texts/s, "
+              f"{summary.get('tokens', 0)} tokens, {summary['batches']} batches in {seconds:.1f}s ({rows / max(seconds, 1e-9):.1f} texts/s, "
               f"model loading included; {enc.fast_forward is not None and 'fast' or 'readable'} path)")
     return EXIT_OK
 

@@ -648,11 +648,23 @@ def extract(savedmodel_dir: str, out_path: str, *, force: bool = False, progress
                             warnings=plan.warnings)
 
 
+def extractor_version() -> str:
+    """A hash of the code that decides what an extracted file holds: this module and weights/format.py."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in (__file__, fmt.__file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def cached_extraction(savedmodel_dir: str, *, progress: bool = True) -> str:
     """The HDF5 extraction of `savedmodel_dir`, made once and kept under the reference cache
     (`engine.tf.reference.cache_dir()/extracted`), keyed by the SavedModel's path, the time of its
-    saved_model.pb and the format version. A file lock makes concurrent callers wait for one
-    extraction; the write is atomic, so an existing file is always complete."""
+    saved_model.pb, the format version and the extractor's version (a hash of this module's source
+    and of weights/format.py: a changed extractor never serves a stale file). A file lock makes
+    concurrent callers wait for one extraction; the write is atomic, so an existing file is always
+    complete."""
     import fcntl
     import hashlib
 
@@ -660,7 +672,7 @@ def cached_extraction(savedmodel_dir: str, *, progress: bool = True) -> str:
     savedmodel_dir = os.path.normpath(os.path.abspath(savedmodel_dir))
     graph = os.path.join(savedmodel_dir, "saved_model.pb")
     stamp = os.path.getmtime(graph) if os.path.isfile(graph) else 0  # extract() names what is missing
-    key = hashlib.sha256(f"{savedmodel_dir}|{stamp}|{fmt.FORMAT_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{savedmodel_dir}|{stamp}|{fmt.FORMAT_VERSION}|{extractor_version()}".encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir(), "extracted")
     out = os.path.join(folder, f"{os.path.basename(savedmodel_dir)}-{key}.h5")
     if os.path.isfile(out):

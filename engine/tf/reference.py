@@ -185,7 +185,7 @@ def randomize(variables, seed: int, conditioning: str = "random", hidden: int | 
 
 
 def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | None = None,
-          conditioning: str = "random") -> None:
+          conditioning: str = "random", with_mlm: bool = True) -> None:
     """Builds the SavedModel at `out_dir` (which must not exist) with Model Garden's export code."""
     import tensorflow as tf
     import tf_keras
@@ -212,11 +212,11 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
         del pretrainer
         tf_keras.backend.clear_session()
         _progress("exporting with export_tfhub_lib.export_model")
-        export_tfhub_lib.export_model(
+        export_tfhub_lib.export_model(   # with_mlm=False: the encoder restored alone, no .mlm
             out_dir, encoder_config=encoder_config, model_checkpoint_path=checkpoint,
-            with_mlm=True, vocab_file=vocab_file, do_lower_case=True)
+            with_mlm=with_mlm, vocab_file=vocab_file, do_lower_case=True)
     with open(os.path.join(out_dir, "reference.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "seed": seed, "conditioning": conditioning,
+        json.dump({"config": dataclasses.asdict(cfg), "seed": seed, "conditioning": conditioning, "with_mlm": with_mlm,
                    "format_version": REFERENCE_FORMAT_VERSION,
                    "tensorflow": tf.__version__}, f, indent=1)
     _progress(f"built in {time.time() - start:.1f}s")
@@ -268,15 +268,18 @@ def _cached_build(name: str, marker: str, build_into) -> str:
     return path
 
 
-def cached(config: str | ReferenceConfig = "tiny", seed: int = 0, conditioning: str = "random") -> str:
-    """Returns the path of a reference SavedModel, building it once per config, seed and conditioning."""
+def cached(config: str | ReferenceConfig = "tiny", seed: int = 0, conditioning: str = "random",
+           with_mlm: bool = True) -> str:
+    """Returns the path of a reference SavedModel, building it once per config, seed, conditioning
+    and with_mlm (False: an encoder-only SavedModel, no `.mlm`)."""
     import tensorflow as tf
     cfg = CONFIGS[config] if isinstance(config, str) else config
-    key = json.dumps([dataclasses.asdict(cfg), seed, conditioning, REFERENCE_FORMAT_VERSION, tf.__version__],
-                     sort_keys=True)
-    name = "{}-{}-seed{}-{}".format(config if isinstance(config, str) else "custom", conditioning, seed,
-                                    hashlib.sha256(key.encode()).hexdigest()[:12])
-    return _cached_build(name, "reference.json", lambda out: build(out, cfg, seed, conditioning=conditioning))
+    key = json.dumps([dataclasses.asdict(cfg), seed, conditioning, with_mlm, REFERENCE_FORMAT_VERSION,
+                      tf.__version__], sort_keys=True)
+    name = "{}-{}{}-seed{}-{}".format(config if isinstance(config, str) else "custom", conditioning,
+                                      "" if with_mlm else "-encoder", seed, hashlib.sha256(key.encode()).hexdigest()[:12])
+    return _cached_build(name, "reference.json",
+                         lambda out: build(out, cfg, seed, conditioning=conditioning, with_mlm=with_mlm))
 
 
 _LOADED = {}
