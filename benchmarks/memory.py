@@ -22,20 +22,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_paths():
-    """(base SavedModel dir, its HDF5 extraction), building / extracting them when missing."""
-    import fcntl
-
-    from weights import format as fmt
-    from engine.tf import reference
-    savedmodel = os.path.normpath(os.path.abspath(reference.cached("base", seed=0)))
-    out = f"{savedmodel}.format{fmt.FORMAT_VERSION}.h5"   # the same file as tests/conftest.py's base_h5
-    if not os.path.isfile(out):
-        with open(out + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.isfile(out):
-                from engine.tf import extract
-                extract.extract(savedmodel, out, force=True)
-    return savedmodel, out
+    """(base SavedModel dir, its HDF5 extraction), building / extracting them once (cached)."""
+    from engine.tf import extract, reference
+    savedmodel = reference.cached("base", seed=0)
+    return savedmodel, extract.cached_extraction(savedmodel)
 
 
 def _rss_mb(field="VmRSS"):

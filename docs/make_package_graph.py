@@ -23,7 +23,7 @@ LAYERS = {
     "engine.fast": (2, "fast CPU path"),
     "engine.gpu": (2, "CuPy path, CUDA kernels"),
     "engine": (3, "public API: load, Encoder"),
-    "engine.tools": (4, "parity, trace files, compare, stream"),
+    "engine.tools": (4, "verdict, parity, trace files, compare, stream"),
     "engine.tf": (5, "everything that imports TensorFlow"),
     "engine.cli": (6, "command line"),
     "engine.__main__": (7, "python -m engine"),
