@@ -151,3 +151,30 @@ def test_fast_numpy_only(tiny_h5):
     loaded = weights.load(tiny_h5)
     with pytest.raises(ValueError, match="fast=True is the NumPy CPU path"):
         engine.Encoder(loaded.config, loaded.tensors, backend="cupy", fast=True)
+
+
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_asking_for_fewer_outputs_gives_the_same_numbers(tiny_h5, skip_padding):
+    """outputs=(...) lets the fast path keep only the last block (the very same numbers as the full
+    call, bit for bit) or compute its last block at the [CLS] tokens only (the same within float32
+    noise: other product shapes round differently); unknown names are refused."""
+    fast = engine.load(tiny_h5, fast=True)
+    inputs = _inputs(fast.config, dict(batch=4, seq_length=33, all_padding_row=True), seed=9)
+    inputs.pop("masked_lm_positions")
+    full = fast(inputs, skip_padding=skip_padding)
+    last = fast(inputs, skip_padding=skip_padding, outputs=("sequence_output", "pooled_output"))
+    pooled = fast(inputs, skip_padding=skip_padding, outputs=("pooled_output",))
+    assert set(pooled) == {"pooled_output"} and set(last) == {"sequence_output", "pooled_output"}
+    np.testing.assert_array_equal(last["sequence_output"], full["sequence_output"])
+    np.testing.assert_array_equal(last["pooled_output"], full["pooled_output"])
+    exact = engine.load(tiny_h5, dtype="float64")(inputs)["pooled_output"]
+    real_cls = inputs["input_mask"][:, 0] == 1 if skip_padding else slice(None)
+    j = verdict.judge("pooled_output", pooled["pooled_output"][real_cls], full["pooled_output"][real_cls],
+                      exact[real_cls])
+    assert j.ok, j.detail
+    if skip_padding:   # a row whose position 0 is padding: the zero vector through the pooler, as the full call
+        np.testing.assert_array_equal(pooled["pooled_output"][~real_cls], full["pooled_output"][~real_cls])
+    readable = engine.load(tiny_h5)(inputs, outputs=("default",))
+    assert set(readable) == {"default"}
+    with pytest.raises(ValueError, match="unknown"):
+        fast(inputs, outputs=("logits",))

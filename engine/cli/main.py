@@ -3,7 +3,7 @@
     python -m engine                         # the main job: verify on the embedded default (tiny model)
     python -m engine verify --savedmodel DIR [--weights H5] [--backend numpy|cupy] [--batch B --seq-length S] [--json]
     python -m engine encode --weights H5 TEXT... | --input FILE  --output OUT.{npy,h5,jsonl} [--sequence]
-                            [--max-tokens 8192] [--resume | --force]   (streams; engine/tools/stream.py)
+                            [--max-tokens 2048] [--resume | --force]   (streams; engine/tools/stream.py)
     python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
     python -m engine extract SAVEDMODEL OUT.h5 [--force]
     python -m engine reference OUT_DIR --config tiny|base [--seed N]
@@ -513,9 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate texts to this many tokens with [CLS] and [SEP] (default: the model's positions; "
                         "truncated texts are counted in a warning); with --sequence also the row width (default: "
                         "what the longest text needs)")
-    p.add_argument("--max-tokens", type=int, default=8192,
+    p.add_argument("--max-tokens", type=int, default=2048,
                    help="token budget per batch: real tokens on the fast path, rows x padded length on the "
-                        "readable one (default 8192; a longer single text runs alone)")
+                        "readable one (default 2048: as fast as larger batches on the base model, and "
+                        "half the memory of 8192; a longer single text runs alone)")
     p.add_argument("--batch-size", type=int, default=None, help="at most this many rows per batch (default: no cap)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed batch")
     p.add_argument("--force", action="store_true", help="replace an existing output (or partial run)")

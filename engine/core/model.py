@@ -87,6 +87,9 @@ def transformer_block(x, mask_adder, w: BlockWeights, config: ModelConfig, recor
     return x
 
 
+OUTPUT_NAMES = ("pooled_output", "sequence_output", "encoder_outputs", "default")
+
+
 class Encoder:
     """Talking-heads GEGLU BERT on NumPy or CuPy, called like the TF Hub SavedModel.
 
@@ -141,12 +144,14 @@ class Encoder:
         return (xp.asarray(ids), xp.asarray(mask), xp.asarray(types),
                 None if positions is None else xp.asarray(positions))
 
-    def _encode(self, ids, mask, types, record=None, skip_padding=False):
-        """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled)."""
+    def _encode(self, ids, mask, types, record=None, skip_padding=False, keep="all"):
+        """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled). keep: "all"
+        block outputs, the "last" one only, or none ("pooled"): a faster path may then skip
+        materializing them (the readable path computes them all the same)."""
         if skip_padding and not getattr(self.fast_forward, "skips_padding", False):
             raise ValueError("skip_padding=True needs the fast path: engine.load(..., fast=True)")
         if self.fast_forward is not None and record is None:
-            return self.fast_forward.encode(ids, mask, types, skip_padding=skip_padding)
+            return self.fast_forward.encode(ids, mask, types, skip_padding=skip_padding, keep=keep)
         cfg = self.config
         rec = record or (lambda name, value: None)
         e = K.embed(ids, types, self.word_table, self.position_table, self.type_table)   # [B,S,H]
@@ -163,13 +168,22 @@ class Encoder:
         rec("pooled_output", pooled)
         return outputs, pooled
 
-    def __call__(self, inputs, skip_padding=False):
+    def __call__(self, inputs, skip_padding=False, outputs=None):
         """Encoder outputs for a dict of input_word_ids, input_mask, input_type_ids ([B,S] ints).
-        skip_padding=True (fast path only): padded positions are not computed (zeros); see engine/fast/forward.py."""
+        skip_padding=True (fast path only): padded positions are not computed (zeros); see
+        engine/fast/forward.py. outputs: the names to return (default: all four, as the Hub model);
+        asking for fewer lets the fast path skip materializing the others, e.g.
+        outputs=("pooled_output",) keeps no [B,S,H] array at all."""
+        names = OUTPUT_NAMES if outputs is None else tuple(outputs)
+        unknown = [n for n in names if n not in OUTPUT_NAMES]
+        if unknown:
+            raise ValueError(f"outputs: unknown {unknown}; choose from {list(OUTPUT_NAMES)}")
+        keep = "all" if "encoder_outputs" in names else "last" if "sequence_output" in names else "pooled"
         ids, mask, types, _ = self._device_inputs(inputs, with_positions=False)
-        outputs, pooled = self._encode(ids, mask, types, skip_padding=skip_padding)
-        return {"pooled_output": pooled, "sequence_output": outputs[-1],
-                "encoder_outputs": outputs, "default": pooled}
+        layers, pooled = self._encode(ids, mask, types, skip_padding=skip_padding, keep=keep)
+        result = {"pooled_output": pooled, "sequence_output": layers[-1] if layers else None,
+                  "encoder_outputs": layers, "default": pooled}
+        return {n: result[n] for n in OUTPUT_NAMES if n in names}
 
     def mlm(self, inputs, record=None, skip_padding=False):
         """The `.mlm` call: the encoder outputs plus mlm_logits [B,P,V] at masked_lm_positions [B,P]."""

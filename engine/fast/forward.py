@@ -256,6 +256,34 @@ class FastEncoder:
 
     # ------------------------------------------------------------------------ attention
 
+    def _first_query_attention(self, blk, qkv, spans, adders, which):
+        """The attention of the first query of the sequences `which` only: [len(which), ND].
+
+        For pooled_output alone the last block is needed at the [CLS] token only: its keys and
+        values come from every token, its query, output projection and feed-forward from one."""
+        N, D = self.config.num_heads, self.config.head_size
+        ND = N * D
+        out = np.empty((len(which), ND), self.dtype)
+        for r, i in enumerate(which):
+            s, e = spans[i]
+            L = e - s
+            q = qkv[s, :ND].reshape(N, 1, D)                                       # [N,1,D]
+            k = qkv[s:e, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)            # [N,D,T] view
+            v = qkv[s:e, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)              # [N,T,D] view
+            scores = np.matmul(q, k).reshape(N, L)                                 # [N,T] (unscaled)
+            mixed = blk.pre_t @ scores                                             # scale*W_pre mix
+            if adders[i] is not None:
+                mixed += adders[i]
+                if mixed.dtype.itemsize > 4:   # float64: masked logits as float32 has them
+                    cols = adders[i] != 0
+                    mixed[:, cols] = mixed[:, cols].astype(np.float32)
+            mixed -= mixed.max(axis=-1, keepdims=True)
+            np.exp(mixed, out=mixed)
+            mixed /= mixed.sum(axis=-1, keepdims=True)
+            probs = blk.post_t @ mixed                                             # W_post mix [N,T]
+            out[r] = np.matmul(probs[:, None, :], v).reshape(ND)                   # [N,1,T]@[N,T,D]
+        return out
+
     def _attention(self, blk, qkv, ctx, spans, adders):
         """Per sequence: ctx[rows] = attention of qkv[rows]. qkv [T,3ND] (biased), ctx [T,ND].
 
@@ -356,26 +384,30 @@ class FastEncoder:
 
     # ------------------------------------------------------------------------ forward
 
-    def encode(self, ids, mask, types, skip_padding=False):
-        """Returns (encoder_outputs: list of L [B,S,H], pooled [B,H]), like Encoder._encode."""
+    def encode(self, ids, mask, types, skip_padding=False, keep="all"):
+        """Returns (encoder_outputs, pooled [B,H]), like Encoder._encode: encoder_outputs holds the L
+        block outputs [B,S,H] (keep="all"), the last one only ("last"), or none ("pooled")."""
         self._split = num_threads() > 1 and _blas_threads is not None
         if not self._split:
-            return self._encode(ids, mask, types, skip_padding)
+            return self._encode(ids, mask, types, skip_padding, keep)
         with _BLAS_LOCK:
             previous = _blas_threads(1)
             try:
-                return self._encode(ids, mask, types, skip_padding)
+                return self._encode(ids, mask, types, skip_padding, keep)
             finally:
                 _blas_threads(previous)
 
-    def _encode(self, ids, mask, types, skip_padding):
+    def _encode(self, ids, mask, types, skip_padding, keep="all"):
         cfg, enc, dt = self.config, self.encoder, self.dtype
         self._last = time.perf_counter()
         B, S = ids.shape
         H, I, ND = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_size
         nL = len(self.blocks)
         mask = np.asarray(mask)
-        outputs = np.zeros((nL, B, S, H), dt) if skip_padding else np.empty((nL, B, S, H), dt)
+        if keep not in ("all", "last", "pooled"):
+            raise ValueError(f"keep={keep!r}: all, last or pooled")
+        kept = {"all": nL, "last": 1, "pooled": 0}[keep]
+        outputs = np.zeros((kept, B, S, H), dt) if skip_padding else np.empty((kept, B, S, H), dt)
         if skip_padding:
             flat = np.flatnonzero(mask.reshape(-1))                          # real tokens, row-major
             lengths = np.count_nonzero(mask, axis=1)
@@ -406,12 +438,13 @@ class FastEncoder:
         self._mark("gather")
         zero = self._buffer("zero_h", (H,))
         zero[:] = 0
-        xs = self._buffer("xpack", (2, T, H)) if skip_padding else None
-        x = xs[0] if skip_padding else None
-        self._add_layer_norm(x0, zero, e, *enc.embedding_ln,
-                             out=(x if skip_padding else x0))
-        if not skip_padding:
-            x = x0
+        # the block outputs go to two alternating buffers, copied (scattered with skip_padding) into
+        # `outputs` for the blocks kept; without skip_padding and with every block kept they are
+        # computed in place in `outputs`
+        in_place = not skip_padding and keep == "all"
+        xs = None if in_place else self._buffer("xpack", (2, T, H))
+        x = x0 if in_place else xs[0]
+        self._add_layer_norm(x0, zero, e, *enc.embedding_ln, out=x)
         self._mark("layer norm")
         qkv = self._buffer("qkv", (T, 3 * ND))
         ctx = self._buffer("ctx", (T, ND))
@@ -423,6 +456,8 @@ class FastEncoder:
             self._matmul(x, blk.qkv_kernel, qkv)                               # [T,3ND]
             self._mark("products")
             np.add(qkv, blk.qkv_bias, out=qkv)
+            if keep == "pooled" and li == nL - 1:
+                return [], self._pooled_from_last_block(blk, x, qkv, spans, adders, mask, skip_padding)
             self._attention(blk, qkv, ctx, spans, adders)                     # [T,ND]
             self._matmul(ctx, blk.output_kernel, a)                            # [T,H]
             self._mark("products")
@@ -435,20 +470,58 @@ class FastEncoder:
             self._mark("gelu")
             self._matmul(hid, blk.out_kernel, f)                               # [T,H]
             self._mark("products")
-            if skip_padding:
-                x = xs[(li + 1) % 2]
-                self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
-                self._mark("layer norm")
-                outputs[li].reshape(B * S, H)[flat] = x
+            x = outputs[li].reshape(B * S, H) if in_place else xs[(li + 1) % 2]
+            self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
+            self._mark("layer norm")
+            slot = li - (nL - kept)                                            # this block's place in outputs
+            if not in_place and slot >= 0:
+                if skip_padding:
+                    outputs[slot].reshape(B * S, H)[flat] = x
+                else:
+                    outputs[slot].reshape(B * S, H)[...] = x
                 self._mark("other")
-            else:
-                x = outputs[li].reshape(B * S, H)
-                self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
-                self._mark("layer norm")
-        seq = outputs[-1]
-        pooled = K.dense(seq[:, 0], enc.pooler_kernel, enc.pooler_bias)              # [B,H]
+        return list(outputs), self._pooler(x, spans, mask, skip_padding)
+
+    def _pooler(self, x, spans, mask, skip_padding):
+        """tanh(x[:,0]·Wp + bp) from the last block's output x [T,H] (packed with skip_padding)."""
+        enc, dt = self.encoder, self.dtype
+        B, S = mask.shape
+        H = x.shape[1]
+        if skip_padding:                                                       # [CLS] rows: position 0 of each row
+            cls = np.zeros((B, H), dt)
+            first_real = mask[:, 0] == 1
+            cls[first_real] = x[np.asarray([s for s, _ in spans])[first_real]]
+        else:
+            cls = x.reshape(B, S, H)[:, 0]
+        pooled = K.dense(cls, enc.pooler_kernel, enc.pooler_bias)                     # [B,H]
         self._mark("products")
         np.tanh(pooled, out=pooled)
         self._mark("other")
-        return list(outputs), pooled
+        return pooled
+
+    def _pooled_from_last_block(self, blk, x, qkv, spans, adders, mask, skip_padding):
+        """pooled_output when nothing else is asked for: the last block at the [CLS] tokens only
+        (rows whose position 0 is padding get the zero vector with skip_padding, as in the full call)."""
+        B = mask.shape[0]
+        which = [b for b in range(B) if mask[b, 0] == 1] if skip_padding else list(range(B))
+        first = np.asarray([spans[b][0] for b in which], dtype=np.intp)
+        ctx = self._first_query_attention(blk, qkv, spans, adders, which)       # [B',ND]
+        self._mark("softmax")
+        a = ctx @ blk.output_kernel                                            # [B',H]
+        x1 = np.empty_like(a)
+        self._mark("products")
+        self._add_layer_norm(a, blk.output_bias, x[first], *blk.attention_ln, out=x1)
+        hg = x1 @ blk.ff_kernel                                                # [B',2I]
+        hid = np.empty((len(which), self.config.intermediate_size), self.dtype)
+        self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)
+        f = hid @ blk.out_kernel                                               # [B',H]
+        self._mark("products")
+        y = np.empty_like(f)
+        self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=y)
+        cls = np.zeros((B, y.shape[1]), self.dtype)
+        cls[which] = y
+        pooled = K.dense(cls, self.encoder.pooler_kernel, self.encoder.pooler_bias)   # [B,H]
+        np.tanh(pooled, out=pooled)
+        self._mark("other")
+        return pooled
 

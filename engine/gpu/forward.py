@@ -212,9 +212,10 @@ class GpuForward:
 
     # ------------------------------------------------------------------------------ entry point
 
-    def encode(self, ids, mask, types, skip_padding=False):
+    def encode(self, ids, mask, types, skip_padding=False, keep="all"):
         """(encoder_outputs, pooled) for int arrays [B,S] of the ops' backend. Every position is
-        computed (skips_padding is False: engine.core.model refuses skip_padding=True before this)."""
+        computed (skips_padding is False: engine.core.model refuses skip_padding=True before this);
+        every block output is returned whatever `keep` says."""
         xp = self.ops.xp
         B, S = ids.shape
         ws = self._workspace(B, S)

@@ -2,10 +2,10 @@
 
     from engine.tools import stream
     stream.encode(enc, prep, "corpus.txt", "out.h5", key="pooled_output", seq_length=None,
-                  max_tokens=8192, resume=False, force=False)
+                  max_tokens=2048, resume=False, force=False)
 
     python -m engine encode --weights H5 --input corpus.txt --output out.{npy,h5,jsonl} \
-        [--seq-length S] [--max-tokens 8192] [--batch-size ROWS] [--resume | --force] [--sequence]
+        [--seq-length S] [--max-tokens 2048] [--batch-size ROWS] [--resume | --force] [--sequence]
 
 Reading. The input is read lazily, one line at a time (one text per line, UTF-8, the trailing "\\n"
 removed; an undecodable line is an error naming its number). Nothing is sorted: rows come out in
@@ -343,7 +343,7 @@ def paths(output: str) -> tuple[str, str]:
 
 
 def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_length: int | None = None,
-           max_tokens: int = 8192, max_rows: int | None = None, resume: bool = False, force: bool = False,
+           max_tokens: int = 2048, max_rows: int | None = None, resume: bool = False, force: bool = False,
            progress=None, progress_every: float = 1.0, bar=None) -> dict:
     """Encodes every line of `source` (a text file's path, or a list of texts) into `output`
     (.npy, .h5/.hdf5 or .jsonl); see the module docstring. seq_length: the truncation length
@@ -450,7 +450,7 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
                                                      skip_padding, truncated, first_line=lines.lines + 1):
                 packed = prep.bert_pack_inputs([rows], seq_length=width)
                 tokens += int(packed["input_mask"].sum())
-                out = backend_mod.to_numpy(enc(packed, skip_padding=skip_padding)[key])
+                out = backend_mod.to_numpy(enc(packed, skip_padding=skip_padding, outputs=(key,))[key])
                 writer.append(out)
                 writer.commit()
                 for raw in raws:
