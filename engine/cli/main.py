@@ -194,11 +194,16 @@ def cmd_verify(args) -> int:
             print(f"\n{name} inputs, batch {args.batch} x seq_length {seq_length} "
                   f"(TensorFlow {t1 - t0:.2f}s, engine {t2 - t1:.2f}s, {path} path):")
             print(table)
+    return _finish_report(args, report, ok, f"{report['rule']}; model {weights_path}")
+
+
+def _finish_report(args, report: dict, ok: bool, what: str) -> int:
+    """Prints the JSON report (--json) or the closing PASS/FAIL line; the exit code of the verdict."""
     report["ok"] = bool(ok)
     if args.json:
         print(json.dumps(report, indent=1, default=float))
     else:
-        print(f"\n{'PASS' if ok else 'FAIL'}: {report['rule']}; model {weights_path}")
+        print(f"\n{'PASS' if ok else 'FAIL'}: {what}")
     return EXIT_OK if ok else EXIT_MISMATCH
 
 
@@ -234,12 +239,7 @@ def _verify_trace(args, savedmodel, enc, enc64, seq_length, report) -> int:
                       f"{'; ' + first.detail if first.detail else ''}")
             else:
                 print(f"engine vs TensorFlow: all {len(result.diffs)} intermediates agree")
-    report["ok"] = bool(ok)
-    if args.json:
-        print(json.dumps(report, indent=1, default=float))
-    else:
-        print(f"\n{'PASS' if ok else 'FAIL'}: intermediates of engine vs TensorFlow ({report['rule']})")
-    return EXIT_OK if ok else EXIT_MISMATCH
+    return _finish_report(args, report, ok, f"intermediates of engine vs TensorFlow ({report['rule']})")
 
 
 def _trace_inputs(args, enc):
