@@ -256,36 +256,10 @@ class FastEncoder:
 
     # ------------------------------------------------------------------------ attention
 
-    def _first_query_attention(self, blk, qkv, spans, adders, which):
-        """The attention of the first query of the sequences `which` only: [len(which), ND].
-
-        For pooled_output alone the last block is needed at the [CLS] token only: its keys and
-        values come from every token, its query, output projection and feed-forward from one."""
-        N, D = self.config.num_heads, self.config.head_size
-        ND = N * D
-        out = np.empty((len(which), ND), self.dtype)
-        for r, i in enumerate(which):
-            s, e = spans[i]
-            L = e - s
-            q = qkv[s, :ND].reshape(N, 1, D)                                       # [N,1,D]
-            k = qkv[s:e, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)            # [N,D,T] view
-            v = qkv[s:e, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)              # [N,T,D] view
-            scores = np.matmul(q, k).reshape(N, L)                                 # [N,T] (unscaled)
-            mixed = blk.pre_t @ scores                                             # scale*W_pre mix
-            if adders[i] is not None:
-                mixed += adders[i]
-                if mixed.dtype.itemsize > 4:   # float64: masked logits as float32 has them
-                    cols = adders[i] != 0
-                    mixed[:, cols] = mixed[:, cols].astype(np.float32)
-            mixed -= mixed.max(axis=-1, keepdims=True)
-            np.exp(mixed, out=mixed)
-            mixed /= mixed.sum(axis=-1, keepdims=True)
-            probs = blk.post_t @ mixed                                             # W_post mix [N,T]
-            out[r] = np.matmul(probs[:, None, :], v).reshape(ND)                   # [N,1,T]@[N,T,D]
-        return out
-
-    def _attention(self, blk, qkv, ctx, spans, adders):
+    def _attention(self, blk, qkv, ctx, spans, adders, first_query_only=False):
         """Per sequence: ctx[rows] = attention of qkv[rows]. qkv [T,3ND] (biased), ctx [T,ND].
+        first_query_only: sequence i's first query alone, into ctx[i] (ctx [len(spans),ND]): for
+        pooled_output alone the last block is needed at the [CLS] token only.
 
         Sequences are spread over the threads (longest first, to the least loaded thread)."""
         N, D = self.config.num_heads, self.config.head_size
@@ -296,7 +270,7 @@ class FastEncoder:
         for i, L in sorted(items, key=lambda t: -t[1]):
             w = load.index(min(load))
             groups[w].append(i)
-            load[w] += L * L
+            load[w] += L if first_query_only else L * L
         longest = max((L for _, L in items), default=0)
         profiles = [dict() for _ in range(n)]
 
@@ -317,16 +291,17 @@ class FastEncoder:
                 s, e = spans[i]
                 adder = adders[i]
                 L = e - s
+                Q = 1 if first_query_only else L                                  # queries
                 rows = qkv[s:e]
-                q = rows[:, :ND].reshape(L, N, D).transpose(1, 0, 2)              # [N,S,D] view
+                q = rows[:Q, :ND].reshape(Q, N, D).transpose(1, 0, 2)             # [N,S,D] view
                 k = rows[:, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)        # [N,D,T] view
                 v = rows[:, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)          # [N,T,D] view
-                scores = sbuf[:N * L * L].reshape(N, L, L)
+                scores = sbuf[:N * Q * L].reshape(N, Q, L)
                 mark("other")
                 np.matmul(q, k, out=scores)                                       # [N,S,T] (unscaled)
                 mark("products")
-                mixed = mbuf[:N * L * L].reshape(N, L, L)
-                np.matmul(blk.pre_t, scores.reshape(N, L * L), out=mixed.reshape(N, L * L))  # scale*W_pre mix
+                mixed = mbuf[:N * Q * L].reshape(N, Q, L)
+                np.matmul(blk.pre_t, scores.reshape(N, Q * L), out=mixed.reshape(N, Q * L))  # scale*W_pre mix
                 mark("talking-heads mixing")
                 if adder is not None:
                     np.add(mixed, adder, out=mixed)                               # + [T] mask adder
@@ -339,9 +314,10 @@ class FastEncoder:
                 sm = mixed.sum(axis=-1, keepdims=True)
                 np.divide(mixed, sm, out=mixed)
                 mark("softmax")
-                np.matmul(blk.post_t, mixed.reshape(N, L * L), out=scores.reshape(N, L * L))  # W_post mix
+                np.matmul(blk.post_t, mixed.reshape(N, Q * L), out=scores.reshape(N, Q * L))  # W_post mix
                 mark("talking-heads mixing")
-                out = ctx[s:e].reshape(L, N, D).transpose(1, 0, 2)                # [N,S,D] view of [S,N,D]
+                dest = ctx[i:i + 1] if first_query_only else ctx[s:e]
+                out = dest.reshape(Q, N, D).transpose(1, 0, 2)                    # [N,S,D] view of [S,N,D]
                 np.matmul(scores, v, out=out)
                 mark("products")
 
@@ -505,7 +481,8 @@ class FastEncoder:
         B = mask.shape[0]
         which = [b for b in range(B) if mask[b, 0] == 1] if skip_padding else list(range(B))
         first = np.asarray([spans[b][0] for b in which], dtype=np.intp)
-        ctx = self._first_query_attention(blk, qkv, spans, adders, which)       # [B',ND]
+        ctx = np.empty((len(which), self.config.num_heads * self.config.head_size), self.dtype)   # [B',ND]
+        self._attention(blk, qkv, ctx, [spans[b] for b in which], [adders[b] for b in which], first_query_only=True)
         self._mark("softmax")
         a = ctx @ blk.output_kernel                                            # [B',H]
         x1 = np.empty_like(a)
