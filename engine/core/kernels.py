@@ -53,6 +53,15 @@ def dense(x, kernel, bias):
     return x @ kernel + bias
 
 
+def dropout(x, keep, rate):
+    """Inverted dropout with a given mask, as Keras' Dropout in training: x * keep / (1 - rate).
+    keep: 0/1 of x's shape (drawn by the caller from a seed, so the backward pass reuses it).
+    [...] -> [...]"""
+    if keep is None or rate == 0.0:
+        return x
+    return x * (keep * x.dtype.type(1.0 / (1.0 - rate)))
+
+
 # ---------------------------------------------------------------------------- embeddings
 
 def embed(word_ids, type_ids, word_table, position_table, type_table):

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.core import backend as backend_mod
 from engine.core import kernels as K
+from engine.core import tape as tape_mod
 from engine.core import trace as trace_mod
 from engine.core.inputs import validate
 from weights.format import ModelConfig, expected_shapes
@@ -202,6 +203,26 @@ class Encoder:
             record("mlm/logits", logits)
         return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": outputs[-1],
                 "encoder_outputs": outputs}
+
+    # -------------------------------------------------------------------------------- backward
+
+    def tape(self, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None) -> tape_mod.Tape:
+        """Records the forward pass for gradients (a persistent tape, engine/core/tape.py):
+        tape.outputs, then tape.gradient(cotangents) as often as needed, then tape.release() (or use
+        it in a `with` block). With masked_lm_positions in the inputs, mlm_logits is recorded too.
+        dropout: None (off, the default), a rate for both, or {"hidden": r, "attention": r}; the masks
+        are drawn from `seed` (or taken from dropout_masks, e.g. another tape's .dropout_masks).
+        Runs the readable kernels, whatever path the encoder's forward uses."""
+        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks)
+
+    def vjp(self, inputs, cotangents: dict, dropout=None, seed: int = 0):
+        """(outputs, grads): the outputs for `inputs` and, for every weight's HDF5 dataset path, the
+        gradient of sum(cotangent * output) over the outputs named in `cotangents` (any of
+        sequence_output, pooled_output, encoder_outputs as a list, mlm_logits with
+        masked_lm_positions in the inputs): what tf.GradientTape.gradient(outputs, variables,
+        output_gradients=cotangents) computes."""
+        with self.tape(inputs, dropout=dropout, seed=seed) as tape:
+            return tape.outputs, tape.gradient(cotangents)
 
     def trace(self, inputs):
         """Every intermediate, in order, as an engine.core.trace.Trace ({name: NumPy array}); names and
