@@ -42,14 +42,16 @@ def _cotangents(cfg, inputs, seed, which=("sequence_output", "pooled_output", "e
 
 
 def _report(label, v: verdict.GradientVerdict):
-    worst = {s: max(v.judgements, key=lambda j: j.engine[s] / max(j.tf[s], verdict.FLOOR)) for s in verdict.STATISTICS}
+    regular = [j for j in v.judgements if j.ruled_tf is not j.tf]
     print(f"\n{label}: {len(v.judgements)} weights; median over weights of engine/TF RMS error "
-          f"{v.median_ratio:.2f} (limit {verdict.GRADIENT_MEDIAN_RATIO:g}), worst {v.worst_ratio:.2f} at {v.worst_weight}")
-    for s, j in worst.items():
-        print(f"  worst engine/TF {s}: {j.engine[s] / max(j.tf[s], verdict.FLOOR):.2f} at {j.name} "
-              f"(engine {j.engine[s]:.1e}, TF {j.tf[s]:.1e} of scale)")
-    noisy = max(v.judgements, key=lambda j: j.tf["rms"] / max(j.noise["rms"], verdict.FLOOR))
-    print(f"  worst TF/engine RMS: {noisy.tf['rms'] / max(noisy.noise['rms'], verdict.FLOOR):.2f} at {noisy.name}")
+          f"{v.median_ratio:.2f}, worst {v.worst_ratio:.2f} at {v.worst_weight}; batch medians of TF's error "
+          + " ".join(f"{s} {v.floor_tf[s]:.1e}" for s in verdict.STATISTICS))
+    for s in verdict.STATISTICS:
+        j = max(regular, key=lambda j: j.engine[s] / max(j.ruled_tf[s], verdict.FLOOR))
+        k = max(regular, key=lambda j: j.tf[s] / max(j.ruled_noise[s], verdict.FLOOR))
+        print(f"  {s}: worst engine/floored TF {j.engine[s] / max(j.ruled_tf[s], verdict.FLOOR):.2f} at {j.name}; "
+              f"worst TF/floored engine {k.tf[s] / max(k.ruled_noise[s], verdict.FLOOR):.2f} at {k.name} "
+              f"(limit {verdict.GRADIENT_FACTOR:g})")
 
 
 def _gradient_verdict(savedmodel, h5, inputs, cotangents):
@@ -70,15 +72,27 @@ def _assert_verdict(v):
 
 # ---------------------------------------------------------------------------- against tf.GradientTape
 
+BATCHES = [(3, 32), (2, 64), (4, 16), (1, 128)]   # (B, S): one gradient verdict each
+
+
 @pytest.mark.parametrize("conditioning", ["random", "trained"])
 def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, tiny_h5, tiny_savedmodel,
                                                            tiny_trained_h5, tiny_trained_savedmodel):
+    """Per weight, per batch, the gradient verdict; over the batches, the engine no less accurate than
+    TF (the geometric mean of the per-batch median error ratios)."""
     h5, sm = (tiny_h5, tiny_savedmodel) if conditioning == "random" else (tiny_trained_h5, tiny_trained_savedmodel)
     cfg = engine.load(h5).config
-    inputs = _inputs(cfg, batch=4, seq_length=24, seed=1)
-    v, (tf_out, out32) = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=2))
-    _report(f"tiny {conditioning}", v)
-    _assert_verdict(v)
+    verdicts = []
+    for i, (B, S) in enumerate(BATCHES):
+        inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
+        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i))
+        _report(f"tiny {conditioning} {B}x{S}", v)
+        _assert_verdict(v)
+        verdicts.append(v)
+    mean, ok = verdict.gradient_accuracy(verdicts)
+    print(f"tiny {conditioning}: geometric mean over {len(verdicts)} batches of the median engine/TF error ratio "
+          f"{mean:.2f} (limit {verdict.GRADIENT_MEDIAN_RATIO:g})")
+    assert ok
 
 
 @pytest.mark.slow
@@ -134,15 +148,16 @@ def _wrap_mix_backward(monkeypatch, factor, only_float32):
     monkeypatch.setattr(KB, "talking_heads_mix_backward", changed)
 
 
-@pytest.mark.parametrize("conditioning,change", [("random", 1e-5), ("trained", 3e-4)])
+@pytest.mark.parametrize("conditioning,change", [("random", 1e-5), ("trained", 1e-3)])
 @pytest.mark.parametrize("only_float32", [False, True], ids=["shared-bug", "float32-only-bug"])
 def test_a_small_error_in_one_kind_of_gradient_fails(monkeypatch, only_float32, conditioning, change, tiny_h5,
                                                      tiny_savedmodel, tiny_trained_h5, tiny_trained_savedmodel):
     """The talking-heads weights' gradients off by a small relative change: in both precisions (a
     formula bug the float64 truth shares: TF's distance to it is no longer float32 noise) or in
-    float32 only (the engine's error exceeds TF's). What is small is set by each weight's float32
-    noise, which the verdict's factor 10 multiplies: measured ~5e-7 of scale on the random tiny model,
-    up to ~1e-5 on the trained-like one (sharp mixing amplifies rounding; TF's error is as large)."""
+    float32 only (the engine's error exceeds TF's). What is small is set by the batch's float32
+    gradient noise, which the verdict's factor 10 multiplies: measured ~7e-7 of scale on the random
+    tiny model, 2e-6 to 4e-5 on the trained-like one (sharp mixing amplifies rounding; TF's error is
+    as large)."""
     h5, sm = (tiny_h5, tiny_savedmodel) if conditioning == "random" else (tiny_trained_h5, tiny_trained_savedmodel)
     cfg = engine.load(h5).config
     inputs = _inputs(cfg, batch=3, seq_length=16, seed=9)

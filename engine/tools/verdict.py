@@ -230,15 +230,26 @@ def rule_text() -> str:
 
 # ---------------------------------------------------------------------------- gradients
 
-# The backward pass (engine/core/tape.py) is judged weight by weight with the same two rules, each
-# weight's gradient relative to its own float64 scale, with one factor, GRADIENT_FACTOR, for every
-# statistic: a weight is a few numbers (a 4x4 talking-heads matrix) to a few million, each a long
-# sum over the batch, and two float32 roundings of such sums differ per weight by more than the
-# forward's outputs do (measured: engine/TF up to 3.7 on the median of a 16-number weight; an
-# independent XLA implementation of this model measures up to 6x). Systematic inaccuracy is caught
-# over the model instead: the median over weights of (engine RMS error / TF RMS error) must be
-# <= GRADIENT_MEDIAN_RATIO (measured 0.6 to 1.03). tests/test_backward.py prints the figures.
-GRADIENT_FACTOR = {"max": 10.0, "rms": 10.0, "median": 10.0}
+# The backward pass (engine/core/tape.py) is judged weight by weight, each gradient relative to its
+# own float64 scale, by the same two rules with one factor, GRADIENT_FACTOR, and a floor. Why both:
+# a weight's gradient is a long sum over the batch of products of activations, and on trained-like
+# weights it is ill-conditioned: float32 rounding anywhere in the forward moves it (measured on the
+# base trained-like model: the gradient's RMS error 7e-4 of scale from a forward whose error is
+# 1e-5; a correctly rounded tanh in the GELU alone halves it). Two float32 implementations then
+# differ per weight and per batch by a random factor (engine/TF measured 0.3x to 15x on single
+# weights; an independent XLA implementation of this model measures up to 6x), and all weights of
+# one batch share the draw. So:
+#   accurate:  engine error <= GRADIENT_FACTOR x max(TF's error, floor_tf)
+#   explained: TF's error   <= GRADIENT_FACTOR x max(engine error, floor_engine)
+# where floor_tf (floor_engine) is the median over the batch's weights of TF's (the engine's) error:
+# an error below the batch's typical float32 gradient noise is not told apart. Each floor comes from
+# the side the rule does not judge, so a bug shared by every weight still fails (a shared formula
+# bug raises TF's errors, not the engine's float32 noise; a float32-only bug raises the engine's).
+# Over the model, the engine must be no less accurate than TF: the geometric mean over batches of
+# (median over weights of engine RMS error / TF RMS error) <= GRADIENT_MEDIAN_RATIO (one batch is
+# one draw: 0.33 to 1.8 measured per batch on the tiny trained-like model, geometric mean 0.86).
+# tests/test_backward.py prints the figures.
+GRADIENT_FACTOR = 10.0
 GRADIENT_MEDIAN_RATIO = 1.25
 # A gradient that is zero in exact arithmetic (the key biases: adding b to every key adds the same
 # q·b to a whole row of logits, which the softmax ignores, and the talking-heads mix keeps it
@@ -248,6 +259,7 @@ GRADIENT_MEDIAN_RATIO = 1.25
 # <= ZERO_GRADIENT_FLOAT64 x that scale.
 ZERO_GRADIENT_FACTOR = 10.0
 ZERO_GRADIENT_FLOAT64 = 1e-12
+_NO_RULE = {s: float("inf") for s in STATISTICS}
 
 
 def zero_gradients(num_layers: int) -> dict[str, str]:
@@ -278,41 +290,63 @@ def judge_zero_gradient(name: str, engine32, reference, exact, sibling_exact) ->
 
 @dataclasses.dataclass
 class GradientVerdict:
+    """The gradients of one batch: a Judgement per weight (the rules above), and the figures."""
     judgements: list                  # one Judgement per weight, in the order of `exact`
+    floor_tf: dict                    # median over weights of TF's error, per statistic
+    floor_engine: dict                # median over weights of the engine's error
     median_ratio: float               # median over weights of engine RMS error / TF RMS error
     worst_ratio: float                # the largest such ratio, and its weight
     worst_weight: str
 
     @property
     def ok(self) -> bool:
-        return all(j.ok for j in self.judgements) and self.median_ratio <= GRADIENT_MEDIAN_RATIO
+        return all(j.ok for j in self.judgements)
 
     def failures(self) -> list[str]:
-        out = [f"{j.name}: {j.status} {j.detail}" for j in self.judgements if not j.ok]
-        if self.median_ratio > GRADIENT_MEDIAN_RATIO:
-            out.append(f"median over weights of engine/TF RMS error {self.median_ratio:.2f} > {GRADIENT_MEDIAN_RATIO:g}")
-        return out
+        return [f"{j.name}: {j.status} {j.detail}" for j in self.judgements if not j.ok]
 
 
 def judge_gradients(engine32: dict, reference: dict, exact: dict, num_layers: int) -> GradientVerdict:
     """Every weight's float32 gradient (engine32) against TF's (reference) and the engine's float64
-    gradient (exact), keyed by HDF5 path; a weight missing on either side is a failure."""
+    gradient (exact) for one batch, keyed by HDF5 path; a weight missing on either side fails."""
     zero = zero_gradients(num_layers)
-    judgements, ratios = [], {}
+    judgements, regular = [], []
     for name in exact:
         if name not in reference or name not in engine32:
             nan = {s: float("nan") for s in STATISTICS}
             judgements.append(Judgement(name, nan, nan, nan, nan, "missing",
                                         f"not in {'TF' if name not in reference else 'the engine'}'s gradients"))
-            continue
-        if name in zero:
+        elif name in zero:
             judgements.append(judge_zero_gradient(name, engine32[name], reference[name], exact[name], exact[zero[name]]))
-            continue
-        j = judge(name, engine32[name], reference[name], exact[name], accuracy_factor=GRADIENT_FACTOR,
-                  noise_factor=GRADIENT_FACTOR)
-        judgements.append(j)
-        if j.status in ("ok", "FAIL"):
-            ratios[name] = max(j.engine["rms"], FLOOR) / max(j.tf["rms"], FLOOR)
+        else:
+            j = judge(name, engine32[name], reference[name], exact[name], accuracy_factor=_NO_RULE, noise_factor=_NO_RULE)
+            judgements.append(j)
+            if j.status == "ok":
+                regular.append(j)
+    floor_tf = {s: float(np.median([j.tf[s] for j in regular])) if regular else FLOOR for s in STATISTICS}
+    floor_engine = {s: float(np.median([j.engine[s] for j in regular])) if regular else FLOOR for s in STATISTICS}
+    for j in regular:
+        j.ruled_tf = {s: max(j.tf[s], floor_tf[s]) for s in STATISTICS}
+        j.ruled_noise = {s: max(j.engine[s], floor_engine[s]) for s in STATISTICS}
+        problems = []
+        for s in STATISTICS:
+            if max(j.engine[s], FLOOR) > GRADIENT_FACTOR * max(j.ruled_tf[s], FLOOR):
+                problems.append(f"engine {s} error {j.engine[s]:.2e} > {GRADIENT_FACTOR:g} x max(TF's {j.tf[s]:.2e}, "
+                                f"the batch's median TF error {floor_tf[s]:.2e})")
+            if max(j.tf[s], FLOOR) > GRADIENT_FACTOR * max(j.ruled_noise[s], FLOOR):
+                problems.append(f"TF's {s} distance to float64 {j.tf[s]:.2e} > {GRADIENT_FACTOR:g} x max(the engine's "
+                                f"float32 error {j.engine[s]:.2e}, its batch median {floor_engine[s]:.2e}): more than float32 noise")
+        if problems:
+            j.status, j.detail = "FAIL", "; ".join(problems)
+    ratios = {j.name: max(j.engine["rms"], FLOOR) / max(j.tf["rms"], FLOOR) for j in regular}
     worst = max(ratios, key=ratios.get) if ratios else ""
-    return GradientVerdict(judgements, float(np.median(list(ratios.values()))) if ratios else float("nan"),
+    return GradientVerdict(judgements, floor_tf, floor_engine,
+                           float(np.median(list(ratios.values()))) if ratios else float("nan"),
                            ratios.get(worst, float("nan")), worst)
+
+
+def gradient_accuracy(verdicts: list) -> tuple[float, bool]:
+    """(geometric mean over batches of the median engine/TF RMS error ratio, <= GRADIENT_MEDIAN_RATIO?)"""
+    ratios = [v.median_ratio for v in verdicts]
+    mean = float(np.exp(np.mean(np.log(ratios))))
+    return mean, mean <= GRADIENT_MEDIAN_RATIO
