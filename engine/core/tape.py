@@ -123,10 +123,15 @@ def block_forward(x, mask_adder, w, eps, masks: _Masks, prefix: str):
     return y, cache
 
 
-def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder):
-    """The VJP of block_forward: its steps in reverse. [B,S,H] -> ([B,S,H], {weight path: grad})"""
+def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None):
+    """The VJP of block_forward: its steps in reverse. [B,S,H] -> ([B,S,H], {weight path: grad})
+    record(name, array), when given, receives the gradient with respect to the trace's intermediates
+    (engine/core/trace.py names): feedforward_layer_norm, attention_layer_norm, context, mixed_probs,
+    probs, masked_scores, scaled_scores, q, k, v."""
+    rec = record or (lambda name, value: None)
     c, a, f = cache, w.attention, w.feedforward
     grads = {}
+    rec("feedforward_layer_norm", dy)
     # y = LN_ffn(dropout(ffn(x1)) + x1)
     dh2, grads["feedforward_layer_norm/gamma"], grads["feedforward_layer_norm/beta"] = \
         KB.layer_norm_backward(c["h2"], *w.feedforward_ln, eps, dy)
@@ -141,6 +146,7 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder):
     dx1_gelu, grads["feedforward/intermediate/kernel"], grads["feedforward/intermediate/bias"] = \
         KB.dense_backward(c["x1"], f.intermediate_kernel, f.intermediate_bias, dpre)
     dx1 = dh2 + dx1_gelu + dx1_gate                                              # residual + both branches
+    rec("attention_layer_norm", dx1)
     # x1 = LN_attn(x + dropout(attention(x)))
     dh1, grads["attention_layer_norm/gamma"], grads["attention_layer_norm/beta"] = \
         KB.layer_norm_backward(c["h1"], *w.attention_ln, eps, dx1)
@@ -148,15 +154,21 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder):
     g = {}
     dctx, g["output/kernel"], g["output/bias"] = KB.attention_output_backward(
         c["ctx"], a.output_kernel, a.output_bias, dattn)
+    rec("context", dctx)
     ddropped, dv = KB.attention_context_backward(c["dropped_probs"], c["v"], dctx)
     dmixed_probs = KB.dropout_backward(None, c["keep_probs"], rates.attention, ddropped)
+    rec("mixed_probs", dmixed_probs)
     dprobs, g["post_softmax_weight"] = KB.talking_heads_mix_backward(c["probs"], a.post_softmax_weight, dmixed_probs)
+    rec("probs", dprobs)
     dmasked = KB.softmax_backward(c["probs"], dprobs)
+    rec("masked_scores", dmasked)
     dmixed = KB.apply_attention_mask_backward(None, mask_adder, dmasked)
     scores = K.scale_scores(K.raw_attention_scores(c["q"], c["k"]), c["q"].shape[-1])  # recomputed: one GEMM
     dscores, g["pre_softmax_weight"] = KB.talking_heads_mix_backward(scores, a.pre_softmax_weight, dmixed)
+    rec("scaled_scores", dscores)
     draw = KB.scale_scores_backward(None, c["q"].shape[-1], dscores)
     dq, dk = KB.raw_attention_scores_backward(c["q"], c["k"], draw)
+    rec("q", dq), rec("k", dk), rec("v", dv)
     dx = dh1                                                                     # the residual
     for name, dproj, kernel, bias in (("query", dq, a.query_kernel, a.query_bias),
                                       ("key", dk, a.key_kernel, a.key_bias),
@@ -224,9 +236,11 @@ class Tape:
             raise ValueError(f"cotangents[{name!r}]: contains NaN or infinite values")
         return array
 
-    def gradient(self, cotangents: dict) -> dict:
+    def gradient(self, cotangents: dict, record=None) -> dict:
         """{HDF5 dataset path: gradient} for every weight of the model, of sum(cotangent * output)
-        over the given outputs. Arrays of the engine's backend and dtype."""
+        over the given outputs. Arrays of the engine's backend and dtype. record(name, array), when
+        given, receives the gradient with respect to intermediates, named as in the trace
+        (e.g. "layers/3/mixed_scores"; see block_backward)."""
         if self._saved is None:
             raise RuntimeError("this tape was released: record a new one with enc.tape(inputs)")
         unknown = [n for n in cotangents if n not in OUTPUT_COTANGENTS]
@@ -268,7 +282,9 @@ class Tape:
                 extra = self._cotangent(f"encoder_outputs[{i}]", per_layer[i], out["encoder_outputs"][i])
                 if extra is not None:
                     dx = dx + extra
-            dx, block_grads = block_backward(dx, s["caches"][i], enc.blocks[i], eps, self.rates, s["mask_adder"])
+            block_rec = (lambda name, value, i=i: record(f"layers/{i}/{name}", value)) if record else None
+            dx, block_grads = block_backward(dx, s["caches"][i], enc.blocks[i], eps, self.rates, s["mask_adder"],
+                                             record=block_rec)
             grads.update({f"layers/{i}/{k}": v for k, v in block_grads.items()})
         dx = KB.dropout_backward(None, s["keep_emb"], self.rates.hidden, dx)
         de, grads["embeddings/layer_norm/gamma"], grads["embeddings/layer_norm/beta"] = \
