@@ -71,3 +71,39 @@ def check_dtype(dtype) -> str:
     if name not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
     return name
+
+
+MALLOC_ENV_VAR = "TALKHEADS_MALLOC_TUNING"
+_MALLOC_TUNED = False
+
+
+def reuse_freed_memory() -> bool:
+    """Asks glibc's malloc to keep freed large blocks for reuse instead of returning them to the OS
+    (mallopt: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 4 GiB), once per process. Returns whether it
+    did.
+
+    Why: by default every array over 32 MiB is a fresh mmap, and its first touch page-faults (slow
+    on virtual machines). The backward pass keeps gigabytes of activations alive and allocates
+    arrays of tens of MiB for every step, so it spends a large share of its time in page faults:
+    measured on the base model at 8x128, the tape's step went from 6.4 s to 5.3 s, the GELU
+    backward from 0.46 s to 0.13 s. TensorFlow's and PyTorch's caching allocators avoid the same
+    cost. The price: memory freed by the process is kept for reuse (the resident size stays near
+    its peak). Set $TALKHEADS_MALLOC_TUNING=0 to leave malloc alone; elsewhere than Linux/glibc it is
+    a no-op.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if os.environ.get(MALLOC_ENV_VAR, "1").strip() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        four_gib = 4 * 1024 ** 3 - 1
+        ok = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(min(four_gib, 2 ** 31 - 1))) == 1
+        ok = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = ok
+    return ok

@@ -55,13 +55,31 @@ def scatter_add_rows(num_rows, ids, rows):
 
 def gelu_tanh_backward(x, dy):
     """y = 0.5x(1+t), t = tanh(u), u = k(x + c x^3):
-        dy/dx = 0.5(1+t) + 0.5x(1-t^2) k(1 + 3c x^2).                          [...] -> [...]"""
+        dy/dx = 0.5(1+t) + 0.5x(1-t^2) k(1 + 3c x^2).                          [...] -> [...]
+
+    Computed in place on two [...] temporaries: this runs over the GEGLU width, the widest
+    elementwise work of the backward pass."""
     xp = array_module(x)
     c = x.dtype.type(GELU_TANH_COEFF)
     k = x.dtype.type(SQRT_2_OVER_PI)
-    half, one, three = x.dtype.type(0.5), x.dtype.type(1.0), x.dtype.type(3.0)
-    t = xp.tanh(k * (x + c * (x * x * x)))
-    return dy * (half * (one + t) + half * x * (one - t * t) * k * (one + three * c * x * x))
+    half, one = x.dtype.type(0.5), x.dtype.type(1.0)
+    x2 = x * x                                                                   # x^2
+    t = x2 * c                                                                   # t = tanh(k(x + c x^3))
+    t += one
+    t *= x
+    t *= k
+    xp.tanh(t, out=t)
+    x2 *= x.dtype.type(3.0) * c                                                  # k(1 + 3c x^2) * 0.5x(1 - t^2)
+    x2 += one
+    x2 *= k
+    x2 *= x
+    x2 *= half
+    x2 *= one - t * t
+    t += one                                                                     # + 0.5(1 + t)
+    t *= half
+    x2 += t
+    x2 *= dy
+    return x2
 
 
 def layer_norm_backward(x, gamma, beta, eps, dy):
@@ -84,7 +102,7 @@ def dense_backward(x, kernel, bias, dy):
     """y = x·W + b:  dx = dy·W^T,  dW = x^T·dy (summed over leading axes),  db = sum dy.
     [...,C] @ [C,F] -> ([...,C], [C,F], [F])"""
     C, F = kernel.shape
-    dx = dy @ kernel.T                                                           # [...,F] @ [F,C] -> [...,C]
+    dx = K.matmul_2d(dy, kernel.T)                                               # [...,F] @ [F,C] -> [...,C]
     dkernel = x.reshape(-1, C).T @ dy.reshape(-1, F)                             # [C,M] @ [M,F] -> [C,F]
     return dx, dkernel, _sum_leading(dy)
 
@@ -142,7 +160,7 @@ def talking_heads_mix_backward(x, weight, dy):
         dW[n,m] = sum_{b,s,t} x[b,n,s,t] dy[b,m,s,t]   (each head pair's correlation over all logits).
     [B,N,S,T] -> ([B,N,S,T], [N,N])"""
     xp = array_module(x)
-    dx = (dy.transpose(0, 2, 3, 1) @ weight.T).transpose(0, 3, 1, 2)             # [B,S,T,N] @ [N,N] -> [B,N,S,T]
+    dx = xp.ascontiguousarray((dy.transpose(0, 2, 3, 1) @ weight.T).transpose(0, 3, 1, 2))  # [B,S,T,N] @ [N,N] -> [B,N,S,T]
     dweight = xp.tensordot(x, dy, axes=([0, 2, 3], [0, 2, 3]))                   # [B,N,S,T] x [B,M,S,T] -> [N,M]
     return dx, dweight
 
@@ -223,7 +241,7 @@ def mlm_logits_backward(gathered, transform_kernel, transform_bias, ln_gamma, ln
     t = K.layer_norm(act, ln_gamma, ln_beta, eps)                                # [B,P,H]
     doutput_bias = _sum_leading(dlogits)                                         # [V]
     dword = dlogits.reshape(-1, V).T @ t.reshape(-1, H)                          # [V,M] @ [M,H] -> [V,H]
-    dt = dlogits @ word_table                                                    # [B,P,V] @ [V,H] -> [B,P,H]
+    dt = K.matmul_2d(dlogits, word_table)                                        # [B,P,V] @ [V,H] -> [B,P,H]
     dact, dgamma, dbeta = layer_norm_backward(act, ln_gamma, ln_beta, eps, dt)
     dpre = gelu_tanh_backward(pre, dact)
     dg, dkernel, dbias = dense_backward(gathered, transform_kernel, transform_bias, dpre)

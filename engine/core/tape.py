@@ -30,6 +30,7 @@ import dataclasses
 
 import numpy as np
 
+from engine.core import backend as backend_mod
 from engine.core import backward as KB
 from engine.core import kernels as K
 from weights.format import expected_shapes
@@ -191,6 +192,8 @@ class Tape:
     def __init__(self, enc, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None):
         self.enc = enc
         self.rates = Dropout.of(dropout)
+        if enc.xp is np:
+            backend_mod.reuse_freed_memory()   # big activations: reuse freed blocks, no page faults
         with_positions = "masked_lm_positions" in inputs
         if with_positions and not enc.has_mlm:
             raise ValueError("masked_lm_positions given, but this weights file is encoder-only (no .mlm head)")

@@ -234,31 +234,36 @@ def rule_text() -> str:
 # own float64 scale, by the same two rules with one factor, GRADIENT_FACTOR, and a floor. Why both:
 # a weight's gradient is a long sum over the batch of products of activations, and on trained-like
 # weights it is ill-conditioned: float32 rounding anywhere in the forward moves it (measured on the
-# base trained-like model: the gradient's RMS error 7e-4 of scale from a forward whose error is
-# 1e-5; a correctly rounded tanh in the GELU alone halves it). Two float32 implementations then
-# differ per weight and per batch by a random factor (engine/TF measured 0.3x to 15x on single
-# weights; an independent XLA implementation of this model measures up to 6x), and all weights of
-# one batch share the draw. So:
-#   accurate:  engine error <= GRADIENT_FACTOR x max(TF's error, floor_tf)
-#   explained: TF's error   <= GRADIENT_FACTOR x max(engine error, floor_engine)
+# base trained-like model: gradient errors near 1e-3 of scale from a forward whose error is 1e-5;
+# computing only the GEMMs, or only the GELU, in float64 changes them by 2-3x). Two float32
+# implementations then differ per batch by a common random factor, the *draw* (the median over
+# weights of engine error / TF error: 0.30 to 2.3 measured per batch, tiny and base, random and
+# trained-like), and per weight around it (up to 6x; an independent XLA implementation of this
+# model measures up to 6x too). So, per batch:
+#   draw       = median over weights of (engine RMS error / TF RMS error); FAIL outside
+#                [1/GRADIENT_DRAW_LIMIT, GRADIENT_DRAW_LIMIT]: a whole batch that much less accurate
+#                than TF (a float32-only bug), or TF that much further from float64 than the engine
+#                (a formula bug the float64 run shares);
+#   accurate:  engine error <= GRADIENT_FACTOR x max(TF's error, floor_tf) x max(1, draw)
+#   explained: TF's error   <= GRADIENT_FACTOR x max(engine error, floor_engine) x max(1, 1/draw)
 # where floor_tf (floor_engine) is the median over the batch's weights of TF's (the engine's) error:
 # an error below the batch's typical float32 gradient noise is not told apart. Each floor comes from
-# the side the rule does not judge, so a bug shared by every weight still fails (a shared formula
-# bug raises TF's errors, not the engine's float32 noise; a float32-only bug raises the engine's).
-# Over the model, the engine must be no less accurate than TF: the geometric mean over batches of
-# (median over weights of engine RMS error / TF RMS error) <= GRADIENT_MEDIAN_RATIO (one batch is
-# one draw: 0.33 to 1.8 measured per batch on the tiny trained-like model, geometric mean 0.86).
-# tests/test_backward.py prints the figures.
+# the side the rule does not judge. Over the model, the engine must be no less accurate than TF:
+# the geometric mean over batches of the draw <= GRADIENT_MEDIAN_RATIO. tests/test_backward.py
+# prints every figure.
 GRADIENT_FACTOR = 10.0
+GRADIENT_DRAW_LIMIT = 4.0
 GRADIENT_MEDIAN_RATIO = 1.25
 # A gradient that is zero in exact arithmetic (the key biases: adding b to every key adds the same
 # q·b to a whole row of logits, which the softmax ignores, and the talking-heads mix keeps it
 # constant over the row) has no scale of its own: its float32 value is pure rounding noise. It is
 # judged against the scale of a sibling gradient (the query bias of the same block): the engine's
 # float32 noise <= ZERO_GRADIENT_FACTOR x TF's (floored at FLOOR x that scale), and float64's
-# <= ZERO_GRADIENT_FLOAT64 x that scale.
+# <= ZERO_GRADIENT_FLOAT64 x that scale (float64 rounding: measured up to 9e-12 at base size, where
+# float32 noise is 1e-7 to 1e-5; a gradient that is not zero, e.g. from a mask added before the
+# pre-softmax mix, is of order 1).
 ZERO_GRADIENT_FACTOR = 10.0
-ZERO_GRADIENT_FLOAT64 = 1e-12
+ZERO_GRADIENT_FLOAT64 = 1e-9
 _NO_RULE = {s: float("inf") for s in STATISTICS}
 
 
@@ -294,16 +299,24 @@ class GradientVerdict:
     judgements: list                  # one Judgement per weight, in the order of `exact`
     floor_tf: dict                    # median over weights of TF's error, per statistic
     floor_engine: dict                # median over weights of the engine's error
-    median_ratio: float               # median over weights of engine RMS error / TF RMS error
+    median_ratio: float               # the draw: median over weights of engine RMS error / TF RMS error
     worst_ratio: float                # the largest such ratio, and its weight
     worst_weight: str
 
     @property
+    def draw_ok(self) -> bool:
+        return 1.0 / GRADIENT_DRAW_LIMIT <= self.median_ratio <= GRADIENT_DRAW_LIMIT
+
+    @property
     def ok(self) -> bool:
-        return all(j.ok for j in self.judgements)
+        return self.draw_ok and all(j.ok for j in self.judgements)
 
     def failures(self) -> list[str]:
-        return [f"{j.name}: {j.status} {j.detail}" for j in self.judgements if not j.ok]
+        out = [f"{j.name}: {j.status} {j.detail}" for j in self.judgements if not j.ok]
+        if not self.draw_ok:
+            out.append(f"the batch's draw (median over weights of engine/TF RMS error) {self.median_ratio:.2f} is "
+                       f"outside [1/{GRADIENT_DRAW_LIMIT:g}, {GRADIENT_DRAW_LIMIT:g}]")
+        return out
 
 
 def judge_gradients(engine32: dict, reference: dict, exact: dict, num_layers: int) -> GradientVerdict:
@@ -325,24 +338,25 @@ def judge_gradients(engine32: dict, reference: dict, exact: dict, num_layers: in
                 regular.append(j)
     floor_tf = {s: float(np.median([j.tf[s] for j in regular])) if regular else FLOOR for s in STATISTICS}
     floor_engine = {s: float(np.median([j.engine[s] for j in regular])) if regular else FLOOR for s in STATISTICS}
+    ratios = {j.name: max(j.engine["rms"], FLOOR) / max(j.tf["rms"], FLOOR) for j in regular}
+    draw = float(np.median(list(ratios.values()))) if ratios else 1.0
+    allow_engine, allow_tf = max(1.0, min(draw, GRADIENT_DRAW_LIMIT)), max(1.0, min(1.0 / draw, GRADIENT_DRAW_LIMIT))
     for j in regular:
-        j.ruled_tf = {s: max(j.tf[s], floor_tf[s]) for s in STATISTICS}
-        j.ruled_noise = {s: max(j.engine[s], floor_engine[s]) for s in STATISTICS}
+        j.ruled_tf = {s: max(j.tf[s], floor_tf[s]) * allow_engine for s in STATISTICS}
+        j.ruled_noise = {s: max(j.engine[s], floor_engine[s]) * allow_tf for s in STATISTICS}
         problems = []
         for s in STATISTICS:
             if max(j.engine[s], FLOOR) > GRADIENT_FACTOR * max(j.ruled_tf[s], FLOOR):
                 problems.append(f"engine {s} error {j.engine[s]:.2e} > {GRADIENT_FACTOR:g} x max(TF's {j.tf[s]:.2e}, "
-                                f"the batch's median TF error {floor_tf[s]:.2e})")
+                                f"the batch's median TF error {floor_tf[s]:.2e}) x the batch's draw {allow_engine:.2f}")
             if max(j.tf[s], FLOOR) > GRADIENT_FACTOR * max(j.ruled_noise[s], FLOOR):
                 problems.append(f"TF's {s} distance to float64 {j.tf[s]:.2e} > {GRADIENT_FACTOR:g} x max(the engine's "
-                                f"float32 error {j.engine[s]:.2e}, its batch median {floor_engine[s]:.2e}): more than float32 noise")
+                                f"float32 error {j.engine[s]:.2e}, its batch median {floor_engine[s]:.2e}) x "
+                                f"{allow_tf:.2f}: more than float32 noise")
         if problems:
             j.status, j.detail = "FAIL", "; ".join(problems)
-    ratios = {j.name: max(j.engine["rms"], FLOOR) / max(j.tf["rms"], FLOOR) for j in regular}
     worst = max(ratios, key=ratios.get) if ratios else ""
-    return GradientVerdict(judgements, floor_tf, floor_engine,
-                           float(np.median(list(ratios.values()))) if ratios else float("nan"),
-                           ratios.get(worst, float("nan")), worst)
+    return GradientVerdict(judgements, floor_tf, floor_engine, draw, ratios.get(worst, float("nan")), worst)
 
 
 def gradient_accuracy(verdicts: list) -> tuple[float, bool]:
