@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # folder -> (rank, what it holds)
 LAYERS = {
     "weights": (0, "HDF5 format, loader, vocab (h5py)"),
-    "engine.core": (1, "backend, inputs, kernels, model, trace"),
+    "engine.core": (1, "backend, inputs, kernels, backward, tape, model, trace"),
     "engine.text": (1, "WordPiece preprocessor, corpus"),
     "engine.fast": (2, "fast CPU path"),
     "engine.gpu": (2, "CuPy path, CUDA kernels"),
