@@ -24,9 +24,10 @@ LAYERS = {
     "engine.gpu": (2, "CuPy path, CUDA kernels"),
     "engine": (3, "public API: load, Encoder"),
     "engine.tools": (4, "verdict, parity, trace files, compare, stream"),
-    "engine.tf": (5, "everything that imports TensorFlow"),
-    "engine.cli": (6, "command line"),
-    "engine.__main__": (7, "python -m engine"),
+    "engine.train": (5, "losses, Model Garden's AdamW, training steps"),
+    "engine.tf": (6, "everything that imports TensorFlow"),
+    "engine.cli": (7, "command line"),
+    "engine.__main__": (8, "python -m engine"),
 }
 TENSORFLOW_FOLDER = "engine.tf"
 TENSORFLOW_MODULES = ("tensorflow", "tf_keras", "tensorflow_text", "official", "keras", "tf2onnx")

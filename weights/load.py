@@ -44,6 +44,8 @@ class LoadedWeights:
     vocab: list[str] | None             # None when the file has no /vocab
     provenance: dict                    # the root attributes that are neither format nor config
     path: str
+    sources: dict = dataclasses.field(default_factory=dict)  # dataset path -> `source` attribute (the
+                                                              # SavedModel variable it was read from)
 
 
 def _python(value):
@@ -204,8 +206,10 @@ def _load_open(path: str, f: h5py.File, verify_checksums: bool) -> LoadedWeights
 
     # Values.
     tensors: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
     for ds_path in expected:
         ds = found[ds_path]
+        sources[ds_path] = str(_python(ds.attrs["source"])) if "source" in ds.attrs else ""
         array = np.empty(ds.shape, dtype=np.float32)
         try:
             if array.size:
@@ -237,4 +241,5 @@ def _load_open(path: str, f: h5py.File, verify_checksums: bool) -> LoadedWeights
                 problems.append(f"dataset {fmt.VOCAB_DATASET} fails its sha256 checksum (corrupt data)")
     if problems:
         _fail(path, problems)
-    return LoadedWeights(config=config, tensors=tensors, vocab=vocab, provenance=provenance, path=path)
+    return LoadedWeights(config=config, tensors=tensors, vocab=vocab, provenance=provenance, path=path,
+                         sources=sources)

@@ -204,6 +204,34 @@ class Encoder:
         return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": outputs[-1],
                 "encoder_outputs": outputs}
 
+    def parameters(self) -> dict:
+        """{HDF5 dataset path: the live array} of every weight, in the order of
+        weights.format.expected_shapes. Updating these arrays in place (an optimizer does) changes
+        the readable model; a fast or GPU path attached at load keeps its own derived copies, so
+        reload the saved weights to use it afterwards."""
+        out = {"embeddings/word": self.word_table, "embeddings/position": self.position_table,
+               "embeddings/type": self.type_table, "embeddings/layer_norm/gamma": self.embedding_ln[0],
+               "embeddings/layer_norm/beta": self.embedding_ln[1]}
+        for i, w in enumerate(self.blocks):
+            a, f = w.attention, w.feedforward
+            for name in ("query", "key", "value", "output"):
+                out[f"layers/{i}/attention/{name}/kernel"] = getattr(a, f"{name}_kernel")
+                out[f"layers/{i}/attention/{name}/bias"] = getattr(a, f"{name}_bias")
+            out[f"layers/{i}/attention/pre_softmax_weight"] = a.pre_softmax_weight
+            out[f"layers/{i}/attention/post_softmax_weight"] = a.post_softmax_weight
+            out[f"layers/{i}/attention_layer_norm/gamma"], out[f"layers/{i}/attention_layer_norm/beta"] = w.attention_ln
+            for name in ("intermediate", "gate", "output"):
+                out[f"layers/{i}/feedforward/{name}/kernel"] = getattr(f, f"{name}_kernel")
+                out[f"layers/{i}/feedforward/{name}/bias"] = getattr(f, f"{name}_bias")
+            out[f"layers/{i}/feedforward_layer_norm/gamma"], out[f"layers/{i}/feedforward_layer_norm/beta"] = w.feedforward_ln
+        out["pooler/kernel"], out["pooler/bias"] = self.pooler_kernel, self.pooler_bias
+        if self.has_mlm:
+            m = self.mlm_weights
+            out.update({"mlm/transform/kernel": m["transform_kernel"], "mlm/transform/bias": m["transform_bias"],
+                        "mlm/layer_norm/gamma": m["ln_gamma"], "mlm/layer_norm/beta": m["ln_beta"],
+                        "mlm/output_bias": m["output_bias"]})
+        return {path: out[path] for path in expected_shapes(self.config)}
+
     # -------------------------------------------------------------------------------- backward
 
     def tape(self, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None) -> tape_mod.Tape:

@@ -86,6 +86,29 @@ class _Masks:
         return mask
 
 
+@dataclasses.dataclass
+class RowGradient:
+    """The gradient of an embedding table as the rows that were looked up (tf.gather's
+    IndexedSlices): values[j] belongs to row ids[j]; repeated ids are separate entries until
+    summed. A few thousand rows instead of a [V,H] table."""
+    ids: object                   # [M] ints
+    values: object                # [M,H]
+    num_rows: int                 # V
+
+    def summed(self):
+        """(unique ids [U], their summed rows [U,H])."""
+        xp = KB.array_module(self.values)
+        unique, inverse = xp.unique(self.ids, return_inverse=True)
+        return unique, KB.scatter_add_rows(int(unique.shape[0]), inverse.reshape(-1), self.values)
+
+    def dense(self):
+        """The [V,H] table."""
+        return KB.scatter_add_rows(self.num_rows, self.ids, self.values)
+
+    def scaled(self, factor) -> "RowGradient":
+        return RowGradient(self.ids, self.values * factor, self.num_rows)
+
+
 def _attention_weight_grads(g: dict) -> dict:
     return {f"attention/{k}": v for k, v in g.items()}
 
@@ -239,11 +262,13 @@ class Tape:
             raise ValueError(f"cotangents[{name!r}]: contains NaN or infinite values")
         return array
 
-    def gradient(self, cotangents: dict, record=None) -> dict:
+    def gradient(self, cotangents: dict, record=None, word_rows: bool = False) -> dict:
         """{HDF5 dataset path: gradient} for every weight of the model, of sum(cotangent * output)
         over the given outputs. Arrays of the engine's backend and dtype. record(name, array), when
         given, receives the gradient with respect to intermediates, named as in the trace
-        (e.g. "layers/3/mixed_scores"; see block_backward)."""
+        (e.g. "layers/3/mixed_scores"; see block_backward). word_rows=True: the word table's
+        gradient as a RowGradient (the looked-up rows, as TF's IndexedSlices) unless mlm_logits has
+        a cotangent (the tied decoder's gradient is dense)."""
         if self._saved is None:
             raise RuntimeError("this tape was released: record a new one with enc.tape(inputs)")
         unknown = [n for n in cotangents if n not in OUTPUT_COTANGENTS]
@@ -296,6 +321,9 @@ class Tape:
             s["ids"], s["types"], enc.word_table, enc.position_table, enc.type_table, de)
         if dword_decoder is not None:
             grads["embeddings/word"] += dword_decoder                            # the tied decoder's share
+        elif word_rows:
+            H = de.shape[-1]
+            grads["embeddings/word"] = RowGradient(s["ids"].reshape(-1), de.reshape(-1, H), enc.word_table.shape[0])
         return self._complete(grads)
 
     def _complete(self, grads: dict) -> dict:

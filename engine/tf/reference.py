@@ -60,6 +60,7 @@ class ReferenceConfig:
 
 CONFIGS = {
     "tiny": ReferenceConfig(layers=2, hidden=64, heads=4, intermediate=256),
+    "small": ReferenceConfig(layers=3, hidden=48, heads=4, intermediate=192, positions=64),
     "base": ReferenceConfig(),
 }
 

@@ -1,0 +1,93 @@
+"""One training step of the engine: the tape's forward and backward, a loss, Model Garden's AdamW.
+
+    trainer = Trainer(enc, names, LinearSchedule(2e-5, steps, steps // 10), head=ClassifierHead.init(H, C, seed=0))
+    loss = trainer.step(batch)        # batch: Hub inputs + "labels"            (fine-tuning)
+    trainer = Trainer(enc, names, schedule)                       # no head: continued MLM training
+    loss = trainer.step(batch)        # batch: Hub inputs + masked_lm_positions, masked_lm_ids, masked_lm_weights
+
+`names` maps each HDF5 path to the SavedModel's variable name (the datasets' `source`
+attributes: weights.load(...).sources), which decides weight decay exactly as Model Garden does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from engine.core import backward as KB
+from engine.core import kernels as K
+from engine.train import losses
+from engine.train.optimizer import AdamWeightDecay, LinearSchedule
+
+HEAD_NAMES = {"classifier/kernel": "classifier/kernel:0", "classifier/bias": "classifier/bias:0"}
+ENCODER_KEYS = ("input_word_ids", "input_mask", "input_type_ids")
+
+
+@dataclasses.dataclass
+class ClassifierHead:
+    """Dropout + Dense(C) on pooled_output, as the bert_glue tutorial's classifier. [B,H] -> [B,C]"""
+    kernel: object    # [H,C]
+    bias: object      # [C]
+
+    @classmethod
+    def init(cls, hidden: int, num_classes: int, seed: int = 0, dtype=np.float32) -> "ClassifierHead":
+        """BERT's initializer: truncated normal, stddev 0.02 (cut at 2 stddev); bias zero."""
+        rng = np.random.default_rng(seed)
+        w = rng.standard_normal((hidden, num_classes))
+        while np.any(np.abs(w) > 2):
+            bad = np.abs(w) > 2
+            w[bad] = rng.standard_normal(int(bad.sum()))
+        return cls((w * 0.02).astype(dtype), np.zeros(num_classes, dtype))
+
+    def parameters(self) -> dict:
+        return {"classifier/kernel": self.kernel, "classifier/bias": self.bias}
+
+
+class Trainer:
+    """Fine-tuning (with a head) or continued MLM training (without), one batch per step()."""
+
+    def __init__(self, enc, names: dict, schedule: LinearSchedule, head: ClassifierHead | None = None,
+                 dropout: float | None = None, head_dropout: float = 0.0, seed: int = 0):
+        self.enc, self.head = enc, head
+        self.dropout, self.head_dropout = dropout, head_dropout
+        self.rng = np.random.default_rng(seed)
+        self.params = enc.parameters()
+        all_names = dict(names)
+        if head is not None:
+            # fine-tuning trains the encoder and the head; the MLM head is not part of that model
+            self.params = {p: a for p, a in self.params.items() if not p.startswith("mlm/")}
+            self.params.update(head.parameters())
+            all_names.update(HEAD_NAMES)
+        self.optimizer = AdamWeightDecay(schedule, all_names)
+
+    def loss_and_grads(self, batch: dict):
+        """(loss, {path: gradient}) for one batch, nothing updated."""
+        enc, xp = self.enc, self.enc.xp
+        seed = int(self.rng.integers(2 ** 63)) if self.dropout else 0
+        if self.head is None:
+            inputs = {k: batch[k] for k in ENCODER_KEYS + ("masked_lm_positions",)}
+            with enc.tape(inputs, dropout=self.dropout, seed=seed) as tape:
+                loss, dlogits = losses.mlm_loss(tape.outputs["mlm_logits"], xp.asarray(batch["masked_lm_ids"]),
+                                                batch["masked_lm_weights"])
+                return loss, tape.gradient({"mlm_logits": dlogits})
+        inputs = {k: batch[k] for k in ENCODER_KEYS}
+        with enc.tape(inputs, dropout=self.dropout, seed=seed) as tape:
+            pooled = tape.outputs["pooled_output"]                                     # [B,H]
+            keep = None
+            if self.head_dropout:
+                keep = xp.asarray(self.rng.random(pooled.shape, dtype=np.float32) >= self.head_dropout, dtype=pooled.dtype)
+            dropped = K.dropout(pooled, keep, self.head_dropout)
+            logits = K.dense(dropped, self.head.kernel, self.head.bias)                 # [B,C]
+            loss, dlogits = losses.classification_loss(logits, xp.asarray(batch["labels"]))
+            ddropped, dkernel, dbias = KB.dense_backward(dropped, self.head.kernel, self.head.bias, dlogits)
+            dpooled = KB.dropout_backward(pooled, keep, self.head_dropout, ddropped)
+            grads = tape.gradient({"pooled_output": dpooled}, word_rows=True)
+        grads.update({"classifier/kernel": dkernel, "classifier/bias": dbias})
+        return loss, grads
+
+    def step(self, batch: dict) -> dict:
+        """One optimizer step; {"loss", "learning_rate", "global_norm"}."""
+        loss, grads = self.loss_and_grads(batch)
+        info = self.optimizer.apply(self.params, grads)
+        return {"loss": float(loss), **info}
