@@ -16,7 +16,9 @@ from engine.train.optimizer import AdamWeightDecay, LinearSchedule
 from engine.train.trainer import HEAD_NAMES, ClassifierHead, Trainer
 
 STEPS = 20
-SCHEDULE = dict(init_lr=1e-3, num_train_steps=STEPS, num_warmup_steps=2, end_lr=0.0)
+# 1e-4 (the recipe's 2e-5 moves the weights too little to see in 20 steps; at 1e-3 the small
+# trained-like model's training turns chaotic: float32 noise grows to 1e-3 of the loss, in TF as here)
+SCHEDULE = dict(init_lr=1e-4, num_train_steps=STEPS, num_warmup_steps=2, end_lr=0.0)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +84,11 @@ def test_twenty_steps_equal_model_gardens_training(task, size, tiny_savedmodel, 
     loss64, delta64 = _train_engine(h5, "float64", batches, head)
     print(f"\n{size} {task}: loss {loss64[0]:.4f} -> {loss64[-1]:.4f}; step-by-step |engine32 - float64| max "
           f"{np.max(np.abs(np.subtract(loss32, loss64))):.1e}, |TF - float64| max {np.max(np.abs(np.subtract(loss_tf, loss64))):.1e}")
-    j = verdict.judge("loss", np.array(loss32), np.array(loss_tf), np.array(loss64))
+    # one number per step, each a mean over a few examples: its float32 error is one draw, like a
+    # gradient's (measured TF/engine up to 3.8 on the small model), so the gradient factor rules
+    factor = {s: verdict.GRADIENT_FACTOR for s in verdict.STATISTICS}
+    j = verdict.judge("loss", np.array(loss32), np.array(loss_tf), np.array(loss64), accuracy_factor=factor,
+                      noise_factor=factor)
     assert j.ok, j.detail
     assert sorted(delta32) == sorted(delta_tf), "the same trainable weights"
     v = verdict.judge_gradients(delta32, delta_tf, delta64, cfg.num_layers)
