@@ -25,6 +25,8 @@ I intermediate, V vocab, P positions, T type vocab. Every tensor is float32 in i
     /mlm/layer_norm/{gamma,beta} [H]                             cls/predictions/transform/LayerNorm
     /mlm/output_bias [V]                                         cls/predictions/output_bias/bias
     /vocab                                   [V] UTF-8 strings, line i of vocab.txt is id i
+    /head/kernel [H,C], /head/bias [C]       optional: a fine-tuned classifier on pooled_output
+    /head/labels                             [C] UTF-8 strings, the class names in order
 
 `<i>` is 0..L-1 in block order. The `/mlm` group is absent in an encoder-only file (attr has_mlm
 false). Each float dataset carries attrs `sha256` (of its little-endian float32 bytes) and `source`
@@ -42,6 +44,8 @@ Root attributes, all scalars:
 
 `/vocab` is optional (absent when the SavedModel has no vocab asset); when present it has V
 entries and attrs `sha256` (vocab_checksum) and `source` (the asset path it came from).
+`/head` is optional (written by `finetune`): every command reads the encoder of such a file, and
+`predict` its classifier.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ FORMAT_NAME = "talkheads-ggelu-bert"
 FORMAT_VERSION = 1
 FORMAT_ATTRS = ("format", "format_version")
 VOCAB_DATASET = "vocab"
+HEAD_DATASETS = ("head/kernel", "head/bias", "head/labels")
 # Provenance root attributes written by engine.tf.extract (all strings):
 PROVENANCE_ATTRS = (
     "source_path",                 # absolute path of the SavedModel extracted

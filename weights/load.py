@@ -46,6 +46,7 @@ class LoadedWeights:
     path: str
     sources: dict = dataclasses.field(default_factory=dict)  # dataset path -> `source` attribute (the
                                                               # SavedModel variable it was read from)
+    head: dict | None = None            # {"kernel" [H,C], "bias" [C], "labels" [C] str} of a fine-tuned file
 
 
 def _python(value):
@@ -59,6 +60,27 @@ def _python(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def _read_head(found: dict, config) -> tuple[dict | None, list[str]]:
+    """The optional classifier head: kernel [H,C], bias [C], labels [C]."""
+    missing = [p for p in fmt.HEAD_DATASETS if p not in found]
+    if missing:
+        return None, [f"head: dataset {p} is missing (a head needs {', '.join(fmt.HEAD_DATASETS)})" for p in missing]
+    kernel, bias, labels = (found[p] for p in fmt.HEAD_DATASETS)
+    problems = []
+    if len(kernel.shape) != 2 or kernel.shape[0] != config.hidden_size:
+        problems.append(f"dataset head/kernel has shape {kernel.shape}, expected ({config.hidden_size}, C)")
+    elif bias.shape != (kernel.shape[1],) or labels.shape != (kernel.shape[1],):
+        problems.append(f"head: bias {bias.shape} and labels {labels.shape} must both be ({kernel.shape[1]},)")
+    if problems:
+        return None, problems
+    try:
+        names = [str(x) for x in labels.asstr("utf-8")[()]]
+    except (OSError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as e:
+        return None, [f"dataset head/labels cannot be read as UTF-8 strings: {e}"]
+    return {"kernel": np.asarray(kernel[()], np.float32), "bias": np.asarray(bias[()], np.float32),
+            "labels": names}, []
 
 
 def _fail(path: str, problems: list[str]):
@@ -188,8 +210,12 @@ def _load_open(path: str, f: h5py.File, verify_checksums: bool) -> LoadedWeights
             problems.append(f"dataset {ds_path} has shape {ds.shape}, expected {shape}")
         elif ds.dtype.kind != "f" or ds.dtype.itemsize != 4:
             problems.append(f"dataset {ds_path} has dtype {ds.dtype}, expected float32")
+    head = None
+    if any(p in found for p in fmt.HEAD_DATASETS):
+        head, head_problems = _read_head(found, config)
+        problems += head_problems
     for ds_path in sorted(found):
-        if ds_path not in expected and ds_path != fmt.VOCAB_DATASET:
+        if ds_path not in expected and ds_path != fmt.VOCAB_DATASET and ds_path not in fmt.HEAD_DATASETS:
             problems.append(f"dataset {ds_path} is unexpected (shape {found[ds_path].shape}, "
                             f"has_mlm={config.has_mlm})")
     for other in others:
@@ -242,4 +268,4 @@ def _load_open(path: str, f: h5py.File, verify_checksums: bool) -> LoadedWeights
     if problems:
         _fail(path, problems)
     return LoadedWeights(config=config, tensors=tensors, vocab=vocab, provenance=provenance, path=path,
-                         sources=sources)
+                         sources=sources, head=head)

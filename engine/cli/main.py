@@ -5,6 +5,10 @@
     python -m engine encode --weights H5 TEXT... | --input FILE  --output OUT.{npy,h5,jsonl} [--sequence]
                             [--max-tokens 2048] [--resume | --force]   (streams; engine/tools/stream.py)
     python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
+    python -m engine finetune --weights H5 --train FILE [--eval FILE] --output OUT.h5 [--epochs E ...] [--resume]
+    python -m engine predict --weights OUT.h5 --input FILE --output PRED.jsonl
+    python -m engine pretrain --weights H5 --input TEXT --output OUT.h5 [--steps N ...] [--resume]
+    python -m engine export-savedmodel --weights H5 OUT_DIR
     python -m engine extract SAVEDMODEL OUT.h5 [--force]
     python -m engine reference OUT_DIR --config tiny|base [--seed N]
     python -m engine trace --weights H5 TEXT... | --ids JSON  --out TRACE.h5   (every intermediate)
@@ -13,7 +17,7 @@
 
 Exit codes: 0 success; 1 verify (or compare) found a difference above tolerance; 2 bad usage, bad input or a
 file problem (one line on stderr; --debug shows the traceback); 130 interrupted.
-`verify`, `extract` and `reference` need TensorFlow (the `tf` extra); the others do not.
+`verify`, `extract`, `export-savedmodel` and `reference` need TensorFlow (the `tf` extra); the others do not.
 """
 
 from __future__ import annotations
@@ -409,6 +413,63 @@ def cmd_fill_mask(args) -> int:
     return EXIT_OK
 
 
+def cmd_finetune(args) -> int:
+    from engine.train import finetune
+    result = finetune.finetune(args.weights, args.train, args.output, eval_path=args.eval, epochs=args.epochs,
+                               learning_rate=args.learning_rate, batch_size=args.batch_size,
+                               seq_length=args.seq_length, warmup_fraction=args.warmup_fraction, seed=args.seed,
+                               dropout=args.dropout, resume=args.resume, force=args.force,
+                               checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+    if "stopped_at_step" in result:
+        print(f"stopped at step {result['stopped_at_step']} (--max-steps); continue with --resume "
+              f"({result['checkpoint']})", file=sys.stderr)
+        return EXIT_OK
+    print(f"finetune: {result['examples']} examples, {result['steps']} steps, seq_length {result['seq_length']}, "
+          f"{result['seconds']:.1f} s, {result['samples_per_s']:.1f} samples/s; wrote {result['output']} "
+          f"(labels {result['labels']})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    import json
+    from engine.train import finetune
+    rows = finetune.predict(args.weights, args.input, batch_size=args.batch_size, seq_length=args.seq_length)
+    out = args.output
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    print(f"predict: {len(rows)} rows to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_pretrain(args) -> int:
+    from engine.train import pretrain
+    result = pretrain.pretrain(args.weights, args.input, args.output, steps=args.steps, learning_rate=args.learning_rate,
+                               batch_size=args.batch_size, seq_length=args.seq_length,
+                               warmup_fraction=args.warmup_fraction, seed=args.seed, dropout=args.dropout,
+                               resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every,
+                               max_steps=args.max_steps, eval_path=args.eval)
+    if "stopped_at_step" in result:
+        print(f"stopped at step {result['stopped_at_step']} (--max-steps); continue with --resume "
+              f"({result['checkpoint']})", file=sys.stderr)
+        return EXIT_OK
+    held = (f"; held-out MLM loss {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}"
+            if result["eval_loss_before"] is not None else "")
+    print(f"pretrain: {result['lines']} lines, {result['steps']} steps, seq_length {result['seq_length']}, "
+          f"{result['seconds']:.1f} s, {result['samples_per_s']:.1f} samples/s{held}; wrote {result['output']}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_export_savedmodel(args) -> int:
+    from engine.tf import export
+    out = export.export_savedmodel(args.weights, args.output_dir, force=args.force)
+    print(f"export-savedmodel: wrote {out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_extract(args) -> int:
     from engine.tf import extract
     return extract.main([args.savedmodel, args.output] + (["--force"] if args.force else []))
@@ -429,6 +490,12 @@ EXAMPLES = {
               "  python -m engine encode --weights talkheads.h5 \"hello world\" --output one.jsonl --sequence",
     "fill-mask": "example:\n  python -m engine fill-mask --weights talkheads.h5 \"the [MASK] sat on the mat\" --top-k 5",
     "extract": "example:\n  python -m engine extract talkheads/ talkheads.h5",
+    "finetune": "example:\n  python -m engine finetune --weights talkheads.h5 --train train.csv --eval dev.csv "
+                "--output tuned.h5 --epochs 3",
+    "pretrain": "example:\n  python -m engine pretrain --weights talkheads.h5 --input corpus.txt --output continued.h5 "
+                "--steps 1000",
+    "export-savedmodel": "example:\n  python -m engine export-savedmodel --weights tuned.h5 exported/",
+    "predict": "example:\n  python -m engine predict --weights tuned.h5 --input test.csv --output predictions.jsonl",
 }
 
 
@@ -529,6 +596,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=None,
                    help="pack the text to this length (default: what it needs, capped at the model's positions)")
     p.set_defaults(func=cmd_fill_mask)
+
+    p = _command(sub, "finetune", "fine-tune every weight and a classifier on pooled_output (Model Garden's "
+                                  "AdamW, the bert_glue recipe); no TensorFlow needed")
+    p.add_argument("--weights", required=True, help="the HDF5 weights file to start from")
+    p.add_argument("--train", required=True, help="CSV, TSV or JSONL with columns text, optional text_b, label")
+    p.add_argument("--eval", default=None, help="the same format: accuracy, macro-F1 and MCC after each epoch")
+    p.add_argument("--output", required=True, help="the .h5 to write: the encoder, the head and the label names "
+                                                   "(checkpoint OUT.ckpt.h5, log OUT.log.jsonl and OUT.loss.png beside it)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
+    p.add_argument("--learning-rate", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per example (default: what the longest needs, capped at the model's positions; "
+                        "longer texts are truncated with a warning)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up (default 0.1)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate in the encoder and the head (default 0.1; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's initialization, the shuffles and dropout (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt.h5")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100; "
+                                                                     "also at every epoch's end)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this run, checkpointed "
+                                                               "(continue with --resume)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = _command(sub, "predict", "class probabilities for each row, with a file written by finetune")
+    p.add_argument("--weights", required=True, help="an .h5 written by finetune (with its head)")
+    p.add_argument("--input", required=True, help="CSV, TSV or JSONL with a text column (and text_b for pairs)")
+    p.add_argument("--output", required=True, help="JSONL to write: one {label, probabilities} object per row")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per row (default: what the longest needs, capped at the model's positions)")
+    p.set_defaults(func=cmd_predict)
+
+    p = _command(sub, "pretrain", "continued MLM training on plain text with BERT's masking; no TensorFlow needed")
+    p.add_argument("--weights", required=True, help="the HDF5 weights file to start from (with the MLM head)")
+    p.add_argument("--input", required=True, help="UTF-8 text, one example per non-empty line")
+    p.add_argument("--eval", default=None, help="held-out text (one example per line): its MLM loss before and after")
+    p.add_argument("--output", required=True, help="the .h5 to write (checkpoint, log and plot beside it)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=32, help="lines per step (default 32)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per line (default: what the longest needs, capped at the model's positions)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up (default 0.1)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (default 0.1; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffles, the masks and dropout (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt.h5")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this run, checkpointed")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = _command(sub, "export-savedmodel", "a weights file back to a TF Hub SavedModel, with Model Garden's "
+                                           "classes (needs TensorFlow)")
+    p.add_argument("--weights", required=True, help="the HDF5 weights file (extracted or trained)")
+    p.add_argument("output_dir", help="the SavedModel folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_export_savedmodel)
 
     p = _command(sub, "extract", "a SavedModel to one HDF5 weights file (needs TensorFlow)")
     p.add_argument("savedmodel", help="the SavedModel folder (with saved_model.pb)")

@@ -48,6 +48,8 @@ import h5py
 import numpy as np
 
 from weights import format as fmt
+from weights import write as weights_write
+from weights.write import check_output_path, remove_stale_temps  # noqa: F401  (re-exported)
 from engine.tools.progress import Progress
 
 
@@ -455,168 +457,24 @@ class _NullStream:
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing (no TensorFlow)
-
-_TEMP_RE = r"\.{name}\.extract-(\d+)-[A-Za-z0-9_]+\.tmp"
-
-
-def _temp_prefix(out_path: str) -> str:
-    return f".{os.path.basename(out_path)}.extract-{os.getpid()}-"
-
-
-def remove_stale_temps(out_path: str) -> list[str]:
-    """Removes temp files of earlier extractions to `out_path` whose process is gone (e.g. SIGKILLed)."""
-    folder = os.path.dirname(os.path.abspath(out_path))
-    pattern = re.compile(_TEMP_RE.format(name=re.escape(os.path.basename(out_path))))
-    removed = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in entries:
-        m = pattern.fullmatch(entry)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running: maybe another extraction in progress
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        try:
-            os.unlink(os.path.join(folder, entry))
-            removed.append(entry)
-        except OSError:
-            pass
-    return removed
-
-
-def _write_dataset(f: h5py.File, path: str, array: np.ndarray, source: str) -> None:
-    ds = f.create_dataset(path, data=array, dtype="<f4")
-    ds.attrs["sha256"] = fmt.tensor_checksum(array)
-    ds.attrs["source"] = source
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        if directory:
-            return  # some platforms cannot open folders: best effort
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: str, out: str, force: bool) -> None:
-    """Moves the finished temp file to `out`: os.replace with force, else a no-clobber link."""
-    if force:
-        os.replace(tmp, out)
-        return
-    try:
-        os.link(tmp, out)  # fails if `out` appeared meanwhile: never replaces without --force
-    except FileExistsError:
-        raise FileExistsError(f"{out} exists (it appeared during the extraction); "
-                              "pass --force to replace it") from None
-    except OSError:  # a file system without hard links
-        if os.path.lexists(out):
-            raise FileExistsError(f"{out} exists; pass --force to replace it") from None
-        os.replace(tmp, out)
-        return
-    os.unlink(tmp)
-
-
-def check_output_path(out_path: str, force: bool) -> str:
-    """Refuses an output that is a folder, or that exists without force; returns its absolute path."""
-    out = os.path.abspath(out_path)
-    if os.path.isdir(out):
-        raise ExtractionError(f"{out}: is a folder; give the path of the .h5 file to write")
-    if os.path.lexists(out) and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    return out
-
+# Writing (no TensorFlow): weights/write.py
 
 def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.ndarray], *,
                   sources: dict[str, str] | None = None, vocab: list[str] | None = None,
                   vocab_source: str = "", provenance: dict | None = None, force: bool = False,
                   progress: bool = True) -> str:
-    """Writes an HDF5 weight file atomically (temp file, fsync, rename); returns its absolute path.
-
-    `tensors` must hold exactly the datasets of `format.expected_shapes(config)`, float32, with those
-    shapes. An existing `out_path` is replaced only with force=True. On any exception (including
-    KeyboardInterrupt) the temp file is removed and `out_path` is untouched.
-    """
+    """weights.write.write_weights with a progress bar; a mismatch raises ExtractionError."""
     expected = fmt.expected_shapes(config)
-    problems = _Problems()
-    for path, shape in expected.items():
-        if path not in tensors:
-            problems.add("missing", path)
-        elif tuple(np.shape(tensors[path])) != shape:
-            problems.add("mis-shaped", f"{path} has shape {_shape_str(np.shape(tensors[path]))}, "
-                                       f"expected {_shape_str(shape)}")
-        elif np.asarray(tensors[path]).dtype != np.float32:
-            problems.add("wrong dtype", f"{path} is {np.asarray(tensors[path]).dtype}, expected float32")
-    for path in tensors:
-        if path not in expected:
-            problems.add("unexpected", path)
-    if vocab is not None and len(vocab) != config.vocab_size:
-        problems.add("mis-shaped", f"vocab has {len(vocab)} tokens, expected {config.vocab_size}")
-    problems.raise_if_any(str(out_path), "the tensors do not match the config")
-
-    out = check_output_path(out_path, force)
-    folder = os.path.dirname(out)
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temps(out)
-    sources = sources or {}
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        total = sum(np.asarray(tensors[p]).nbytes for p in expected)
-        with h5py.File(tmp, "w") as f, Progress(
-                total, "extract: writing", live=None if progress else False,
-                stream=sys.stderr if progress else _NullStream()) as bar:
-            f.attrs["format"] = fmt.FORMAT_NAME
-            f.attrs["format_version"] = fmt.FORMAT_VERSION
-            for key, value in config.to_attrs().items():
-                f.attrs[key] = value
-            for key, value in (provenance or {}).items():
-                if key in fmt.FORMAT_ATTRS or key in fmt.config_attr_names():
-                    raise ValueError(f"provenance attribute {key!r} would overwrite a format/config attribute")
-                f.attrs[key] = value
-            for path in expected:
-                array = np.ascontiguousarray(tensors[path], dtype=np.float32)
-                _write_dataset(f, path, array, sources.get(path, ""))
-                bar.update(array.nbytes, path)
-            if vocab is not None:
-                ds = f.create_dataset(fmt.VOCAB_DATASET, data=np.array(vocab, dtype=object),
-                                      dtype=h5py.string_dtype("utf-8"))
-                ds.attrs["sha256"] = fmt.vocab_checksum(vocab)
-                ds.attrs["source"] = vocab_source or ""
-        _fsync_path(tmp)
-        _publish(tmp, out, force)
-        _fsync_path(folder, directory=True)
-    except BaseException:
+    total = sum(np.asarray(tensors[p]).nbytes for p in expected if p in tensors)
+    with Progress(total, "extract: writing", live=None if progress else False,
+                  stream=sys.stderr if progress else _NullStream()) as bar:
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
+            return weights_write.write_weights(out_path, config, tensors, sources=sources, vocab=vocab,
+                                               vocab_source=vocab_source, provenance=provenance, force=force,
+                                               on_progress=bar.update)
+        except weights_write.WeightsWriteError as e:
+            raise ExtractionError(str(e)) from None
 
-
-# ----------------------------------------------------------------------------------------------
 
 def extract(savedmodel_dir: str, out_path: str, *, force: bool = False, progress: bool = True) -> ExtractionResult:
     """Extracts a SavedModel to an HDF5 file. Raises ExtractionError or FileExistsError."""
@@ -707,7 +565,7 @@ def main(argv=None) -> int:
         pass
     try:
         extract(args.savedmodel_dir, args.out, force=args.force, progress=not args.quiet)
-    except (ExtractionError, FileExistsError) as e:
+    except (ExtractionError, weights_write.WeightsWriteError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

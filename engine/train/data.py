@@ -1,0 +1,133 @@
+"""Labelled examples from CSV, TSV or JSONL files, for finetune and predict.
+
+    examples = read_examples("train.csv")              # [Example(text, text_b, label, row)]
+    labels = label_names(examples)                     # sorted distinct labels, as strings
+
+A CSV or TSV file has a header row naming its columns; a JSONL file has one JSON object per line.
+The columns: `text` (required), `text_b` (optional: sentence pairs), `label` (required for training
+and evaluation; strings or numbers). Every problem is a DataError naming the file, the row (1-based
+data row; for CSV/TSV, line = row + 1) and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names the file, row and column."""
+
+
+@dataclasses.dataclass
+class Example:
+    text: str
+    text_b: str | None
+    label: str | None
+    row: int          # 1-based data row, for messages
+
+
+def _format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv", ".jsonl"):
+        return ext[1:]
+    raise DataError(f"{path}: unknown file type {ext or '(no extension)'}: use .csv, .tsv or .jsonl")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def _label_string(value, path, row) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{path}: row {row}, column 'label': expected a string or a number, got {json.dumps(value)}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if not text:
+        raise DataError(f"{path}: row {row}, column 'label': empty")
+    return text
+
+
+def read_examples(path: str, need_label: bool = True) -> list[Example]:
+    """The examples of a CSV, TSV or JSONL file (see the module docstring)."""
+    kind = _format(path)
+    content = _read_text(path)
+    records = []
+    if kind == "jsonl":
+        for line_number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {line_number}: expected a JSON object, got {type(obj).__name__}")
+            records.append((line_number, obj))
+        where = "line"
+    else:
+        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if kind == "tsv" else ",")
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty file (expected a header row with a 'text' column)")
+        for name in ("text",) + (("label",) if need_label else ()):
+            if name not in reader.fieldnames:
+                raise DataError(f"{path}: no '{name}' column (the header has {reader.fieldnames})")
+        for row_number, row in enumerate(reader, 1):
+            if None in row:
+                raise DataError(f"{path}: row {row_number} (line {row_number + 1}): more fields than the header has")
+            records.append((row_number, row))
+        where = "row"
+    if not records:
+        raise DataError(f"{path}: no examples")
+    out = []
+    for number, record in records:
+        text = record.get("text")
+        if text is None:
+            raise DataError(f"{path}: {where} {number}: no 'text' column")
+        if not isinstance(text, str):
+            raise DataError(f"{path}: {where} {number}, column 'text': expected a string, got {json.dumps(text)}")
+        text_b = record.get("text_b")
+        if text_b is not None and not isinstance(text_b, str):
+            raise DataError(f"{path}: {where} {number}, column 'text_b': expected a string, got {json.dumps(text_b)}")
+        label = record.get("label")
+        if label is None or label == "":
+            if need_label:
+                raise DataError(f"{path}: {where} {number}: no 'label'")
+            label = None
+        else:
+            label = _label_string(label, path, number)
+        out.append(Example(text, text_b or None, label, number))
+    return out
+
+
+def label_names(examples: list[Example]) -> list[str]:
+    """The distinct labels, sorted (numerically when all are integers)."""
+    labels = {e.label for e in examples}
+    if all(lbl.lstrip("-").isdigit() for lbl in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def label_ids(examples: list[Example], names: list[str], path: str) -> list[int]:
+    """Each example's label as an index into `names`; a label not in `names` is a DataError."""
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for e in examples:
+        if e.label not in index:
+            raise DataError(f"{path}: row {e.row}, column 'label': {e.label!r} does not occur in the training data "
+                            f"(labels: {names[:10]}{' ...' if len(names) > 10 else ''})")
+        out.append(index[e.label])
+    return out

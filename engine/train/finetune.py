@@ -1,0 +1,287 @@
+"""Fine-tuning a classifier on pooled_output, the bert_glue tutorial's recipe, and prediction.
+
+    result = finetune("model.h5", "train.csv", "tuned.h5", eval_path="dev.csv", epochs=3)
+    rows = predict("tuned.h5", "test.csv")          # [{"label": ..., "probabilities": {...}}]
+
+Recipe (the defaults): Dropout(0.1) + Dense(C) on pooled_output, dropout 0.1 in the encoder,
+sparse categorical cross-entropy from logits, Model Garden's AdamW (engine/train/optimizer.py) with
+learning rate 2e-5, 10% linear warm-up then linear decay to 0, 3 epochs, batch 32, every weight
+trained. Texts are packed `[CLS] a [SEP] (b [SEP])` to seq_length: by default what the longest
+example needs, capped at the model's positions; longer texts are truncated (round-robin, as
+TF-Text) and counted in a warning.
+
+Checkpoints: OUT.ckpt.h5 beside the output, written atomically every `checkpoint_every` steps and
+at the end of each epoch: weights, head, optimizer moments and step, the dropout generator's state
+and the data position. `resume=True` continues from it; N steps straight and N/2 + resume + N/2
+give bit-identical weights (tests/test_finetune.py). The final OUT.h5 is a weights file every
+command reads (the encoder), with the head and the label names (`predict` reads those). A log line
+per step goes to OUT.log.jsonl; OUT.loss.png plots the loss when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+
+import weights
+from engine.api import Encoder as ApiEncoder
+from engine.core import kernels as K
+from engine.core.model import Encoder
+from engine.text.preprocess import Preprocessor
+from engine.tools.progress import Progress
+from engine.train import data as data_mod
+from engine.train.optimizer import LinearSchedule
+from engine.train.trainer import ClassifierHead, Trainer
+from weights import write as weights_write
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says
+    which step and what is kept."""
+
+
+@dataclasses.dataclass
+class Encoded:
+    inputs: dict          # input_word_ids, input_mask, input_type_ids [N,S]
+    labels: np.ndarray    # [N] int32 (or None)
+    truncated: int        # how many examples were cut
+
+
+def encode_examples(prep: Preprocessor, examples, seq_length: int | None, max_positions: int) -> Encoded:
+    """Packs every example; seq_length default: the longest need, capped at max_positions."""
+    a = prep.tokenize_flat([e.text for e in examples])
+    pairs = any(e.text_b for e in examples)
+    b = prep.tokenize_flat([e.text_b or "" for e in examples]) if pairs else None
+    need = [len(x) + 2 + ((len(y) + 1) if pairs else 0) for x, y in zip(a, b if pairs else a)]
+    if seq_length is None:
+        seq_length = min(max(need), max_positions)
+    if seq_length > max_positions:
+        raise ValueError(f"--seq-length {seq_length} exceeds the model's {max_positions} positions")
+    packed = prep.bert_pack_inputs([a, b] if pairs else [a], seq_length=seq_length)
+    return Encoded(packed, None, sum(n > seq_length for n in need))
+
+
+def _metrics(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, macro-F1 and Matthews' correlation (multi-class, Gorodkin's R_K)."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros(num_classes), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros(num_classes), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=precision + recall > 0)
+    n, correct = confusion.sum(), tp.sum()
+    t, p = confusion.sum(1).astype(float), confusion.sum(0).astype(float)
+    denominator = math.sqrt((n * n - (p * p).sum()) * (n * n - (t * t).sum()))
+    mcc = (correct * n - (t * p).sum()) / denominator if denominator else 0.0
+    present = confusion.sum(1) > 0
+    return {"accuracy": float(correct / n), "macro_f1": float(f1[present].mean()), "mcc": float(mcc)}
+
+
+def _probabilities(enc, head: ClassifierHead, inputs: dict, batch_size: int) -> np.ndarray:
+    out = []
+    N = inputs["input_word_ids"].shape[0]
+    for start in range(0, N, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
+        pooled = enc(batch, outputs=("pooled_output",))["pooled_output"]
+        logits = np.asarray(K.dense(pooled, head.kernel, head.bias), np.float64)
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        out.append(e / e.sum(-1, keepdims=True))
+    return np.concatenate(out)
+
+
+def _write_atomic_h5(path: str, fill) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            fill(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str, trainer: Trainer, state: dict) -> None:
+    """Weights, moments, step, the dropout generator and the data position, atomically."""
+    def fill(f):
+        for group, arrays in (("params", trainer.params), ("m", trainer.optimizer.m), ("v", trainer.optimizer.v)):
+            for name, a in arrays.items():
+                f.create_dataset(f"{group}/{name}", data=np.asarray(a))
+        f.attrs["iterations"] = trainer.optimizer.iterations
+        f.attrs["rng"] = json.dumps(trainer.rng.bit_generator.state)
+        f.attrs["state"] = json.dumps(state)
+    _write_atomic_h5(path, fill)
+
+
+def load_checkpoint(path: str, trainer: Trainer) -> dict:
+    with h5py.File(path, "r") as f:
+        flat = {}
+        f["params"].visititems(lambda n, o: flat.__setitem__(n, o) if isinstance(o, h5py.Dataset) else None)
+        if set(flat) != set(trainer.params):
+            raise TrainingError(f"{path}: the checkpoint's weights do not match this model and head "
+                                f"({len(flat)} vs {len(trainer.params)} tensors); delete it or drop --resume")
+        for name, a in trainer.params.items():
+            a[...] = f["params"][name][()]
+        trainer.optimizer.m = {n: np.array(f["m"][n][()]) for n in trainer.params if f"m/{n}" in f}
+        trainer.optimizer.v = {n: np.array(f["v"][n][()]) for n in trainer.params if f"v/{n}" in f}
+        trainer.optimizer.iterations = int(f.attrs["iterations"])
+        trainer.rng.bit_generator.state = json.loads(f.attrs["rng"])
+        return json.loads(f.attrs["state"])
+
+
+def _plot(log_path: str, png_path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str | None = None, epochs: int = 3,
+             learning_rate: float = 2e-5, batch_size: int = 32, seq_length: int | None = None,
+             warmup_fraction: float = 0.1, seed: int = 0, dropout: float = 0.1, resume: bool = False,
+             force: bool = False, checkpoint_every: int = 100, max_steps: int | None = None,
+             stream=None, live: bool | None = None) -> dict:
+    """Fine-tunes every weight and a new head; writes `output`. Returns the summary (and per-epoch
+    eval metrics). max_steps stops early (the checkpoint is kept, for resume)."""
+    stream = stream if stream is not None else sys.stderr
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= warmup_fraction < 1:
+        raise ValueError(f"--warmup-fraction must be in [0, 1), got {warmup_fraction}")
+    if os.path.exists(output) and not force:
+        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    checkpoint = output + ".ckpt.h5"
+    log_path = output + ".log.jsonl"
+    if os.path.exists(checkpoint) and not resume:
+        raise FileExistsError(f"{checkpoint} exists (an interrupted run): pass --resume to continue it, or delete it")
+    loaded = weights.load(weights_path)
+    if loaded.vocab is None:
+        raise ValueError(f"{weights_path}: has no vocab; fine-tuning needs one to read text")
+    train = data_mod.read_examples(train_path)
+    names = data_mod.label_names(train)
+    if len(names) < 2:
+        raise data_mod.DataError(f"{train_path}: one label only ({names[0]!r}): nothing to classify")
+    train_ids = np.array(data_mod.label_ids(train, names, train_path), np.int32)
+    evaluation = None
+    if eval_path:
+        ev = data_mod.read_examples(eval_path)
+        evaluation = (ev, np.array(data_mod.label_ids(ev, names, eval_path), np.int32))
+    enc = Encoder(loaded.config, loaded.tensors, vocab=loaded.vocab)
+    positions = loaded.config.max_position_embeddings
+    prep = Preprocessor(loaded.vocab, lower_case=loaded.config.do_lower_case, max_seq_length=positions)
+    encoded = encode_examples(prep, train, seq_length, positions)
+    S = encoded.inputs["input_word_ids"].shape[1]
+    if encoded.truncated:
+        print(f"warning: {encoded.truncated} of {len(train)} training texts are longer than {S} tokens and were "
+              f"truncated", file=stream)
+    eval_inputs = encode_examples(prep, evaluation[0], S, positions).inputs if evaluation else None
+    N = len(train)
+    steps_per_epoch = math.ceil(N / batch_size)
+    total_steps = epochs * steps_per_epoch
+    schedule = LinearSchedule(learning_rate, total_steps, int(warmup_fraction * total_steps))
+    head = ClassifierHead.init(loaded.config.hidden_size, len(names), seed=seed)
+    trainer = Trainer(enc, loaded.sources, schedule, head=head, dropout=dropout or None, head_dropout=dropout,
+                      seed=seed)
+    state = {"epoch": 0, "batch": 0, "epochs_done": []}
+    if resume and os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint, trainer)
+        print(f"resuming from {checkpoint}: step {trainer.optimizer.iterations} of {total_steps}", file=stream)
+    elif not resume and os.path.exists(log_path):
+        os.unlink(log_path)
+    start_time, samples, steps_run = time.perf_counter(), 0, 0
+    with open(log_path, "a") as log, Progress(total_steps, "finetune", stream=stream, bytes_unit=False,
+                                              live=live) as bar:
+        bar.update(trainer.optimizer.iterations)
+        while state["epoch"] < epochs:
+            order = np.random.default_rng([seed, state["epoch"]]).permutation(N)   # the epoch's shuffle
+            while state["batch"] < steps_per_epoch:
+                if max_steps is not None and steps_run >= max_steps:
+                    save_checkpoint(checkpoint, trainer, state)
+                    return {"stopped_at_step": trainer.optimizer.iterations, "checkpoint": checkpoint}
+                rows = order[state["batch"] * batch_size:(state["batch"] + 1) * batch_size]
+                batch = {k: v[rows] for k, v in encoded.inputs.items()}
+                batch["labels"] = train_ids[rows]
+                info = trainer.step(batch)
+                if not math.isfinite(info["loss"]):
+                    raise TrainingError(f"step {trainer.optimizer.iterations}: the loss is {info['loss']}; stopped. "
+                                        f"The last good checkpoint is {checkpoint}")
+                state["batch"] += 1
+                steps_run += 1
+                samples += len(rows)
+                rate = samples / (time.perf_counter() - start_time)
+                log.write(json.dumps({"step": trainer.optimizer.iterations, "epoch": state["epoch"] + 1,
+                                      "loss": info["loss"], "learning_rate": info["learning_rate"],
+                                      "samples_per_s": rate}) + "\n")
+                log.flush()
+                bar.update(1, f"loss {info['loss']:.4f} lr {info['learning_rate']:.2e} {rate:.1f} samples/s")
+                if trainer.optimizer.iterations % checkpoint_every == 0:
+                    save_checkpoint(checkpoint, trainer, state)
+            record = {"epoch": state["epoch"] + 1}
+            if eval_inputs is not None:
+                probs = _probabilities(enc, head, eval_inputs, batch_size)
+                record.update(_metrics(probs.argmax(-1), evaluation[1], len(names)))
+                print(f"epoch {record['epoch']}: eval accuracy {record['accuracy']:.4f}, macro-F1 "
+                      f"{record['macro_f1']:.4f}, MCC {record['mcc']:.4f}", file=stream)
+                log.write(json.dumps({"step": trainer.optimizer.iterations, **record}) + "\n")
+            state["epochs_done"].append(record)
+            state["epoch"] += 1
+            state["batch"] = 0
+            save_checkpoint(checkpoint, trainer, state)
+    tensors = {p: np.asarray(a, np.float32) for p, a in enc.parameters().items()}
+    weights_write.write_weights(output, loaded.config, tensors, sources=loaded.sources, vocab=loaded.vocab,
+                                vocab_source=loaded.provenance.get("vocab_source", ""),
+                                provenance={**{k: v for k, v in loaded.provenance.items()},
+                                            "finetuned_from": os.path.abspath(weights_path),
+                                            "finetune_train": os.path.abspath(train_path)},
+                                force=True, head={"kernel": head.kernel, "bias": head.bias, "labels": names})
+    os.unlink(checkpoint)
+    _plot(log_path, output + ".loss.png")
+    seconds = time.perf_counter() - start_time
+    return {"output": output, "examples": N, "steps": trainer.optimizer.iterations, "seq_length": S,
+            "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0,
+            "epochs": state["epochs_done"], "labels": names, "truncated": encoded.truncated}
+
+
+def predict(weights_path: str, input_path: str, batch_size: int = 32, seq_length: int | None = None,
+            stream=None) -> list[dict]:
+    """For each row of input_path: {"label": the most probable class, "probabilities": {label: p}}."""
+    stream = stream if stream is not None else sys.stderr
+    loaded = weights.load(weights_path)
+    if loaded.head is None:
+        raise ValueError(f"{weights_path}: has no classifier head (/head): use a file written by finetune")
+    examples = data_mod.read_examples(input_path, need_label=False)
+    enc = ApiEncoder(loaded.config, loaded.tensors, vocab=loaded.vocab, fast=True)
+    prep = Preprocessor(loaded.vocab, lower_case=loaded.config.do_lower_case,
+                        max_seq_length=loaded.config.max_position_embeddings)
+    encoded = encode_examples(prep, examples, seq_length, loaded.config.max_position_embeddings)
+    if encoded.truncated:
+        print(f"warning: {encoded.truncated} of {len(examples)} texts were truncated to "
+              f"{encoded.inputs['input_word_ids'].shape[1]} tokens", file=stream)
+    head = ClassifierHead(loaded.head["kernel"], loaded.head["bias"])
+    probs = _probabilities(enc, head, encoded.inputs, batch_size)
+    labels = loaded.head["labels"]
+    return [{"label": labels[int(p.argmax())], "probabilities": {lbl: float(x) for lbl, x in zip(labels, p)}}
+            for p in probs]
