@@ -34,7 +34,7 @@ def _csv(path, rows=TEXTS, header="text,label"):
     ("words,label\nhello,1\n", "no 'text' column"),
     ("text\nhello\n", "no 'label' column"),
     ("text,label\nhello,1\nbye\n", "row 2: no 'label'"),
-    ("text,label\nhello,1,extra\n", "row 1 (line 2): more fields"),
+    ("text,label\nhello,1,extra\n", r"row 1 \(line 2\): more fields"),
 ])
 def test_data_errors_name_the_file_row_and_column(tmp_path, content, needle):
     path = tmp_path / "train.csv"

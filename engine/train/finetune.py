@@ -226,7 +226,7 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
                 batch["labels"] = train_ids[rows]
                 info = trainer.step(batch)
                 if not math.isfinite(info["loss"]):
-                    raise TrainingError(f"step {trainer.optimizer.iterations}: the loss is {info['loss']}; stopped. "
+                    raise TrainingError(f"step {trainer.optimizer.iterations + 1}: the loss is {info['loss']}; stopped. "
                                         f"The last good checkpoint is {checkpoint}")
                 state["batch"] += 1
                 steps_run += 1

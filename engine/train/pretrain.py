@@ -158,7 +158,7 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
             batch = {**masked, "input_mask": packed["input_mask"][rows], "input_type_ids": packed["input_type_ids"][rows]}
             info = trainer.step(batch)
             if not math.isfinite(info["loss"]):
-                raise TrainingError(f"step {trainer.optimizer.iterations}: the loss is {info['loss']}; stopped. "
+                raise TrainingError(f"step {trainer.optimizer.iterations + 1}: the loss is {info['loss']}; stopped. "
                                     f"The last good checkpoint is {checkpoint}")
             run += 1
             samples += len(rows)

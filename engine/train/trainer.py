@@ -62,7 +62,7 @@ class Trainer:
         self.optimizer = AdamWeightDecay(schedule, all_names)
 
     def loss_and_grads(self, batch: dict):
-        """(loss, {path: gradient}) for one batch, nothing updated."""
+        """(loss, {path: gradient}) for one batch, nothing updated; (loss, None) when the loss is not finite."""
         enc, xp = self.enc, self.enc.xp
         seed = int(self.rng.integers(2 ** 63)) if self.dropout else 0
         if self.head is None:
@@ -70,6 +70,8 @@ class Trainer:
             with enc.tape(inputs, dropout=self.dropout, seed=seed) as tape:
                 loss, dlogits = losses.mlm_loss(tape.outputs["mlm_logits"], xp.asarray(batch["masked_lm_ids"]),
                                                 batch["masked_lm_weights"])
+                if not np.isfinite(float(loss)):
+                    return loss, None
                 return loss, tape.gradient({"mlm_logits": dlogits})
         inputs = {k: batch[k] for k in ENCODER_KEYS}
         with enc.tape(inputs, dropout=self.dropout, seed=seed) as tape:
@@ -80,6 +82,8 @@ class Trainer:
             dropped = K.dropout(pooled, keep, self.head_dropout)
             logits = K.dense(dropped, self.head.kernel, self.head.bias)                 # [B,C]
             loss, dlogits = losses.classification_loss(logits, xp.asarray(batch["labels"]))
+            if not np.isfinite(float(loss)):
+                return loss, None
             ddropped, dkernel, dbias = KB.dense_backward(dropped, self.head.kernel, self.head.bias, dlogits)
             dpooled = KB.dropout_backward(pooled, keep, self.head_dropout, ddropped)
             grads = tape.gradient({"pooled_output": dpooled}, word_rows=True)
@@ -87,7 +91,10 @@ class Trainer:
         return loss, grads
 
     def step(self, batch: dict) -> dict:
-        """One optimizer step; {"loss", "learning_rate", "global_norm"}."""
+        """One optimizer step; {"loss", "learning_rate", "global_norm"}. A non-finite loss updates
+        nothing and comes back as {"loss": nan or inf} (the caller stops)."""
         loss, grads = self.loss_and_grads(batch)
+        if grads is None:
+            return {"loss": float(loss), "learning_rate": float("nan"), "global_norm": float("nan")}
         info = self.optimizer.apply(self.params, grads)
         return {"loss": float(loss), **info}
