@@ -447,7 +447,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc, old):
     if old:
         _write_small(out)
     before = out.read_bytes() if old else None
-    original = extract._write_dataset
+    import weights.write as weights_write   # the writer extract uses (no TensorFlow)
+    original = weights_write._write_dataset
     calls = []
 
     def flaky(*args, **kwargs):
@@ -456,7 +457,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc, old):
             raise exc("halfway")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(extract, "_write_dataset", flaky)
+    monkeypatch.setattr(weights_write, "_write_dataset", flaky)
     with pytest.raises(exc, match="halfway"):
         _write_small(out, seed=2, force=True)
     assert len(calls) == 30
@@ -468,14 +469,15 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc, old):
 _KILL_SCRIPT = """
 import sys, time
 import engine.tf.extract as e
-original, count = e._write_dataset, [0]
+import weights.write as w
+original, count = w._write_dataset, [0]
 def slow(*args, **kwargs):
     original(*args, **kwargs)
     count[0] += 1
     if count[0] == 25:
         print("HALFWAY", flush=True)
         time.sleep(300)
-e._write_dataset = slow
+w._write_dataset = slow
 sys.exit(e.main(sys.argv[1:]))
 """
 
