@@ -5,9 +5,10 @@ that CPython ships (pydoc_data.topics).
 
 1. Fine-tuning: a three-class task, "which page of the reference is this paragraph from?"
    (compound statements / special method names / the debugger), paragraphs of 40-600 characters,
-   80% train, 20% dev (every fifth paragraph), with `python -m engine finetune` on the small
-   reference model (L=3, H=48, random trained-like weights: it learns from the words, not from
-   pretraining). Prints dev accuracy per epoch against the majority class.
+   80% train, 20% dev (every fifth paragraph), with `python -m engine finetune` on the tiny
+   reference model (L=2, H=64, random weights: it learns from the words, not from pretraining;
+   the small trained-like model, with its sharp mixing and outlier dimensions, stays at the
+   majority class in this budget). Prints dev accuracy per epoch against the majority class.
 2. Continued MLM training: `python -m engine pretrain` on the prose of the same pages, the held-out
    MLM loss (every fifth paragraph, fixed masks) before and after.
 
@@ -41,13 +42,13 @@ def paragraphs(topic: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Runs the README's fine-tuning and continued-MLM examples.")
     parser.add_argument("--out", default="/tmp/training-examples", help="folder for data, models and logs")
-    parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (default 4)")
+    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
     parser.add_argument("--pretrain-steps", type=int, default=200, help="continued MLM steps (default 200)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_USE_LEGACY_KERAS="1")
     h5 = subprocess.run([sys.executable, "-c", "from engine.tf import reference, extract; print(extract.cached_extraction("
-                         "reference.cached('small', seed=0, conditioning='trained'), progress=False))"],
+                         "reference.cached('tiny', seed=0, conditioning='random'), progress=False))"],
                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     rows = [(text, topic) for topic in TOPICS for text in paragraphs(topic)]
     train = [r for i, r in enumerate(rows) if i % 5]
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     tuned = os.path.join(args.out, "tuned.h5")
     cmd = [sys.executable, "-m", "engine", "finetune", "--weights", h5, "--train", os.path.join(args.out, "train.jsonl"),
            "--eval", os.path.join(args.out, "dev.jsonl"), "--output", tuned, "--epochs", str(args.epochs),
-           "--learning-rate", "5e-4", "--batch-size", "16", "--force"]
+           "--learning-rate", "1e-3", "--batch-size", "16", "--force"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     log = [json.loads(line) for line in open(tuned + ".log.jsonl")]
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     print(summary)
     held = re.search(r"held-out MLM loss ([0-9.]+) -> ([0-9.]+)", summary)
     result = {"finetune": {"train": len(train), "dev": len(dev), "majority_class_accuracy": majority,
-                           "epochs": epochs, "model": "small reference (L=3, H=48), trained-like random weights"},
+                           "epochs": epochs, "model": "tiny reference (L=2, H=64), random weights"},
               "pretrain": {"steps": args.pretrain_steps, "held_out_loss_before": float(held.group(1)),
                            "held_out_loss_after": float(held.group(2))}}
     print(json.dumps(result, indent=1))

@@ -191,7 +191,7 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
         evaluation = (ev, np.array(data_mod.label_ids(ev, names, eval_path), np.int32))
     enc = Encoder(loaded.config, loaded.tensors, vocab=loaded.vocab)
     positions = loaded.config.max_position_embeddings
-    prep = Preprocessor(loaded.vocab, lower_case=loaded.config.do_lower_case, max_seq_length=positions)
+    prep = Preprocessor.from_weights(loaded, default_seq_length=min(128, positions))
     encoded = encode_examples(prep, train, seq_length, positions)
     S = encoded.inputs["input_word_ids"].shape[1]
     if encoded.truncated:
@@ -274,8 +274,7 @@ def predict(weights_path: str, input_path: str, batch_size: int = 32, seq_length
         raise ValueError(f"{weights_path}: has no classifier head (/head): use a file written by finetune")
     examples = data_mod.read_examples(input_path, need_label=False)
     enc = ApiEncoder(loaded.config, loaded.tensors, vocab=loaded.vocab, fast=True)
-    prep = Preprocessor(loaded.vocab, lower_case=loaded.config.do_lower_case,
-                        max_seq_length=loaded.config.max_position_embeddings)
+    prep = Preprocessor.from_weights(loaded, default_seq_length=min(128, loaded.config.max_position_embeddings))
     encoded = encode_examples(prep, examples, seq_length, loaded.config.max_position_embeddings)
     if encoded.truncated:
         print(f"warning: {encoded.truncated} of {len(examples)} texts were truncated to "

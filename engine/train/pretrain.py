@@ -113,7 +113,7 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
         raise ValueError(f"{weights_path}: has no vocab; pretraining needs one to read text")
     vocab = loaded.vocab
     positions = loaded.config.max_position_embeddings
-    prep = Preprocessor(vocab, lower_case=loaded.config.do_lower_case, max_seq_length=positions)
+    prep = Preprocessor.from_weights(loaded, default_seq_length=min(128, positions))
     special = {vocab.index(t) for t in ("[CLS]", "[SEP]", "[PAD]") if t in vocab}
     mask_id = vocab.index("[MASK]")
 
