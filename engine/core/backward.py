@@ -159,9 +159,10 @@ def talking_heads_mix_backward(x, weight, dy):
         dx[b,n,s,t] = sum_m dy[b,m,s,t] W[n,m]   (the same mix with W^T),
         dW[n,m] = sum_{b,s,t} x[b,n,s,t] dy[b,m,s,t]   (each head pair's correlation over all logits).
     [B,N,S,T] -> ([B,N,S,T], [N,N])"""
-    xp = array_module(x)
-    dx = xp.ascontiguousarray((dy.transpose(0, 2, 3, 1) @ weight.T).transpose(0, 3, 1, 2))  # [B,S,T,N] @ [N,N] -> [B,N,S,T]
-    dweight = xp.tensordot(x, dy, axes=([0, 2, 3], [0, 2, 3]))                   # [B,N,S,T] x [B,M,S,T] -> [N,M]
+    B, N, S, T = x.shape
+    x_rows, dy_rows = x.reshape(B, N, S * T), dy.reshape(B, N, S * T)          # views, no copies
+    dx = (weight @ dy_rows).reshape(B, N, S, T)                                 # [N,N] @ [B,N,S*T] -> [B,N,S*T]
+    dweight = (x_rows @ dy_rows.transpose(0, 2, 1)).sum(axis=0)                 # [B,N,S*T] @ [B,S*T,N] -> [N,N]
     return dx, dweight
 
 

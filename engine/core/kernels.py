@@ -111,11 +111,11 @@ def talking_heads_mix(x, weight):
     Applied twice per block: to the logits before the softmax (W_pre) and to the probabilities after
     it (W_post). Axis 0 of the weight is the input head.
     """
-    xp = array_module(x)
-    mixed = x.transpose(0, 2, 3, 1) @ weight                        # [B,S,T,N] @ [N,N] -> [B,S,T,N]
-    # -> [B,N,S,T], made contiguous: the batched products that follow (p·v, and the backward's)
-    # run as BLAS calls only on matrices with a unit stride, else as a loop ~100x slower
-    return xp.ascontiguousarray(mixed.transpose(0, 3, 1, 2))
+    B, N, S, T = x.shape
+    # per batch row, W^T @ x[b] with x[b] viewed as [N, S*T]: one GEMM each, contiguous in and out
+    # (a transposed layout would make the batched products that follow fall off BLAS)
+    mixed = weight.T @ x.reshape(B, N, S * T)                       # [N,N] @ [B,N,S*T] -> [B,N,S*T]
+    return mixed.reshape(B, N, S, T)
 
 
 def attention_mask_adder(input_mask, dtype, constant=-1e9):
