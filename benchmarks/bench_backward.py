@@ -93,13 +93,9 @@ def worker(runner: str, case: str, steps: int, savedmodel: str, h5: str) -> dict
 
 
 def machine() -> dict:
-    info = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """benchmarks/bench_encode.py's description of the machine, plus NumPy and its BLAS."""
+    from benchmarks.bench_encode import machine as base_machine
+    info = base_machine()
     import numpy
     info["numpy"] = numpy.__version__
     try:
@@ -109,6 +105,18 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_result(name: str, result: dict) -> str:
+    """benchmarks/results/<name>_<host>.json, atomically."""
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}_{platform.node() or 'host'}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return path
 
 
 def models() -> tuple[str, str]:
@@ -162,14 +170,7 @@ def main(argv=None) -> int:
         print(f"{case}: engine {c['engine_s_per_step']:.2f} s, TF {c['tf_s_per_step']:.2f} s, engine/TF "
               f"{c['engine_over_tf_paired_median']:.2f} (paired median); peak RSS engine {c['engine_peak_rss_mb']:.0f} MB, "
               f"TF {c['tf_peak_rss_mb']:.0f} MB; engine activations {c['engine_activation_bytes_per_token'] / 1024:.0f} KiB/token")
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"backward_{platform.node() or 'host'}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_result("backward", result)
     return 0
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-from benchmarks.bench_backward import ENV, REPO, RESULTS, _rss_mb, machine
+from benchmarks.bench_backward import ENV, REPO, _rss_mb, machine, write_result
 
 
 def worker(runner: str, size: str, case: str, steps: int) -> dict:
@@ -101,13 +99,7 @@ def main(argv=None) -> int:
         print(f"{spec}: engine {c['engine_samples_per_s']:.1f} samples/s, TF {c['tf_samples_per_s']:.1f} "
               f"({c['engine_over_tf_throughput']:.2f}x); peak RSS engine {c['engine_peak_rss_mb']:.0f} MB, "
               f"TF {c['tf_peak_rss_mb']:.0f} MB ({c['engine_peak_rss_mb'] / c['tf_peak_rss_mb']:.2f}x)")
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"train_{platform.node() or 'host'}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    write_result("train", result)
     return 0
 
 

@@ -77,3 +77,16 @@ def tiny_trained_h5(tiny_trained_savedmodel):
 def base_trained_h5(base_trained_savedmodel):
     from engine.tf import extract
     return extract.cached_extraction(base_trained_savedmodel)
+
+
+@pytest.fixture(scope="session")
+def small_savedmodel():
+    """A small reference model (L=3, H=48, N=4, I=192, 64 positions, real vocab), trained-like weights."""
+    from engine.tf import reference
+    return reference.cached("small", seed=0, conditioning="trained")
+
+
+@pytest.fixture(scope="session")
+def small_h5(small_savedmodel):
+    from engine.tf import extract
+    return extract.cached_extraction(small_savedmodel)

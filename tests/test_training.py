@@ -21,19 +21,6 @@ STEPS = 20
 SCHEDULE = dict(init_lr=1e-4, num_train_steps=STEPS, num_warmup_steps=2, end_lr=0.0)
 
 
-@pytest.fixture(scope="session")
-def small_savedmodel():
-    """A small reference model (L=3, H=48, N=4, I=192, 64 positions, real vocab), trained-like weights."""
-    from engine.tf import reference
-    return reference.cached("small", seed=0, conditioning="trained")
-
-
-@pytest.fixture(scope="session")
-def small_h5(small_savedmodel):
-    from engine.tf import extract
-    return extract.cached_extraction(small_savedmodel)
-
-
 def _batches(cfg, mlm: bool, seed: int, batch=8, seq_length=32, num_classes=3, positions=6):
     rng = np.random.default_rng(seed)
     out = []

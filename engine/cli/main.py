@@ -413,6 +413,15 @@ def cmd_fill_mask(args) -> int:
     return EXIT_OK
 
 
+def _stopped(result: dict) -> bool:
+    """A training run stopped by --max-steps: says how to go on."""
+    if "stopped_at_step" not in result:
+        return False
+    print(f"stopped at step {result['stopped_at_step']} (--max-steps); continue with --resume "
+          f"({result['checkpoint']})", file=sys.stderr)
+    return True
+
+
 def cmd_finetune(args) -> int:
     from engine.train import finetune
     result = finetune.finetune(args.weights, args.train, args.output, eval_path=args.eval, epochs=args.epochs,
@@ -420,9 +429,7 @@ def cmd_finetune(args) -> int:
                                seq_length=args.seq_length, warmup_fraction=args.warmup_fraction, seed=args.seed,
                                dropout=args.dropout, resume=args.resume, force=args.force,
                                checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
-    if "stopped_at_step" in result:
-        print(f"stopped at step {result['stopped_at_step']} (--max-steps); continue with --resume "
-              f"({result['checkpoint']})", file=sys.stderr)
+    if _stopped(result):
         return EXIT_OK
     print(f"finetune: {result['examples']} examples, {result['steps']} steps, seq_length {result['seq_length']}, "
           f"{result['seconds']:.1f} s, {result['samples_per_s']:.1f} samples/s; wrote {result['output']} "
@@ -451,9 +458,7 @@ def cmd_pretrain(args) -> int:
                                warmup_fraction=args.warmup_fraction, seed=args.seed, dropout=args.dropout,
                                resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every,
                                max_steps=args.max_steps, eval_path=args.eval)
-    if "stopped_at_step" in result:
-        print(f"stopped at step {result['stopped_at_step']} (--max-steps); continue with --resume "
-              f"({result['checkpoint']})", file=sys.stderr)
+    if _stopped(result):
         return EXIT_OK
     held = (f"; held-out MLM loss {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}"
             if result["eval_loss_before"] is not None else "")
