@@ -107,6 +107,14 @@ def machine() -> dict:
     return info
 
 
+def run_worker(module: str, *args: str) -> dict:
+    """`python -m module args...` in a fresh process (its peak memory its own); its last stdout line, as JSON."""
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write_result(name: str, result: dict) -> str:
     """benchmarks/results/<name>_<host>.json, atomically."""
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -147,12 +155,8 @@ def main(argv=None) -> int:
         runs = {"engine": [], "tf": []}
         for r in range(args.rounds):
             for runner in ("engine", "tf"):
-                cmd = [sys.executable, "-m", "benchmarks.bench_backward", "--steps", str(args.steps),
-                       "--worker", runner, case, savedmodel, h5]
-                out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise RuntimeError(f"{runner} {case} failed: {out.stderr[-2000:]}")
-                runs[runner].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[runner].append(run_worker("benchmarks.bench_backward", "--steps", str(args.steps),
+                                               "--worker", runner, case, savedmodel, h5))
                 print(f"{case} round {r + 1} {runner}: {statistics.median(runs[runner][-1]['times_s']):.2f} s/step, "
                       f"peak RSS {runs[runner][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
         med = {k: [statistics.median(run["times_s"]) for run in v] for k, v in runs.items()}

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
-from benchmarks.bench_backward import ENV, REPO, _rss_mb, machine, write_result
+from benchmarks.bench_backward import REPO, _rss_mb, machine, run_worker, write_result
 
 
 def worker(runner: str, size: str, case: str, steps: int) -> dict:
@@ -80,11 +79,8 @@ def main(argv=None) -> int:
         runs = {"engine": [], "tf": []}
         for _ in range(args.rounds):
             for runner in ("engine", "tf"):
-                cmd = [sys.executable, "-m", "benchmarks.bench_train", "--steps", str(args.steps), "--worker", runner, size, case]
-                out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise RuntimeError(f"{runner} {spec} failed: {out.stderr[-2000:]}")
-                runs[runner].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[runner].append(run_worker("benchmarks.bench_train", "--steps", str(args.steps), "--worker",
+                                               runner, size, case))
                 r = runs[runner][-1]
                 print(f"{spec} {runner}: {r['samples_per_s']:.1f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB",
                       file=sys.stderr, flush=True)

@@ -520,6 +520,24 @@ def _model_arguments(p, weights_help: str = "the extracted HDF5 weights file (py
                             "within float32 noise, slower")
 
 
+def _training_options(p, learning_rate: float, unit: str, dropout_in: str, seeded: str, checkpoints_also: str) -> None:
+    """The options finetune and pretrain share (engine/train), with each command's defaults and words."""
+    p.add_argument("--learning-rate", type=float, default=learning_rate, help=f"peak learning rate (default {learning_rate:g})")
+    p.add_argument("--batch-size", type=int, default=32, help=f"{unit}s per step (default 32)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help=f"tokens per {unit} (default: what the longest needs, capped at the model's positions; "
+                        "longer texts are truncated with a warning)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up (default 0.1)")
+    p.add_argument("--dropout", type=float, default=0.1, help=f"dropout rate {dropout_in} (default 0.1; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of {seeded} (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt.h5")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help=f"steps between checkpoints (default 100{checkpoints_also})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps of this run, checkpointed (continue with --resume)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -610,20 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the .h5 to write: the encoder, the head and the label names "
                                                    "(checkpoint OUT.ckpt.h5, log OUT.log.jsonl and OUT.loss.png beside it)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
-    p.add_argument("--learning-rate", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per example (default: what the longest needs, capped at the model's positions; "
-                        "longer texts are truncated with a warning)")
-    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up (default 0.1)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate in the encoder and the head (default 0.1; 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the head's initialization, the shuffles and dropout (default 0)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt.h5")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100; "
-                                                                     "also at every epoch's end)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this run, checkpointed "
-                                                               "(continue with --resume)")
+    _training_options(p, learning_rate=2e-5, unit="example",
+                      dropout_in="in the encoder and the head", seeded="the head's initialization, the shuffles and dropout",
+                      checkpoints_also="; also at every epoch's end")
     p.set_defaults(func=cmd_finetune)
 
     p = _command(sub, "predict", "class probabilities for each row, with a file written by finetune")
@@ -641,17 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default=None, help="held-out text (one example per line): its MLM loss before and after")
     p.add_argument("--output", required=True, help="the .h5 to write (checkpoint, log and plot beside it)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=32, help="lines per step (default 32)")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per line (default: what the longest needs, capped at the model's positions)")
-    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up (default 0.1)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (default 0.1; 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffles, the masks and dropout (default 0)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt.h5")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this run, checkpointed")
+    _training_options(p, learning_rate=1e-4, unit="line", dropout_in="in the encoder",
+                      seeded="the shuffles, the masks and dropout", checkpoints_also="")
     p.set_defaults(func=cmd_pretrain)
 
     p = _command(sub, "export-savedmodel", "a weights file back to a TF Hub SavedModel, with Model Garden's "

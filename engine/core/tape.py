@@ -254,7 +254,7 @@ class Tape:
         xp = self.enc.xp
         if value is None:
             return None
-        array = xp.asarray(value if xp is not np else np.asarray(value), dtype=self.enc.dtype)
+        array = xp.asarray(value, dtype=self.enc.dtype)
         if tuple(array.shape) != tuple(like.shape):
             raise ValueError(f"cotangents[{name!r}]: shape {tuple(array.shape)}, expected {tuple(like.shape)} "
                              f"(the output's shape)")

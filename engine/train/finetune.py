@@ -139,6 +139,23 @@ def load_checkpoint(path: str, trainer: Trainer) -> dict:
         return json.loads(f.attrs["state"])
 
 
+def prepare_run(output: str, resume: bool, force: bool, warmup_fraction: float, **counts) -> tuple[str, str]:
+    """The checks before a training run (finetune, pretrain): every count >= 1, the warm-up share in
+    [0, 1), the output absent (or --force), a leftover checkpoint only with --resume. Returns the
+    paths of the checkpoint and of the log beside the output."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= warmup_fraction < 1:
+        raise ValueError(f"--warmup-fraction must be in [0, 1), got {warmup_fraction}")
+    if os.path.exists(output) and not force:
+        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    checkpoint = output + ".ckpt.h5"
+    if os.path.exists(checkpoint) and not resume:
+        raise FileExistsError(f"{checkpoint} exists (an interrupted run): pass --resume to continue it, or delete it")
+    return checkpoint, output + ".log.jsonl"
+
+
 def _plot(log_path: str, png_path: str) -> None:
     try:
         import matplotlib
@@ -166,17 +183,8 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
     """Fine-tunes every weight and a new head; writes `output`. Returns the summary (and per-epoch
     eval metrics). max_steps stops early (the checkpoint is kept, for resume)."""
     stream = stream if stream is not None else sys.stderr
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= warmup_fraction < 1:
-        raise ValueError(f"--warmup-fraction must be in [0, 1), got {warmup_fraction}")
-    if os.path.exists(output) and not force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
-    checkpoint = output + ".ckpt.h5"
-    log_path = output + ".log.jsonl"
-    if os.path.exists(checkpoint) and not resume:
-        raise FileExistsError(f"{checkpoint} exists (an interrupted run): pass --resume to continue it, or delete it")
+    checkpoint, log_path = prepare_run(output, resume, force, warmup_fraction, epochs=epochs, batch_size=batch_size,
+                                       checkpoint_every=checkpoint_every)
     loaded = weights.load(weights_path)
     if loaded.vocab is None:
         raise ValueError(f"{weights_path}: has no vocab; fine-tuning needs one to read text")

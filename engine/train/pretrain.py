@@ -26,7 +26,7 @@ from engine.core.model import Encoder
 from engine.text.preprocess import Preprocessor
 from engine.tools.progress import Progress
 from engine.train import losses
-from engine.train.finetune import TrainingError, _plot, load_checkpoint, save_checkpoint
+from engine.train.finetune import TrainingError, _plot, load_checkpoint, prepare_run, save_checkpoint
 from engine.train.optimizer import LinearSchedule
 from engine.train.trainer import Trainer
 from weights import write as weights_write
@@ -98,14 +98,8 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
              dropout: float = 0.1, resume: bool = False, force: bool = False, checkpoint_every: int = 100,
              max_steps: int | None = None, eval_path: str | None = None, stream=None, live: bool | None = None) -> dict:
     stream = stream if stream is not None else sys.stderr
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if os.path.exists(output) and not force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
-    checkpoint, log_path = output + ".ckpt.h5", output + ".log.jsonl"
-    if os.path.exists(checkpoint) and not resume:
-        raise FileExistsError(f"{checkpoint} exists (an interrupted run): pass --resume to continue it, or delete it")
+    checkpoint, log_path = prepare_run(output, resume, force, warmup_fraction, steps=steps, batch_size=batch_size,
+                                       checkpoint_every=checkpoint_every)
     loaded = weights.load(weights_path)
     if not loaded.config.has_mlm:
         raise ValueError(f"{weights_path}: encoder-only (no MLM head): continued MLM training needs one")
@@ -141,6 +135,7 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
         os.unlink(log_path)
     eval_before = mlm_eval_loss(enc, held_out, seed, len(vocab), mask_id, special) if held_out is not None else None
     start, samples, run = time.perf_counter(), 0, 0
+    order, order_epoch = None, None
     with open(log_path, "a") as log, Progress(steps, "pretrain", stream=stream, bytes_unit=False, live=live) as bar:
         bar.update(trainer.optimizer.iterations)
         while trainer.optimizer.iterations < steps:
@@ -149,8 +144,8 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
                 return {"stopped_at_step": trainer.optimizer.iterations, "checkpoint": checkpoint}
             step = trainer.optimizer.iterations
             epoch, index = divmod(step, per_epoch)
-            epoch_rng = np.random.default_rng([seed, epoch])               # order and masks, afresh per epoch
-            order = epoch_rng.permutation(N)
+            if order_epoch != epoch:                                       # the epoch's shuffle, from (seed, epoch)
+                order, order_epoch = np.random.default_rng([seed, epoch]).permutation(N), epoch
             rows = order[index * batch_size:(index + 1) * batch_size]
             mask_rng = np.random.default_rng([seed, epoch, index])
             masked = mask_batch(packed["input_word_ids"][rows], packed["input_mask"][rows], mask_rng, len(vocab),
