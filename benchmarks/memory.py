@@ -61,9 +61,10 @@ def main(argv=None):
         run = lambda x: {k: v.numpy() for k, v in model({k: tf.constant(v) for k, v in x.items()}).items()  # noqa: E731
                          if not isinstance(v, list)}
     elif args.runner == "onnxruntime":
-        import onnxruntime as ort
-        session = ort.InferenceSession(args.onnx, providers=["CPUExecutionProvider"])
-        run = lambda x: session.run(None, x)  # noqa: E731
+        from benchmarks.run_cpu import onnx_session
+        from engine.fast.forward import num_threads
+        session = onnx_session(args.onnx, num_threads())
+        run = lambda x: session.run(["sequence_output", "pooled_output"], x)  # noqa: E731
     else:
         raise SystemExit(f"unknown runner {args.runner}")
     after_load = _rss_mb()

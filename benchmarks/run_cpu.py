@@ -11,11 +11,17 @@ warm-up call each, and reports medians. Runners:
 - engine-fast-skip: the same with skip_padding=True (only real tokens; realistic text case);
 - engine-readable: the readable reference path (engine/core/kernels.py), small cases only;
 - tf: tf.saved_model.load(savedmodel) then model(inputs), as Hub users call it;
-- onnxruntime: the same SavedModel converted by tf2onnx (when available; see run_cpu.sh);
+- onnxruntime: ONNX Runtime on the graph `python -m engine export-onnx` writes from the same HDF5
+  file (weights/export_onnx.py; cached in .cache/onnx/), all graph optimizations on, intra-op
+  threads = the engine's thread count, one inter-op thread;
 - floor: the model's matrix products alone in NumPy with the same shapes (q, k, v, o
   projections, scores and context batched matmuls, the three GEGLU products, pooler), on
   contiguous preallocated operands; for the skip path, with the packed shapes.
 Peak memory: each runner in its own subprocess (benchmarks/memory.py), ru_maxrss after a call.
+Each case also reports the fast path's share of time in GEMM ("products") against the rest, so the
+floor ratio explains itself, and the machine block names the BLAS library, its kernel type and
+thread count (threadpoolctl) for NumPy, and the environment run_cpu.sh cleared
+(OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE force old kernels on new CPUs).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-ONNX_PATH = os.path.join(REPO, ".cache", "onnx", "base.onnx")
+ONNX_DIR = os.path.join(REPO, ".cache", "onnx")
 KERNEL_CLASSES = ("products", "layer norm", "softmax", "talking-heads mixing", "gelu", "gather", "other")
 
 FULL_CASES = [(1, 128), (8, 128), (32, 128), (8, 512)]
@@ -159,11 +165,31 @@ def tf_runner(model):
     return run
 
 
+def onnx_path(h5: str) -> str:
+    """The encoder graph of `h5` (weights/export_onnx.py), exported once per weights file."""
+    out = os.path.join(ONNX_DIR, os.path.splitext(os.path.basename(h5))[0] + ".onnx")
+    if not os.path.isfile(out):
+        from weights.export_onnx import export_onnx
+        print(f"[bench] exporting {h5} -> {out}", flush=True)
+        export_onnx(h5, out)
+    return out
+
+
+def onnx_session(path: str, threads: int):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def onnx_runner(session):
     names = [o.name for o in session.get_outputs()]
 
     def run(inputs):
-        return dict(zip(names, session.run(None, inputs)))
+        return dict(zip(names, session.run(["sequence_output", "pooled_output"], inputs)))
+    names = ["sequence_output", "pooled_output"]
     return run
 
 
@@ -264,6 +290,20 @@ def machine_info():
     info["engine_elementwise_threads"] = fast.num_threads()
     info["env_threads"] = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                           "TALKHEADS_THREADS") if os.environ.get(k)}
+    info["env_cleared_by_run_cpu_sh"] = os.environ.get("BENCH_CLEARED_ENV", "none (run without run_cpu.sh)")
+    info["env_openblas_kernel_overrides"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                                             if os.environ.get(k)}
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas_threadpools"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
+                                                            "threading_layer", "filepath")} for p in threadpool_info()]
+    except ImportError as e:  # pragma: no cover - threadpoolctl is in requirements/lock.txt
+        info["blas_threadpools"] = f"unknown ({e})"
+    try:
+        from engine.fast import fused
+        info["engine_fused_kernels"] = fused.status()
+    except ImportError:
+        pass
     return info
 
 
@@ -273,7 +313,7 @@ def peak_memory(case, h5, savedmodel, onnx_ok):
     runners = ["engine-fast", "engine-fast-skip", "engine-readable", "tf"] + (["onnxruntime"] if onnx_ok else [])
     for runner in runners:
         cmd = [sys.executable, "-m", "benchmarks.memory", runner, "--case", case, "--h5", h5,
-               "--savedmodel", savedmodel, "--onnx", ONNX_PATH]
+               "--savedmodel", savedmodel, "--onnx", onnx_path(h5)]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if p.returncode != 0:
             res[runner] = {"error": p.stderr.strip().splitlines()[-1:] or [f"rc {p.returncode}"]}
@@ -335,19 +375,13 @@ def main(argv=None):
     else:
         try:
             import onnxruntime as ort
-            if not os.path.isfile(ONNX_PATH):
-                raise FileNotFoundError(
-                    f"{ONNX_PATH} missing. BENCH_ONNX=1 bash benchmarks/run_cpu.sh converts it with tf2onnx "
-                    "1.17.0; on this 2-core/24 GB machine the base conversion was stopped after 12 minutes "
-                    "at 13 GB RSS without finishing (the tiny reference model converts in 15 s)")
-            session = ort.InferenceSession(ONNX_PATH, providers=["CPUExecutionProvider"])
+            from engine.fast import forward as fast_forward
+            threads = fast_forward.num_threads()
+            session = onnx_session(onnx_path(h5), threads)
             ort_run = onnx_runner(session)
             info["onnxruntime"] = ort.__version__
-            try:
-                import tf2onnx
-                info["tf2onnx"] = tf2onnx.__version__
-            except ImportError:
-                pass
+            info["onnxruntime_threads"] = {"intra_op": threads, "inter_op": 1, "graph_optimization": "ORT_ENABLE_ALL"}
+            info["onnx_graph"] = "weights/export_onnx.py (opset 17), exported from the benchmark's HDF5 file"
             onnx_status = "ok"
         except Exception as e:
             onnx_status = f"not run: {type(e).__name__}: {e}"
@@ -417,11 +451,14 @@ def main(argv=None):
         case["breakdown_s"] = {"engine-fast": breakdown(fast, inputs, False)}
         if skip:
             case["breakdown_s"]["engine-fast-skip"] = breakdown(fast, inputs, True)
+        # the share of the fast path's time in GEMM: time above the floor is the rest (or slower GEMMs)
+        case["gemm_share"] = {k: b["products"] / b["total"] for k, b in case["breakdown_s"].items()}
         case["parity_vs_tf"] = parity_figures(fast, tf_run, ort_run, inputs, skip)
         case["load_average"] = os.getloadavg()
         print(f"[bench]   {time.perf_counter() - t0:.0f}s  medians " +
               ", ".join(f"{k} {v:.3f}s" for k, v in med.items()) + "\n[bench]   ratios " +
-              ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
+              ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()) + "\n[bench]   GEMM share " +
+              ", ".join(f"{k} {v:.0%}" for k, v in case["gemm_share"].items()), flush=True)
         results["cases"].append(case)
         _write(results, args.out)
 

@@ -7,6 +7,7 @@ and the training commands (engine/train) both write through it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -108,10 +109,39 @@ def check_output_path(out_path: str, force: bool) -> str:
     """Refuses an output that is a folder, or that exists without force; returns its absolute path."""
     out = os.path.abspath(out_path)
     if os.path.isdir(out):
-        raise WeightsWriteError(f"{out}: is a folder; give the path of the .h5 file to write")
+        raise WeightsWriteError(f"{out}: is a folder; give the path of the file to write")
     if os.path.lexists(out) and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     return out
+
+
+@contextlib.contextmanager
+def atomic_output(out_path: str, force: bool):
+    """Yields a temp path beside `out_path` to write into; when the block ends without an exception
+    the temp file is fsynced and moved to `out_path` (replacing it only with force), else removed.
+    Temp files of earlier writers that were killed are removed first. Every file this project
+    writes (weights, checkpoints, ONNX graphs) goes through here, so a killed run never leaves a
+    half-written output under the real name."""
+    out = check_output_path(out_path, force)
+    folder = os.path.dirname(out)
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temps(out)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+        yield tmp
+        _fsync_path(tmp)
+        _publish(tmp, out, force)
+        _fsync_path(folder, directory=True)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.ndarray], *,
@@ -152,17 +182,7 @@ def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.
         raise WeightsWriteError(f"{out_path}: the tensors do not match the config ({len(problems)} problem"
                                 f"{'s' if len(problems) != 1 else ''}):\n{listed}")
 
-    out = check_output_path(out_path, force)
-    folder = os.path.dirname(out)
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temps(out)
-    sources = sources or {}
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+    with atomic_output(out_path, force) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = fmt.FORMAT_NAME
             f.attrs["format_version"] = fmt.FORMAT_VERSION
@@ -174,7 +194,7 @@ def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.
                 f.attrs[key] = value
             for path in expected:
                 array = np.ascontiguousarray(tensors[path], dtype=np.float32)
-                _write_dataset(f, path, array, sources.get(path, ""))
+                _write_dataset(f, path, array, (sources or {}).get(path, ""))
                 if on_progress is not None:
                     on_progress(array.nbytes, path)
             if head is not None:
@@ -188,16 +208,7 @@ def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.
                                       dtype=h5py.string_dtype("utf-8"))
                 ds.attrs["sha256"] = fmt.vocab_checksum(vocab)
                 ds.attrs["source"] = vocab_source or ""
-        _fsync_path(tmp)
-        _publish(tmp, out, force)
-        _fsync_path(folder, directory=True)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
+    return os.path.abspath(out_path)
 
 
 # ----------------------------------------------------------------------------------------------

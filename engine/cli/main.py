@@ -9,6 +9,7 @@
     python -m engine predict --weights OUT.h5 --input FILE --output PRED.jsonl
     python -m engine pretrain --weights H5 --input TEXT --output OUT.h5 [--steps N ...] [--resume]
     python -m engine export-savedmodel --weights H5 OUT_DIR
+    python -m engine export-onnx --weights H5 --output OUT.onnx [--mlm]      (no TensorFlow)
     python -m engine extract SAVEDMODEL OUT.h5 [--force]
     python -m engine reference OUT_DIR --config tiny|base [--seed N]
     python -m engine trace --weights H5 TEXT... | --ids JSON  --out TRACE.h5   (every intermediate)
@@ -475,6 +476,15 @@ def cmd_export_savedmodel(args) -> int:
     return EXIT_OK
 
 
+def cmd_export_onnx(args) -> int:
+    from weights.export_onnx import export_onnx
+    out = export_onnx(args.weights, args.output, mlm=args.mlm, force=args.force)
+    size = os.path.getsize(out) / 2**20
+    print(f"export-onnx: wrote {out} ({size:.0f} MiB, opset 17, {'encoder + MLM head' if args.mlm else 'encoder'}; "
+          "onnx checker passed)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_extract(args) -> int:
     from engine.tf import extract
     return extract.main([args.savedmodel, args.output] + (["--force"] if args.force else []))
@@ -500,6 +510,8 @@ EXAMPLES = {
     "pretrain": "example:\n  python -m engine pretrain --weights talkheads.h5 --input corpus.txt --output continued.h5 "
                 "--steps 1000",
     "export-savedmodel": "example:\n  python -m engine export-savedmodel --weights tuned.h5 exported/",
+    "export-onnx": "example:\n  python -m engine export-onnx --weights model.h5 --output model.onnx\n"
+                   "  python -m engine export-onnx --weights model.h5 --mlm --output model_mlm.onnx",
     "predict": "example:\n  python -m engine predict --weights tuned.h5 --input test.csv --output predictions.jsonl",
 }
 
@@ -658,6 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="the SavedModel folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.set_defaults(func=cmd_export_savedmodel)
+
+    p = _command(sub, "export-onnx", "a weights file to an ONNX graph (opset 17, dynamic batch and sequence axes; "
+                                      "no TensorFlow needed), for ONNX Runtime and other ONNX runtimes")
+    p.add_argument("--weights", required=True, help="the HDF5 weights file (extracted or trained)")
+    p.add_argument("--output", required=True, help="the .onnx file to write (written atomically)")
+    p.add_argument("--mlm", action="store_true",
+                   help="also take masked_lm_positions and return mlm_logits (needs a file with the MLM head)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = _command(sub, "extract", "a SavedModel to one HDF5 weights file (needs TensorFlow)")
     p.add_argument("savedmodel", help="the SavedModel folder (with saved_model.pb)")

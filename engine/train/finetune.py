@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import h5py
@@ -41,6 +40,7 @@ from engine.train import data as data_mod
 from engine.train.optimizer import LinearSchedule
 from engine.train.trainer import ClassifierHead, Trainer
 from weights import write as weights_write
+from weights.write import atomic_output
 
 
 class TrainingError(RuntimeError):
@@ -98,17 +98,9 @@ def _probabilities(enc, head: ClassifierHead, inputs: dict, batch_size: int) -> 
 
 
 def _write_atomic_h5(path: str, fill) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path, force=True) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: str, trainer: Trainer, state: dict) -> None:
