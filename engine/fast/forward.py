@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from engine.core import kernels as K
+from engine.fast import fused
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -171,6 +172,7 @@ class FastEncoder:
     # rows per element-wise block (kept in L2: 16 x 2I floats for the GEGLU)
     GEGLU_BLOCK = 16
     LN_BLOCK = 64
+    FUSED_BLOCK = 64   # the fused kernels keep no temporaries: any block size; 64 rows balance the threads
 
     def __init__(self, encoder):
         self.config = cfg = encoder.config
@@ -205,10 +207,19 @@ class FastEncoder:
 
     # ------------------------------------------------------------------------ element-wise stages
 
+    def _fused(self) -> bool:
+        """The Numba kernels of engine/fast/fused.py run the element-wise stages (float32)."""
+        return self.dtype == np.float32 and fused.enabled()
+
     def _add_layer_norm(self, a, bias, residual, gamma, beta, out):
-        """out = LN(a + bias + residual) row-wise, in place in a; a [T,H], out [T,H]."""
+        """out = LN(a + bias + residual) row-wise (a is scratch: overwritten or not); a [T,H], out [T,H]."""
         eps = self._c["eps"]
         H = a.shape[1]
+        if self._fused():
+            eps64 = float(eps)
+            parallel_rows(lambda s, e, w: fused.add_layer_norm_rows(a, bias, residual, gamma, beta, eps64, out, s, e),
+                          a.shape[0], self.FUSED_BLOCK)
+            return
         tmp = self._buffer("ln_tmp", (num_threads(), self.LN_BLOCK, H))
 
         def run(s, e, w):
@@ -234,6 +245,9 @@ class FastEncoder:
         """out = gelu(h + bi) * (g + bg) with [h|g] = hg [T,2I]; out [T,I]."""
         I = out.shape[1]
         c = self._c
+        if self._fused():
+            parallel_rows(lambda s, e, w: fused.geglu_rows(hg, bi, bg, out, s, e), hg.shape[0], self.FUSED_BLOCK)
+            return
 
         def run(s, e, w):
             h, g, t = hg[s:e, :I], hg[s:e, I:], out[s:e]
@@ -431,7 +445,7 @@ class FastEncoder:
         for li, blk in enumerate(self.blocks):
             self._matmul(x, blk.qkv_kernel, qkv)                               # [T,3ND]
             self._mark("products")
-            np.add(qkv, blk.qkv_bias, out=qkv)
+            parallel_rows(lambda s, e, w: np.add(qkv[s:e], blk.qkv_bias, out=qkv[s:e]), T, 256)
             if keep == "pooled" and li == nL - 1:
                 return [], self._pooled_from_last_block(blk, x, qkv, spans, adders, mask, skip_padding)
             self._attention(blk, qkv, ctx, spans, adders)                     # [T,ND]
