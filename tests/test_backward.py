@@ -54,10 +54,20 @@ def _report(label, v: verdict.GradientVerdict):
               f"(limit {verdict.GRADIENT_FACTOR:g})")
 
 
-def _gradient_verdict(savedmodel, h5, inputs, cotangents):
+def _gradient_verdict(savedmodel, h5, inputs, cotangents, kernels="readable"):
+    """kernels: "readable" (the tape's default) or "fused" (engine/fast/tape_kernels.py, the trainer's)."""
     from engine.tf.gradients import tf_vjp
     tf_out, tf_grads = tf_vjp(savedmodel, h5, inputs, cotangents)
-    out32, g32 = engine.load(h5).vjp(inputs, cotangents)
+    enc32 = engine.load(h5)
+    if kernels == "fused":
+        from engine.fast import fused, tape_kernels
+        if not fused.enabled():
+            pytest.skip(f"fused kernels {fused.status()}")
+        with enc32.tape(inputs, kernels=tape_kernels.for_encoder(enc32)) as tape:
+            assert tape.kernels is tape_kernels.FUSED_KERNELS
+            out32, g32 = tape.outputs, tape.gradient(cotangents)
+    else:
+        out32, g32 = enc32.vjp(inputs, cotangents)
     out64, g64 = engine.load(h5, dtype="float64").vjp(inputs, cotangents)
     assert set(g32) == set(tf_grads) == set(weights.format.expected_shapes(engine.load(h5).config)), \
         "every trainable variable of the SavedModel has a gradient, and nothing else"
@@ -75,8 +85,9 @@ def _assert_verdict(v):
 BATCHES = [(3, 32), (2, 64), (4, 16), (1, 128)] * 2   # (B, S): one gradient verdict each, 8 draws
 
 
+@pytest.mark.parametrize("kernels", ["readable", "fused"])
 @pytest.mark.parametrize("conditioning", ["random", "trained"])
-def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, tiny_h5, tiny_savedmodel,
+def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, kernels, tiny_h5, tiny_savedmodel,
                                                            tiny_trained_h5, tiny_trained_savedmodel):
     """Per weight, per batch, the gradient verdict; over the batches, the engine no less accurate than
     TF (the geometric mean of the per-batch median error ratios)."""
@@ -85,19 +96,20 @@ def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, tiny_h5
     verdicts = []
     for i, (B, S) in enumerate(BATCHES):
         inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
-        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i))
-        _report(f"tiny {conditioning} {B}x{S}", v)
+        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels)
+        _report(f"tiny {conditioning} {kernels} {B}x{S}", v)
         _assert_verdict(v)
         verdicts.append(v)
     mean, ok = verdict.gradient_accuracy(verdicts)
-    print(f"tiny {conditioning}: geometric mean over {len(verdicts)} batches of the median engine/TF error ratio "
+    print(f"tiny {conditioning} {kernels}: geometric mean over {len(verdicts)} batches of the median engine/TF error ratio "
           f"{mean:.2f} (limit {verdict.GRADIENT_MEDIAN_RATIO:g})")
     assert ok
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["readable", "fused"])
 @pytest.mark.parametrize("conditioning", ["random", "trained"])
-def test_every_gradient_matches_gradient_tape_at_base_size(conditioning, base_h5, base_savedmodel,
+def test_every_gradient_matches_gradient_tape_at_base_size(conditioning, kernels, base_h5, base_savedmodel,
                                                            base_trained_h5, base_trained_savedmodel):
     h5, sm = (base_h5, base_savedmodel) if conditioning == "random" else (base_trained_h5, base_trained_savedmodel)
     cfg = engine.load(h5).config
@@ -105,12 +117,12 @@ def test_every_gradient_matches_gradient_tape_at_base_size(conditioning, base_h5
     for i in (0, 3):    # 3x32 and 1x128 of BATCHES: two draws (the model-level rule is the tiny tests')
         B, S = BATCHES[i]
         inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
-        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i))
-        _report(f"base {conditioning} {B}x{S}", v)
+        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels)
+        _report(f"base {conditioning} {kernels} {B}x{S}", v)
         _assert_verdict(v)
         verdicts.append(v)
     mean, _ = verdict.gradient_accuracy(verdicts)
-    print(f"base {conditioning}: geometric mean of the median engine/TF error ratio {mean:.2f} (two draws)")
+    print(f"base {conditioning} {kernels}: geometric mean of the median engine/TF error ratio {mean:.2f} (two draws)")
 
 
 def test_each_output_alone_matches_gradient_tape(tiny_h5, tiny_savedmodel):

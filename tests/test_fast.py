@@ -193,24 +193,10 @@ needs_numba = pytest.mark.skipif(not fused.enabled(), reason=f"fused kernels {fu
 
 
 @needs_numba
-def test_fused_tanh_is_tensorflows_accuracy():
-    """The rational tanh of the fused GELU against float64 tanh, on a dense grid over [-12, 12] and
-    on normal draws: at most 5 ulp (Eigen documents its approximation at a few ulp; measured 4.5)."""
-    x = np.concatenate([np.linspace(-12, 12, 400_001, dtype=np.float32),
-                        np.random.default_rng(0).standard_normal(200_000).astype(np.float32) * 3])
-    out = np.empty_like(x)
-    fused.tanh_array(x, out)
-    exact = np.tanh(x.astype(np.float64))
-    ulps = np.abs(out - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
-    print(f"\nfused tanh: max {ulps.max():.2f} ulp, mean {ulps.mean():.2f} ulp")
-    assert ulps.max() <= 5
-
-
-@needs_numba
 @pytest.mark.parametrize("rows,width", [(1, 8), (37, 96), (200, 768)])
 def test_fused_kernels_against_float64(rows, width):
     """Each fused kernel against the float64 formula: layer norm at least as accurate as the readable
-    float32 kernel; the GEGLU within 3x its error (the rational tanh against NumPy's), measured."""
+    float32 kernel, the GEGLU within 1.5x its error (same formula, other roundings), measured."""
     from engine.core import kernels as K
     rng = np.random.default_rng(rows)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
@@ -224,17 +210,22 @@ def test_fused_kernels_against_float64(rows, width):
     print(f"\nlayer norm {rows}x{width}: fused {err:.2e}, readable float32 {ref_err:.2e}")
     assert err <= ref_err
     hg, bi, bg = f32(rows, 2 * width) * 3, f32(width), f32(width)
-    out = np.empty((rows, width), np.float32)
-    fused.geglu_rows(hg, bi, bg, out, 0, rows)
+
+    def geglu(intermediate_bias):
+        out, u = np.empty((rows, width), np.float32), np.empty((rows, width), np.float32)
+        fused.geglu_argument_rows(hg, intermediate_bias, u, 0, rows)
+        np.tanh(u, out=u)
+        fused.geglu_finish_rows(hg, intermediate_bias, bg, u, out, 0, rows)
+        return out
+    out = geglu(bi)
     h64, g64 = hg[:, :width].astype(np.float64) + bi, hg[:, width:].astype(np.float64) + bg
     exact = K.gelu_tanh(h64) * g64
     readable = K.gelu_tanh(hg[:, :width] + bi) * (hg[:, width:] + bg)
     err, ref_err = (float(np.abs(y - exact).max() / np.abs(exact).max()) for y in (out, readable))
     print(f"geglu {rows}x{width}: fused {err:.2e}, readable float32 {ref_err:.2e}")
-    assert err <= 3 * ref_err + 1e-7
+    assert err <= 1.5 * ref_err + 1e-8
     # a value changed by one part in 1e4 moves the output by far more than the noise: teeth
-    moved = out.copy()
-    fused.geglu_rows(hg, bi * np.float32(1 + 1e-4), bg, moved, 0, rows)
+    moved = geglu(bi * np.float32(1 + 1e-4))
     assert np.abs(moved - out).max() > 10 * np.abs(out - exact).max()
 
 

@@ -234,14 +234,16 @@ class Encoder:
 
     # -------------------------------------------------------------------------------- backward
 
-    def tape(self, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None) -> tape_mod.Tape:
+    def tape(self, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None,
+             kernels=None) -> tape_mod.Tape:
         """Records the forward pass for gradients (a persistent tape, engine/core/tape.py):
         tape.outputs, then tape.gradient(cotangents) as often as needed, then tape.release() (or use
         it in a `with` block). With masked_lm_positions in the inputs, mlm_logits is recorded too.
         dropout: None (off, the default), a rate for both, or {"hidden": r, "attention": r}; the masks
         are drawn from `seed` (or taken from dropout_masks, e.g. another tape's .dropout_masks).
-        Runs the readable kernels, whatever path the encoder's forward uses."""
-        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks)
+        Runs the readable kernels, whatever path the encoder's forward uses, unless `kernels` (a
+        engine.core.tape.TapeKernels, e.g. engine.fast.tape_kernels.for_encoder(enc)) says otherwise."""
+        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks, kernels=kernels)
 
     def vjp(self, inputs, cotangents: dict, dropout=None, seed: int = 0):
         """(outputs, grads): the outputs for `inputs` and, for every weight's HDF5 dataset path, the

@@ -27,6 +27,7 @@ in tape.dropout_masks and are reused by the backward pass.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -62,6 +63,21 @@ class Dropout:
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"dropout: the {name} rate must be in [0, 1), got {rate}")
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TapeKernels:
+    """The kernels the tape runs for its element-wise stages, the readable ones by default (looked
+    up in engine.core.kernels / backward at each call). A set with the same signatures can be handed
+    to Encoder.tape(kernels=...): the trainer hands in the fused set of engine/fast/tape_kernels.py
+    (the core never imports it)."""
+    layer_norm: Callable = lambda x, gamma, beta, eps: K.layer_norm(x, gamma, beta, eps)              # noqa: E731
+    gelu_tanh: Callable = lambda x: K.gelu_tanh(x)                                                   # noqa: E731
+    layer_norm_backward: Callable = lambda x, gamma, beta, eps, dy: KB.layer_norm_backward(x, gamma, beta, eps, dy)  # noqa: E731
+    gelu_tanh_backward: Callable = lambda x, dy: KB.gelu_tanh_backward(x, dy)                        # noqa: E731
+
+
+READABLE_KERNELS = TapeKernels()
 
 
 class _Masks:
@@ -115,7 +131,7 @@ def _attention_weight_grads(g: dict) -> dict:
 
 # ---------------------------------------------------------------------------- one block
 
-def block_forward(x, mask_adder, w, eps, masks: _Masks, prefix: str):
+def block_forward(x, mask_adder, w, eps, masks: _Masks, prefix: str, kernels: TapeKernels = READABLE_KERNELS):
     """engine.core.model.transformer_block with dropout, keeping its activations. [B,S,H] -> [B,S,H]"""
     a, r = w.attention, masks.rates
     q = K.qkv_projection(x, a.query_kernel, a.query_bias)                        # [B,S,N,D]
@@ -132,22 +148,23 @@ def block_forward(x, mask_adder, w, eps, masks: _Masks, prefix: str):
     attn = K.attention_output(ctx, a.output_kernel, a.output_bias)               # [B,S,H]
     keep_attn = masks.keep(prefix + "attention_output", attn.shape, r.hidden)
     h1 = x + K.dropout(attn, keep_attn, r.hidden)                                # [B,S,H]
-    x1 = K.layer_norm(h1, *w.attention_ln, eps)
+    x1 = kernels.layer_norm(h1, *w.attention_ln, eps)
     f = w.feedforward
     pre_gelu = K.dense(x1, f.intermediate_kernel, f.intermediate_bias)           # [B,S,I]
-    gelu = K.gelu_tanh(pre_gelu)
+    gelu = kernels.gelu_tanh(pre_gelu)
     gate = K.dense(x1, f.gate_kernel, f.gate_bias)                               # [B,S,I]
     out = K.dense(gelu * gate, f.output_kernel, f.output_bias)                   # [B,S,H]
     keep_out = masks.keep(prefix + "feedforward_output", out.shape, r.hidden)
     h2 = K.dropout(out, keep_out, r.hidden) + x1
-    y = K.layer_norm(h2, *w.feedforward_ln, eps)                                 # [B,S,H]
+    y = kernels.layer_norm(h2, *w.feedforward_ln, eps)                           # [B,S,H]
     cache = dict(x=x, q=q, k=k, v=v, probs=probs, dropped_probs=dropped_probs, keep_probs=keep_probs,
                  ctx=ctx, keep_attn=keep_attn, h1=h1, x1=x1, pre_gelu=pre_gelu, gelu=gelu, gate=gate,
                  keep_out=keep_out, h2=h2)
     return y, cache
 
 
-def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None):
+def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
+                   kernels: TapeKernels = READABLE_KERNELS):
     """The VJP of block_forward: its steps in reverse. [B,S,H] -> ([B,S,H], {weight path: grad})
     record(name, array), when given, receives the gradient with respect to the trace's intermediates
     (engine/core/trace.py names): feedforward_layer_norm, attention_layer_norm, context, mixed_probs,
@@ -158,7 +175,7 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None):
     rec("feedforward_layer_norm", dy)
     # y = LN_ffn(dropout(ffn(x1)) + x1)
     dh2, grads["feedforward_layer_norm/gamma"], grads["feedforward_layer_norm/beta"] = \
-        KB.layer_norm_backward(c["h2"], *w.feedforward_ln, eps, dy)
+        kernels.layer_norm_backward(c["h2"], *w.feedforward_ln, eps, dy)
     dout = KB.dropout_backward(None, c["keep_out"], rates.hidden, dh2)          # [B,S,H]
     hidden = c["gelu"] * c["gate"]                                               # [B,S,I]
     dhidden, grads["feedforward/output/kernel"], grads["feedforward/output/bias"] = \
@@ -166,14 +183,14 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None):
     dgelu, dgate = dhidden * c["gate"], dhidden * c["gelu"]                      # the gate's product rule
     dx1_gate, grads["feedforward/gate/kernel"], grads["feedforward/gate/bias"] = \
         KB.dense_backward(c["x1"], f.gate_kernel, f.gate_bias, dgate)
-    dpre = KB.gelu_tanh_backward(c["pre_gelu"], dgelu)
+    dpre = kernels.gelu_tanh_backward(c["pre_gelu"], dgelu)
     dx1_gelu, grads["feedforward/intermediate/kernel"], grads["feedforward/intermediate/bias"] = \
         KB.dense_backward(c["x1"], f.intermediate_kernel, f.intermediate_bias, dpre)
     dx1 = dh2 + dx1_gelu + dx1_gate                                              # residual + both branches
     rec("attention_layer_norm", dx1)
     # x1 = LN_attn(x + dropout(attention(x)))
     dh1, grads["attention_layer_norm/gamma"], grads["attention_layer_norm/beta"] = \
-        KB.layer_norm_backward(c["h1"], *w.attention_ln, eps, dx1)
+        kernels.layer_norm_backward(c["h1"], *w.attention_ln, eps, dx1)
     dattn = KB.dropout_backward(None, c["keep_attn"], rates.hidden, dh1)
     g = {}
     dctx, g["output/kernel"], g["output/bias"] = KB.attention_output_backward(
@@ -212,8 +229,10 @@ class Tape:
     """The recorded forward pass of one batch; `gradient(cotangents)` as often as needed, then
     `release()`. Built by engine.core.model.Encoder.tape (see the module docstring)."""
 
-    def __init__(self, enc, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None):
+    def __init__(self, enc, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None,
+                 kernels: TapeKernels | None = None):
         self.enc = enc
+        self.kernels = kernels = kernels or READABLE_KERNELS
         self.rates = Dropout.of(dropout)
         if enc.xp is np:
             backend_mod.reuse_freed_memory()   # big activations: reuse freed blocks, no page faults
@@ -225,13 +244,13 @@ class Tape:
         eps = cfg.layer_norm_epsilon
         masks = _Masks(xp, enc.dtype, self.rates, seed, dropout_masks)
         e = K.embed(ids, types, enc.word_table, enc.position_table, enc.type_table)  # [B,S,H]
-        x = K.layer_norm(e, *enc.embedding_ln, eps)
+        x = kernels.layer_norm(e, *enc.embedding_ln, eps)
         keep_emb = masks.keep("embeddings", x.shape, self.rates.hidden)
         x = K.dropout(x, keep_emb, self.rates.hidden)
         mask_adder = K.attention_mask_adder(mask, enc.dtype, cfg.attention_mask_constant)  # [B,1,1,T]
         caches, layers = [], []
         for i, w in enumerate(enc.blocks):
-            x, cache = block_forward(x, mask_adder, w, eps, masks, f"layers/{i}/")
+            x, cache = block_forward(x, mask_adder, w, eps, masks, f"layers/{i}/", kernels)
             caches.append(cache)
             layers.append(x)
         pooled = K.pooler(x, enc.pooler_kernel, enc.pooler_bias)                # [B,H]
@@ -312,11 +331,11 @@ class Tape:
                     dx = dx + extra
             block_rec = (lambda name, value, i=i: record(f"layers/{i}/{name}", value)) if record else None
             dx, block_grads = block_backward(dx, s["caches"][i], enc.blocks[i], eps, self.rates, s["mask_adder"],
-                                             record=block_rec)
+                                             record=block_rec, kernels=self.kernels)
             grads.update({f"layers/{i}/{k}": v for k, v in block_grads.items()})
         dx = KB.dropout_backward(None, s["keep_emb"], self.rates.hidden, dx)
         de, grads["embeddings/layer_norm/gamma"], grads["embeddings/layer_norm/beta"] = \
-            KB.layer_norm_backward(s["e"], *enc.embedding_ln, eps, dx)
+            self.kernels.layer_norm_backward(s["e"], *enc.embedding_ln, eps, dx)
         grads["embeddings/word"], grads["embeddings/position"], grads["embeddings/type"] = KB.embed_backward(
             s["ids"], s["types"], enc.word_table, enc.position_table, enc.type_table, de)
         if dword_decoder is not None:

@@ -246,7 +246,14 @@ class FastEncoder:
         I = out.shape[1]
         c = self._c
         if self._fused():
-            parallel_rows(lambda s, e, w: fused.geglu_rows(hg, bi, bg, out, s, e), hg.shape[0], self.FUSED_BLOCK)
+            scratch = self._buffer("geglu_tanh", (num_threads(), self.GEGLU_BLOCK, I))
+
+            def fused_block(s, e, w):
+                u = scratch[w][:e - s]
+                fused.geglu_argument_rows(hg, bi, u, s, e)     # k(x + c x^3)
+                np.tanh(u, out=u)                              # NumPy's SIMD tanh (see fused.py)
+                fused.geglu_finish_rows(hg, bi, bg, u, out, s, e)
+            parallel_rows(fused_block, hg.shape[0], self.GEGLU_BLOCK)
             return
 
         def run(s, e, w):

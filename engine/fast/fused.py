@@ -14,10 +14,11 @@ instead; tests hold the two to each other and both to TensorFlow.
 Numerics (float32 only; a float64 fast path uses NumPy):
 - layer norm accumulates the mean and the variance in float64 and rounds once at the end: more
   accurate than the two-pass float32 reference, never less.
-- tanh in the GELU is the rational approximation TensorFlow itself runs on CPUs (Eigen's
-  generic_fast_tanh_float: a degree-13/6 odd rational on [-7.9053, 7.9053], clamped outside,
-  measured <= 4.6 ulp from float64 tanh): NumPy's tanh is a library call that LLVM cannot
-  vectorize inside a fused loop. The GELU formula and its order are the readable kernel's.
+- the GELU runs in three passes over a cache-sized block: its argument (Numba), NumPy's tanh in
+  place (SIMD, about 1 ulp), and the rest (Numba). A tanh inside the fused loop would have to be an
+  approximation LLVM can vectorize: Eigen's old rational (4.5 ulp measured) made the GEGLU's
+  weight gradients 13x less accurate than TensorFlow's on trained-like weights, so it is not used.
+  The formula and its order are the readable kernel's.
 - fastmath is limited to "contract" (FMA) and "reassoc" (vectorized sums): no assumption that
   values are finite, so an inf or NaN propagates as it does in NumPy.
 """
@@ -45,30 +46,11 @@ def status() -> str:
         return f"off: numba not importable ({_IMPORT_ERROR}); NumPy element-wise code runs"
     if not enabled():
         return "off: TALKHEADS_FUSED=0; NumPy element-wise code runs"
-    return f"on: numba {numba.__version__} (float32 layer norm and GEGLU fused)"
+    return f"on: numba {numba.__version__} (float32 layer norm, GEGLU, AdamW fused)"
 
 
 if numba is not None:
     _FLAGS = dict(nogil=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
-
-    @numba.njit(inline="always", **_FLAGS)
-    def tanh_f32(x):
-        """Eigen's generic_fast_tanh_float, TensorFlow's float32 tanh on CPU. [] -> []"""
-        c = np.float32(7.90531110763549805)
-        x = min(max(x, -c), c)
-        x2 = x * x
-        p = np.float32(-2.76076847742355e-16)
-        p = p * x2 + np.float32(2.00018790482477e-13)
-        p = p * x2 + np.float32(-8.60467152213735e-11)
-        p = p * x2 + np.float32(5.12229709037114e-08)
-        p = p * x2 + np.float32(1.48572235717979e-05)
-        p = p * x2 + np.float32(6.37261928875436e-04)
-        p = p * x2 + np.float32(4.89352455891786e-03)
-        q = np.float32(1.19825839466702e-06)
-        q = q * x2 + np.float32(1.18534705686654e-04)
-        q = q * x2 + np.float32(2.26843463243900e-03)
-        q = q * x2 + np.float32(4.89352518554385e-03)
-        return (p * x) / q
 
     @numba.njit(**_FLAGS)
     def add_layer_norm_rows(a, bias, residual, gamma, beta, eps, out, start, stop):
@@ -90,22 +72,120 @@ if numba is not None:
                 d = np.float64(a[r, j]) + np.float64(bias[j]) + np.float64(residual[r, j]) - mean
                 out[r, j] = d * inv * np.float64(gamma[j]) + np.float64(beta[j])
 
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy")   # no fastmath: NumPy's rounding, op for op
+    def adamw_dense(var, grad, m, v, scale, lr_decay, alpha, one_minus_b1, one_minus_b2, eps, start, stop):
+        """One AdamW step on flat float32 arrays over [start, stop), in place: the arithmetic of
+        engine/train/optimizer.py's dense path in its order (so the same bits), one pass instead of
+        about sixteen. lr_decay = lr_t * weight_decay_rate applied as (lr_t * var) * rate, or 0.
+        [n] -> [n]"""
+        if lr_decay[1] != 0:
+            for i in range(start, stop):
+                var[i] = var[i] - lr_decay[0] * var[i] * lr_decay[1]
+        for i in range(start, stop):
+            g = grad[i] * scale
+            mi = m[i] + (g - m[i]) * one_minus_b1
+            vi = v[i] + (g * g - v[i]) * one_minus_b2
+            m[i] = mi
+            v[i] = vi
+            var[i] = var[i] - (mi * alpha) / (np.sqrt(vi) + eps)
+
+    # ---- the tape's element-wise stages (engine/fast/tape_kernels.py): forward and backward
+
     @numba.njit(**_FLAGS)
-    def geglu_rows(hg, intermediate_bias, gate_bias, out, start, stop):
-        """out[r] = gelu(h[r] + bi) * (g[r] + bg) with [h|g] = hg[r], for r in [start, stop).
-        gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). [T,2I] -> [T,I]"""
-        I = out.shape[1]
-        half, one = np.float32(0.5), np.float32(1.0)
+    def layer_norm_rows(x, gamma, beta, eps, out, start, stop):
+        """out[r] = LN(x[r]) for r in [start, stop), statistics in float64. [T,H] -> [T,H]"""
+        H = x.shape[1]
+        for r in range(start, stop):
+            total = 0.0
+            for j in range(H):
+                total += np.float64(x[r, j])
+            mean = total / H
+            squares = 0.0
+            for j in range(H):
+                d = np.float64(x[r, j]) - mean
+                squares += d * d
+            inv = 1.0 / np.sqrt(squares / H + eps)
+            for j in range(H):
+                out[r, j] = (np.float64(x[r, j]) - mean) * inv * np.float64(gamma[j]) + np.float64(beta[j])
+
+    @numba.njit(**_FLAGS)
+    def layer_norm_backward_rows(x, gamma, eps, dy, dx, dgamma, dbeta, start, stop):
+        """engine.core.backward.layer_norm_backward for rows [start, stop), in float64: dx[r], and
+        this thread's partial sums dgamma += dy*xhat, dbeta += dy ([H] float64). [T,H] -> [T,H]"""
+        H = x.shape[1]
+        for r in range(start, stop):
+            total = 0.0
+            for j in range(H):
+                total += np.float64(x[r, j])
+            mean = total / H
+            squares = 0.0
+            for j in range(H):
+                d = np.float64(x[r, j]) - mean
+                squares += d * d
+            inv = 1.0 / np.sqrt(squares / H + eps)
+            sum_g = 0.0
+            sum_gx = 0.0
+            for j in range(H):
+                xhat = (np.float64(x[r, j]) - mean) * inv
+                d = np.float64(dy[r, j])
+                g = d * np.float64(gamma[j])
+                sum_g += g
+                sum_gx += g * xhat
+                dgamma[j] += d * xhat
+                dbeta[j] += d
+            mean_g = sum_g / H
+            mean_gx = sum_gx / H
+            for j in range(H):
+                xhat = (np.float64(x[r, j]) - mean) * inv
+                g = np.float64(dy[r, j]) * np.float64(gamma[j])
+                dx[r, j] = inv * (g - mean_g - xhat * mean_gx)
+
+    # ---- GELU in two passes around NumPy's tanh: u = k(x + c x^3), t = np.tanh(u) (SIMD, ~1 ulp),
+    # then the rest. The callers run the three on a cache-sized block before the next block.
+
+    @numba.njit(**_FLAGS)
+    def geglu_argument_rows(hg, intermediate_bias, u, start, stop):
+        """u[r - start] = k (x + c x^3), x = h[r] + bi, for r in [start, stop); [h|g] = hg. [T,2I] -> [R,I]"""
+        I = u.shape[1]
         k, c = np.float32(0.7978845608028654), np.float32(0.044715)
         for r in range(start, stop):
             for j in range(I):
                 x = hg[r, j] + intermediate_bias[j]
-                g = hg[r, I + j] + gate_bias[j]
-                gelu = half * x * (one + tanh_f32(k * (x + c * (x * x * x))))
-                out[r, j] = gelu * g
+                u[r - start, j] = k * (x + c * (x * x * x))
 
     @numba.njit(**_FLAGS)
-    def tanh_array(x, out):
-        """out = tanh_f32(x), element-wise over 1-D arrays (for tests and benchmarks). [n] -> [n]"""
+    def geglu_finish_rows(hg, intermediate_bias, gate_bias, t, out, start, stop):
+        """out[r] = 0.5 x (1 + t) * (g[r] + bg), x = h[r] + bi, t = tanh(u) from the block. -> [T,I]"""
+        I = out.shape[1]
+        half, one = np.float32(0.5), np.float32(1.0)
+        for r in range(start, stop):
+            for j in range(I):
+                x = hg[r, j] + intermediate_bias[j]
+                g = hg[r, I + j] + gate_bias[j]
+                out[r, j] = half * x * (one + t[r - start, j]) * g
+
+    @numba.njit(**_FLAGS)
+    def gelu_argument(x, u):
+        """u = k (x + c x^3). [n] -> [n]"""
+        k, c = np.float32(0.7978845608028654), np.float32(0.044715)
         for i in range(x.shape[0]):
-            out[i] = tanh_f32(x[i])
+            v = x[i]
+            u[i] = k * (v + c * (v * v * v))
+
+    @numba.njit(**_FLAGS)
+    def gelu_finish(x, t, out):
+        """out = 0.5 x (1 + t), t = tanh(k (x + c x^3)): the readable formula's order. [n] -> [n]"""
+        half, one = np.float32(0.5), np.float32(1.0)
+        for i in range(x.shape[0]):
+            out[i] = half * x[i] * (one + t[i])
+
+    @numba.njit(**_FLAGS)
+    def gelu_backward_finish(x, t, dy, out):
+        """out = (0.5(1+t) + 0.5x(1-t^2) k(1+3c x^2)) dy, as engine.core.backward.gelu_tanh_backward.
+        [n] -> [n]"""
+        half, one, three = np.float32(0.5), np.float32(1.0), np.float32(3.0)
+        k, c = np.float32(0.7978845608028654), np.float32(0.044715)
+        for i in range(x.shape[0]):
+            v, ti = x[i], t[i]
+            out[i] = (half * (one + ti) + half * v * (one - ti * ti) * k * (one + three * c * v * v)) * dy[i]

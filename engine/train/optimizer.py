@@ -30,6 +30,8 @@ import numpy as np
 
 from engine.core.backend import array_module
 from engine.core.tape import RowGradient
+from engine.fast import fused
+from engine.fast.forward import parallel_rows
 
 EXCLUDE_FROM_WEIGHT_DECAY = ("LayerNorm", "layer_norm", "bias")
 
@@ -91,6 +93,12 @@ class AdamWeightDecay:
         name = self.names.get(path, path)
         return not any(re.search(pattern, name) for pattern in self.exclude)
 
+    @staticmethod
+    def _fusable(*arrays) -> bool:
+        """float32 contiguous NumPy arrays: the fused kernel (engine/fast/fused.py) can run the step."""
+        return fused.enabled() and all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
+                                       for a in arrays)
+
     def apply(self, params: dict, grads: dict) -> dict:
         """One step: clip, decay, Adam, in place on `params`. Returns {"learning_rate", "global_norm"}."""
         missing = [p for p in params if p not in grads]
@@ -113,7 +121,8 @@ class AdamWeightDecay:
                 xp = array_module(var)
                 self.m[path], self.v[path] = xp.zeros_like(var), xp.zeros_like(var)
             m, v = self.m[path], self.v[path]
-            if self.decays(path):
+            fusable = not isinstance(g, RowGradient) and self._fusable(var, g, m, v)
+            if self.decays(path) and not fusable:
                 var -= lr_t * var * dtype(self.weight_decay_rate)
             if isinstance(g, RowGradient):
                 rows, values = g.scaled(scale).summed()          # TF: clip the rows, then sum duplicates
@@ -122,6 +131,14 @@ class AdamWeightDecay:
                 v *= b2
                 v[rows] += (values * values) * (one - b2)
                 var -= lr_sparse * m / (array_module(v).sqrt(v) + eps)
+            elif fusable:
+                # the decay and the dense branch below in one pass per tensor, on the fast path's
+                # threads, with the same float32 arithmetic in the same order (the same bits)
+                flat = [a.reshape(-1) for a in (var, g, m, v)]
+                decay = np.array([lr_t, self.weight_decay_rate if self.decays(path) else 0], np.float32)
+                parallel_rows(lambda s, e, w: fused.adamw_dense(*flat, dtype(scale), decay, dtype(alpha),
+                                                                one - b1, one - b2, eps, s, e),
+                              flat[0].size, 1 << 16)
             else:
                 g = g * scale
                 m += (g - m) * (one - b1)

@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.core import backward as KB
 from engine.core import kernels as K
+from engine.fast import tape_kernels
 from engine.train import losses
 from engine.train.optimizer import AdamWeightDecay, LinearSchedule
 
@@ -48,8 +49,10 @@ class Trainer:
     """Fine-tuning (with a head) or continued MLM training (without), one batch per step()."""
 
     def __init__(self, enc, names: dict, schedule: LinearSchedule, head: ClassifierHead | None = None,
-                 dropout: float | None = None, head_dropout: float = 0.0, seed: int = 0):
+                 dropout: float | None = None, head_dropout: float = 0.0, seed: int = 0, readable: bool = False):
         self.enc, self.head = enc, head
+        # the tape's element-wise stages: fused kernels (engine/fast/tape_kernels.py) unless readable
+        self.kernels = None if readable else tape_kernels.for_encoder(enc)
         self.dropout, self.head_dropout = dropout, head_dropout
         self.rng = np.random.default_rng(seed)
         self.params = enc.parameters()
@@ -67,14 +70,14 @@ class Trainer:
         seed = int(self.rng.integers(2 ** 63)) if self.dropout else 0
         if self.head is None:
             inputs = {k: batch[k] for k in ENCODER_KEYS + ("masked_lm_positions",)}
-            with enc.tape(inputs, dropout=self.dropout, seed=seed) as tape:
+            with enc.tape(inputs, dropout=self.dropout, seed=seed, kernels=self.kernels) as tape:
                 loss, dlogits = losses.mlm_loss(tape.outputs["mlm_logits"], xp.asarray(batch["masked_lm_ids"]),
                                                 batch["masked_lm_weights"])
                 if not np.isfinite(float(loss)):
                     return loss, None
                 return loss, tape.gradient({"mlm_logits": dlogits})
         inputs = {k: batch[k] for k in ENCODER_KEYS}
-        with enc.tape(inputs, dropout=self.dropout, seed=seed) as tape:
+        with enc.tape(inputs, dropout=self.dropout, seed=seed, kernels=self.kernels) as tape:
             pooled = tape.outputs["pooled_output"]                                     # [B,H]
             keep = None
             if self.head_dropout:
