@@ -1,4 +1,5 @@
-"""Forward + backward at base size: the engine's tape (engine/core/tape.py) against TensorFlow's
+"""Forward + backward at base size: the engine's tape (engine/core/tape.py; loaded with fast=True,
+so its element-wise stages run the fused kernels of engine/fast/tape_kernels.py) against TensorFlow's
 GradientTape on the same SavedModel, same inputs, same cotangents.
 
     .venv/bin/python -m benchmarks.bench_backward [--cases 8x128 32x128] [--rounds 3] [--steps 2]
@@ -53,7 +54,7 @@ def worker(runner: str, case: str, steps: int, savedmodel: str, h5: str) -> dict
     B, S = (int(v) for v in case.split("x"))
     if runner == "engine":
         import engine
-        enc = engine.load(h5)
+        enc = engine.load(h5, fast=True)        # the tape then runs the fused element-wise kernels
         inputs, cot = _inputs_and_cotangents(B, S, enc.config.hidden_size, enc.config.vocab_size)
         after_load = _rss_mb("VmRSS")
 
@@ -98,6 +99,8 @@ def machine() -> dict:
     info = base_machine()
     import numpy
     info["numpy"] = numpy.__version__
+    from engine.fast import fused
+    info["engine_fused_kernels"] = fused.status()
     try:
         from threadpoolctl import threadpool_info
         info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}

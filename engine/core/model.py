@@ -136,6 +136,9 @@ class Encoder:
         # its encode(ids, mask, types, skip_padding) replaces the readable one below when nothing is
         # recorded. The core itself never imports them.
         self.fast_forward = None
+        # The tape's element-wise kernels when enc.tape(kernels=None): None is the readable set;
+        # engine.Encoder(..., fast=True) attaches the fused set of engine/fast/tape_kernels.py.
+        self.tape_kernels = None
 
     # -------------------------------------------------------------------------------- forward
 
@@ -243,7 +246,8 @@ class Encoder:
         are drawn from `seed` (or taken from dropout_masks, e.g. another tape's .dropout_masks).
         Runs the readable kernels, whatever path the encoder's forward uses, unless `kernels` (a
         engine.core.tape.TapeKernels, e.g. engine.fast.tape_kernels.for_encoder(enc)) says otherwise."""
-        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks, kernels=kernels)
+        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks,
+                             kernels=kernels if kernels is not None else self.tape_kernels)
 
     def vjp(self, inputs, cotangents: dict, dropout=None, seed: int = 0):
         """(outputs, grads): the outputs for `inputs` and, for every weight's HDF5 dataset path, the
