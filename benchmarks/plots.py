@@ -62,9 +62,9 @@ def plot(results: dict, out: str) -> None:
             med = case["median_s"]
             floor = (min(med["floor-packed"], med["floor-packed-split"]) if runner == "engine-fast-skip"
                      else min(med["floor"], med["floor-split"]))
-            rows.append((f"{case['case']}\n{runner}", br, floor, case["median_s"]["tf"]))
+            rows.append((f"{case['case']}\n{runner}", br, floor, case["median_s"]["tf"], med.get("onnxruntime")))
     fig, ax = plt.subplots(figsize=(12, 5))
-    for i, (label, br, floor, tf_time) in enumerate(rows):
+    for i, (label, br, floor, tf_time, ort_time) in enumerate(rows):
         bottom = 0.0
         for k, color in KERNEL_COLORS.items():
             share = br.get(k, 0.0) / tf_time
@@ -72,6 +72,9 @@ def plot(results: dict, out: str) -> None:
             bottom += share
         ax.plot([i - 0.35, i + 0.35], [floor / tf_time] * 2, color="k", lw=2,
                 label="NumPy matmul floor (best of plain / split)" if i == 0 else None)
+        if ort_time is not None:
+            ax.plot([i - 0.35, i + 0.35], [ort_time / tf_time] * 2, color=COLORS["onnxruntime"], lw=2, ls=":",
+                    label="ONNX Runtime" if i == 0 else None)
     ax.axhline(1.0, color="#ff7f0e", lw=1, ls="--", label="TensorFlow")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r[0] for r in rows], fontsize=7)

@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # folder -> (rank, what it holds)
 LAYERS = {
-    "weights": (0, "HDF5 format, loader, vocab (h5py)"),
+    "weights": (0, "HDF5 format, loader, writer, vocab (h5py); ONNX export (onnx)"),
     "engine.core": (1, "backend, inputs, kernels, backward, tape, model, trace"),
     "engine.text": (1, "WordPiece preprocessor, corpus"),
-    "engine.fast": (2, "fast CPU path"),
+    "engine.fast": (2, "fast CPU path, fused Numba kernels"),
     "engine.gpu": (2, "CuPy path, CUDA kernels"),
     "engine": (3, "public API: load, Encoder"),
     "engine.tools": (4, "verdict, parity, trace files, compare, stream"),

@@ -429,7 +429,8 @@ def cmd_finetune(args) -> int:
                                learning_rate=args.learning_rate, batch_size=args.batch_size,
                                seq_length=args.seq_length, warmup_fraction=args.warmup_fraction, seed=args.seed,
                                dropout=args.dropout, resume=args.resume, force=args.force,
-                               checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+                               checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+                               readable=args.readable)
     if _stopped(result):
         return EXIT_OK
     print(f"finetune: {result['examples']} examples, {result['steps']} steps, seq_length {result['seq_length']}, "
@@ -458,7 +459,7 @@ def cmd_pretrain(args) -> int:
                                batch_size=args.batch_size, seq_length=args.seq_length,
                                warmup_fraction=args.warmup_fraction, seed=args.seed, dropout=args.dropout,
                                resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every,
-                               max_steps=args.max_steps, eval_path=args.eval)
+                               max_steps=args.max_steps, eval_path=args.eval, readable=args.readable)
     if _stopped(result):
         return EXIT_OK
     held = (f"; held-out MLM loss {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}"
@@ -548,6 +549,9 @@ def _training_options(p, learning_rate: float, unit: str, dropout_in: str, seede
                    help=f"steps between checkpoints (default 100{checkpoints_also})")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this run, checkpointed (continue with --resume)")
+    p.add_argument("--readable", action="store_true",
+                   help="run the readable element-wise kernels (engine/core) instead of the fused ones "
+                        "(engine/fast/tape_kernels.py): the same results within float32 noise, slower")
 
 
 def build_parser() -> argparse.ArgumentParser:

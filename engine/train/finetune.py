@@ -171,9 +171,10 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
              learning_rate: float = 2e-5, batch_size: int = 32, seq_length: int | None = None,
              warmup_fraction: float = 0.1, seed: int = 0, dropout: float = 0.1, resume: bool = False,
              force: bool = False, checkpoint_every: int = 100, max_steps: int | None = None,
-             stream=None, live: bool | None = None) -> dict:
+             stream=None, live: bool | None = None, readable: bool = False) -> dict:
     """Fine-tunes every weight and a new head; writes `output`. Returns the summary (and per-epoch
-    eval metrics). max_steps stops early (the checkpoint is kept, for resume)."""
+    eval metrics). max_steps stops early (the checkpoint is kept, for resume). readable: the tape's
+    readable element-wise kernels instead of the fused ones."""
     stream = stream if stream is not None else sys.stderr
     checkpoint, log_path = prepare_run(output, resume, force, warmup_fraction, epochs=epochs, batch_size=batch_size,
                                        checkpoint_every=checkpoint_every)
@@ -204,7 +205,7 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
     schedule = LinearSchedule(learning_rate, total_steps, int(warmup_fraction * total_steps))
     head = ClassifierHead.init(loaded.config.hidden_size, len(names), seed=seed)
     trainer = Trainer(enc, loaded.sources, schedule, head=head, dropout=dropout or None, head_dropout=dropout,
-                      seed=seed)
+                      seed=seed, readable=readable)
     state = {"epoch": 0, "batch": 0, "epochs_done": []}
     if resume and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint, trainer)

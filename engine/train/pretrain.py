@@ -96,7 +96,8 @@ def mlm_eval_loss(enc, packed: dict, seed: int, vocab_size: int, mask_id: int, s
 def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 1000, learning_rate: float = 1e-4,
              batch_size: int = 32, seq_length: int | None = None, warmup_fraction: float = 0.1, seed: int = 0,
              dropout: float = 0.1, resume: bool = False, force: bool = False, checkpoint_every: int = 100,
-             max_steps: int | None = None, eval_path: str | None = None, stream=None, live: bool | None = None) -> dict:
+             max_steps: int | None = None, eval_path: str | None = None, stream=None, live: bool | None = None,
+             readable: bool = False) -> dict:
     stream = stream if stream is not None else sys.stderr
     checkpoint, log_path = prepare_run(output, resume, force, warmup_fraction, steps=steps, batch_size=batch_size,
                                        checkpoint_every=checkpoint_every)
@@ -124,7 +125,7 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
     held_out = pack(read_lines(eval_path), S)[0] if eval_path else None
     enc = Encoder(loaded.config, loaded.tensors, vocab=vocab)
     trainer = Trainer(enc, loaded.sources, LinearSchedule(learning_rate, steps, int(warmup_fraction * steps)),
-                      dropout=dropout or None, seed=seed)
+                      dropout=dropout or None, seed=seed, readable=readable)
     N = len(lines)
     per_epoch = math.ceil(N / batch_size)
     state = {"step_in_run": 0}

@@ -1,0 +1,110 @@
+"""The element-wise stages of the fast path, each way we could run them, on base-size shapes:
+the comparison behind engine/fast/fused.py.
+
+    .venv/bin/python -m benchmarks.bench_fused [--rows 1024] [--reps 20]
+
+Stages (T rows, H=768, I=3072, as one 8x128 batch of the base model):
+- add + layer norm: out = LN(a + bias + residual), [T,H]
+- GEGLU: out = gelu_tanh(h + bi) * (g + bg), [T,2I] -> [T,I]
+Ways:
+- numpy: the fast path's NumPy code (TALKHEADS_FUSED=0): in place, cache-sized row blocks, 2 threads
+- numba: the fused kernels (engine/fast/fused.py) on the same threads (the default)
+- numexpr: one numexpr.evaluate per expression (its own threads), when numexpr is importable; it is
+  not a dependency: `pip install numexpr` into the venv to include it
+- readable: engine/core/kernels.py (one NumPy expression, single-threaded, temporaries)
+Medians of --reps calls, milliseconds; writes benchmarks/results/fused_<host>.json. A benchmark,
+never a test: run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.bench_backward import REPO, machine, write_result
+
+
+def _time(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="example: .venv/bin/python -m benchmarks.bench_fused --rows 4096")
+    parser.add_argument("--rows", type=int, default=1024, help="T, the token rows (default 1024: 8x128)")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per way (default 20)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, REPO)
+    from engine.core import kernels as K
+    from engine.fast import fused
+    from engine.fast.forward import FastEncoder
+    T, H, I = args.rows, 768, 3072
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+
+    fast = FastEncoder.__new__(FastEncoder)
+    fast.dtype, fast._work = np.dtype(np.float32), {}
+    fast._c = {"half": np.float32(0.5), "one": np.float32(1.0), "coeff": np.float32(K.GELU_TANH_COEFF),
+               "k": np.float32(K.SQRT_2_OVER_PI), "minus_2k": np.float32(-2 * K.SQRT_2_OVER_PI),
+               "eps": np.float32(1e-12), "mask": np.float32(-1e9)}
+    a, bias, residual, gamma, beta = f32(T, H), f32(H), f32(T, H), f32(H), f32(H)
+    hg, bi, bg = f32(T, 2 * I), f32(I), f32(I)
+    out_h, out_i = np.empty((T, H), np.float32), np.empty((T, I), np.float32)
+    results = {"layer norm": {}, "geglu": {}}
+
+    def with_fused(setting, fn):
+        def run():
+            os.environ["TALKHEADS_FUSED"] = setting
+            fn()
+        return run
+    results["layer norm"]["numpy"] = _time(with_fused("0", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
+    results["geglu"]["numpy"] = _time(with_fused("0", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
+    if fused.enabled():
+        results["layer norm"]["numba"] = _time(with_fused("1", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
+        results["geglu"]["numba"] = _time(with_fused("1", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
+    os.environ.pop("TALKHEADS_FUSED", None)
+    # the copies the calls above make (the stages work in place) are timed alone and subtracted
+    copy_h, copy_hg = _time(lambda: a.copy(), args.reps), _time(lambda: hg.copy(), args.reps)
+    for way in list(results["layer norm"]):
+        results["layer norm"][way] -= copy_h
+        results["geglu"][way] -= copy_hg
+    try:
+        import numexpr as ne
+        h, g = hg[:, :I], hg[:, I:]
+        results["geglu"]["numexpr"] = _time(lambda: ne.evaluate(
+            "0.5 * (h + bi) * (1 + tanh(0.7978845608028654 * ((h + bi) + 0.044715 * (h + bi) ** 3))) * (g + bg)",
+            out=out_i), args.reps)
+
+        def ln_numexpr():
+            x = ne.evaluate("a + bias + residual")
+            mean = x.mean(axis=-1, keepdims=True)
+            var = ne.evaluate("(x - mean) ** 2").mean(axis=-1, keepdims=True)
+            ne.evaluate("(x - mean) / sqrt(var + 1e-12) * gamma + beta", out=out_h)
+        results["layer norm"]["numexpr"] = _time(ln_numexpr, args.reps)
+        numexpr_version = f"{ne.__version__}, {ne.get_num_threads()} threads"
+    except ImportError:
+        numexpr_version = "not installed"
+    results["layer norm"]["readable"] = _time(lambda: K.layer_norm((a + bias) + residual, gamma, beta, 1e-12), args.reps)
+    results["geglu"]["readable"] = _time(lambda: K.gelu_tanh(hg[:, :I] + bi) * (hg[:, I:] + bg), args.reps)
+    for stage, ways in results.items():
+        print(f"{stage} [{T} rows]: " + ", ".join(f"{w} {ms:.2f} ms" for w, ms in ways.items()))
+    info = machine()
+    info["numexpr"] = numexpr_version
+    write_result("fused", {"machine": info, "rows": T, "hidden": H, "intermediate": I, "reps": args.reps,
+                           "median_ms": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
