@@ -213,7 +213,8 @@ def test_fused_kernels_against_float64(rows, width):
 
     def geglu(intermediate_bias):
         out, u = np.empty((rows, width), np.float32), np.empty((rows, width), np.float32)
-        fused.geglu_argument_rows(hg, intermediate_bias, u, 0, rows)
+        fused.geglu_argument_rows(hg, intermediate_bias, u, 0, rows, np.float32(K.SQRT_2_OVER_PI),
+                                  np.float32(K.GELU_TANH_COEFF))
         np.tanh(u, out=u)
         fused.geglu_finish_rows(hg, intermediate_bias, bg, u, out, 0, rows)
         return out

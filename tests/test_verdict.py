@@ -99,13 +99,15 @@ def test_a_modelling_bug_shared_by_float32_and_float64_fails(tiny_trained_savedm
 
 
 def test_a_bug_in_the_float32_fast_path_alone_fails(tiny_trained_savedmodel, tiny_trained_h5):
-    """The fast path folds the 1/sqrt(D) scale into its copy of W_pre; that copy off by 1e-5
+    """The fast path folds the 1/sqrt(D) scale into its copy of W_pre; that copy off by 1e-4
     (relative) in block 1: only the float32 engine has it, its error against float64 grows, and the
-    accuracy rule fails it."""
+    accuracy rule fails it. (1e-5 moves sequence_output by 3.8e-6 of its scale on these inputs,
+    which is the float32 noise itself, 4.1e-6: no noise-based verdict can see it, and this test
+    passed only by the luck of the rounding; 1e-4 moves it by 3.4e-5.)"""
     inputs = random_inputs(engine.load(tiny_trained_h5).config, dict(batch=4, seq_length=64), seed=5)
     block = engines(tiny_trained_h5)["fast"].fast_forward.blocks[1]
     saved = block.pre_t.copy()
-    block.pre_t *= np.float32(1 + 1e-5)
+    block.pre_t *= np.float32(1 + 1e-4)
     try:
         judgements = judge(tiny_trained_savedmodel, tiny_trained_h5, inputs, path="fast", label="fast path bug")
     finally:

@@ -247,10 +247,11 @@ class FastEncoder:
         c = self._c
         if self._fused():
             scratch = self._buffer("geglu_tanh", (num_threads(), self.GEGLU_BLOCK, I))
+            k, coeff = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
 
             def fused_block(s, e, w):
                 u = scratch[w][:e - s]
-                fused.geglu_argument_rows(hg, bi, u, s, e)     # k(x + c x^3)
+                fused.geglu_argument_rows(hg, bi, u, s, e, k, coeff)   # k(x + c x^3)
                 np.tanh(u, out=u)                              # NumPy's SIMD tanh (see fused.py)
                 fused.geglu_finish_rows(hg, bi, bg, u, out, s, e)
             parallel_rows(fused_block, hg.shape[0], self.GEGLU_BLOCK)

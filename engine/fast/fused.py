@@ -19,6 +19,8 @@ Numerics (float32 only; a float64 fast path uses NumPy):
   approximation LLVM can vectorize: Eigen's old rational (4.5 ulp measured) made the GEGLU's
   weight gradients 13x less accurate than TensorFlow's on trained-like weights, so it is not used.
   The formula and its order are the readable kernel's.
+- the GELU's constants come from engine.core.kernels at each call, so every path computes the
+  same formula (a changed constant there reaches the fused kernels too).
 - fastmath is limited to "contract" (FMA) and "reassoc" (vectorized sums): no assumption that
   values are finite, so an inf or NaN propagates as it does in NumPy.
 """
@@ -145,10 +147,10 @@ if numba is not None:
     # then the rest. The callers run the three on a cache-sized block before the next block.
 
     @numba.njit(**_FLAGS)
-    def geglu_argument_rows(hg, intermediate_bias, u, start, stop):
-        """u[r - start] = k (x + c x^3), x = h[r] + bi, for r in [start, stop); [h|g] = hg. [T,2I] -> [R,I]"""
+    def geglu_argument_rows(hg, intermediate_bias, u, start, stop, k, c):
+        """u[r - start] = k (x + c x^3), x = h[r] + bi, for r in [start, stop); [h|g] = hg; k, c float32
+        (sqrt(2/pi) and 0.044715, passed in from engine.core.kernels). [T,2I] -> [R,I]"""
         I = u.shape[1]
-        k, c = np.float32(0.7978845608028654), np.float32(0.044715)
         for r in range(start, stop):
             for j in range(I):
                 x = hg[r, j] + intermediate_bias[j]
@@ -166,9 +168,8 @@ if numba is not None:
                 out[r, j] = half * x * (one + t[r - start, j]) * g
 
     @numba.njit(**_FLAGS)
-    def gelu_argument(x, u):
-        """u = k (x + c x^3). [n] -> [n]"""
-        k, c = np.float32(0.7978845608028654), np.float32(0.044715)
+    def gelu_argument(x, u, k, c):
+        """u = k (x + c x^3); k, c float32. [n] -> [n]"""
         for i in range(x.shape[0]):
             v = x[i]
             u[i] = k * (v + c * (v * v * v))
@@ -181,11 +182,10 @@ if numba is not None:
             out[i] = half * x[i] * (one + t[i])
 
     @numba.njit(**_FLAGS)
-    def gelu_backward_finish(x, t, dy, out):
-        """out = (0.5(1+t) + 0.5x(1-t^2) k(1+3c x^2)) dy, as engine.core.backward.gelu_tanh_backward.
-        [n] -> [n]"""
+    def gelu_backward_finish(x, t, dy, out, k, c):
+        """out = (0.5(1+t) + 0.5x(1-t^2) k(1+3c x^2)) dy, as engine.core.backward.gelu_tanh_backward;
+        k, c float32. [n] -> [n]"""
         half, one, three = np.float32(0.5), np.float32(1.0), np.float32(3.0)
-        k, c = np.float32(0.7978845608028654), np.float32(0.044715)
         for i in range(x.shape[0]):
             v, ti = x[i], t[i]
             out[i] = (half * (one + ti) + half * v * (one - ti * ti) * k * (one + three * c * v * v)) * dy[i]

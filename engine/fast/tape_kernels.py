@@ -60,10 +60,11 @@ def _gelu_blocks(x, finish):
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty_like(flat)
     scratch = np.empty((num_threads(), _FLAT), np.float32)
+    k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
 
     def block(s, e, w):
         u = scratch[w][:e - s]
-        fused.gelu_argument(flat[s:e], u)
+        fused.gelu_argument(flat[s:e], u, k, c)
         np.tanh(u, out=u)                    # NumPy's SIMD tanh (see engine/fast/fused.py)
         finish(s, e, u, out[s:e])
     parallel_rows(block, flat.size, _FLAT)
@@ -84,7 +85,8 @@ def gelu_tanh_backward(x, dy):
     if not _fits(x, dy):
         return KB.gelu_tanh_backward(x, dy)
     flat, dflat = np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(dy).reshape(-1)
-    _, out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_backward_finish(flat[s:e], t, dflat[s:e], o))
+    k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
+    _, out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_backward_finish(flat[s:e], t, dflat[s:e], o, k, c))
     return out.reshape(x.shape)
 
 
