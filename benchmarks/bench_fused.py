@@ -12,7 +12,7 @@ Ways:
 - numexpr: one numexpr.evaluate per expression (its own threads), when numexpr is importable; it is
   not a dependency: `pip install numexpr` into the venv to include it
 - readable: engine/core/kernels.py (one NumPy expression, single-threaded, temporaries)
-Medians of --reps calls, milliseconds; writes benchmarks/results/fused_<host>.json. A benchmark,
+Medians of --reps calls, milliseconds; writes benchmarks/results/fused_<T>rows_<host>.json. A benchmark,
 never a test: run it on an idle machine.
 """
 
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         return run
     results["layer norm"]["numpy"] = _time(with_fused("0", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
     results["geglu"]["numpy"] = _time(with_fused("0", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
+    os.environ.pop("TALKHEADS_FUSED", None)
     if fused.enabled():
         results["layer norm"]["numba"] = _time(with_fused("1", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
         results["geglu"]["numba"] = _time(with_fused("1", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
@@ -82,15 +83,18 @@ def main(argv=None) -> int:
     try:
         import numexpr as ne
         h, g = hg[:, :I], hg[:, I:]
+        consts = {"half": np.float32(0.5), "one": np.float32(1), "k": np.float32(K.SQRT_2_OVER_PI),
+                  "c": np.float32(K.GELU_TANH_COEFF), "eps": np.float32(1e-12)}   # float32: numexpr stays float32
         results["geglu"]["numexpr"] = _time(lambda: ne.evaluate(
-            "0.5 * (h + bi) * (1 + tanh(0.7978845608028654 * ((h + bi) + 0.044715 * (h + bi) ** 3))) * (g + bg)",
-            out=out_i), args.reps)
+            "half * (h + bi) * (one + tanh(k * ((h + bi) + c * (h + bi) ** 3))) * (g + bg)",
+            local_dict={"h": h, "bi": bi, "g": g, "bg": bg, **consts}, out=out_i), args.reps)
 
         def ln_numexpr():
-            x = ne.evaluate("a + bias + residual")
+            x = ne.evaluate("a + bias + residual", local_dict={"a": a, "bias": bias, "residual": residual})
             mean = x.mean(axis=-1, keepdims=True)
-            var = ne.evaluate("(x - mean) ** 2").mean(axis=-1, keepdims=True)
-            ne.evaluate("(x - mean) / sqrt(var + 1e-12) * gamma + beta", out=out_h)
+            var = ne.evaluate("(x - mean) ** 2", local_dict={"x": x, "mean": mean}).mean(axis=-1, keepdims=True)
+            ne.evaluate("(x - mean) / sqrt(var + eps) * gamma + beta", out=out_h,
+                        local_dict={"x": x, "mean": mean, "var": var, "gamma": gamma, "beta": beta, **consts})
         results["layer norm"]["numexpr"] = _time(ln_numexpr, args.reps)
         numexpr_version = f"{ne.__version__}, {ne.get_num_threads()} threads"
     except ImportError:
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
         print(f"{stage} [{T} rows]: " + ", ".join(f"{w} {ms:.2f} ms" for w, ms in ways.items()))
     info = machine()
     info["numexpr"] = numexpr_version
-    write_result("fused", {"machine": info, "rows": T, "hidden": H, "intermediate": I, "reps": args.reps,
+    write_result(f"fused_{T}rows", {"machine": info, "rows": T, "hidden": H, "intermediate": I, "reps": args.reps,
                            "median_ms": results})
     return 0
 
