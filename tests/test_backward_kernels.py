@@ -8,6 +8,7 @@ and the sum of |terms| (h = 1e-6: truncation ~h^2, rounding ~1e-16/h), floored b
 """
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -173,3 +174,41 @@ def test_mlm_logits(B, P, Hd, V, seed):
         g = KB.mlm_logits_backward(*args[:7], 1e-12, dy)
         return [g[name] for name in order]
     _check(forward, args, list(range(7)), grads, seed)
+
+
+# ---------------------------------------------------------------------------- the tape's fused set
+
+def test_fused_tape_kernels_against_float64():
+    """engine/fast/tape_kernels.py, kernel by kernel, against the readable kernels run in float64:
+    layer norm and its backward at least as accurate as the readable float32 kernels (statistics in
+    float64), GELU and its backward within 1.5x of them (the same formula around NumPy's tanh);
+    float64 arrays fall back to the readable kernels themselves."""
+    from engine.fast import fused, tape_kernels as TK
+    if not fused.enabled():
+        pytest.skip(f"fused kernels {fused.status()}")
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    x, gamma, beta, dy = f32(3, 70, 96) * 4 + 3, f32(96), f32(96), f32(3, 70, 96)
+    d64 = lambda *arrays: [a.astype(np.float64) for a in arrays]  # noqa: E731
+
+    def err(got, want):
+        return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+    pairs = [
+        ("layer_norm", TK.layer_norm(x, gamma, beta, 1e-12), K.layer_norm(x, gamma, beta, 1e-12),
+         K.layer_norm(*d64(x, gamma, beta), 1e-12), 1.0),
+        ("gelu", TK.gelu_tanh(x), K.gelu_tanh(x), K.gelu_tanh(*d64(x)), 1.5),
+        ("gelu_backward", TK.gelu_tanh_backward(x, dy), KB.gelu_tanh_backward(x, dy),
+         KB.gelu_tanh_backward(*d64(x, dy)), 1.5),
+    ]
+    fused_ln = TK.layer_norm_backward(x, gamma, beta, 1e-12, dy)
+    readable_ln = KB.layer_norm_backward(x, gamma, beta, 1e-12, dy)
+    exact_ln = KB.layer_norm_backward(*d64(x, gamma, beta), 1e-12, *d64(dy))
+    for i, name in enumerate(("dx", "dgamma", "dbeta")):
+        pairs.append((f"layer_norm_backward {name}", fused_ln[i], readable_ln[i], exact_ln[i], 1.0))
+    for name, got, readable, exact, factor in pairs:
+        e_fused, e_readable = err(got, exact), err(readable, exact)
+        print(f"{name}: fused {e_fused:.2e}, readable float32 {e_readable:.2e}")
+        assert got.dtype == np.float32 and got.shape == readable.shape
+        assert e_fused <= factor * e_readable + 1e-9, name
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_equal(TK.gelu_tanh(x64), K.gelu_tanh(x64))

@@ -94,20 +94,26 @@ if numba is not None:
 
     # ---- the tape's element-wise stages (engine/fast/tape_kernels.py): forward and backward
 
+    @numba.njit(inline="always", **_FLAGS)
+    def _row_mean_inv(x, r, eps):
+        """(mean, 1/sqrt(var + eps)) of row r of x, two passes in float64."""
+        H = x.shape[1]
+        total = 0.0
+        for j in range(H):
+            total += np.float64(x[r, j])
+        mean = total / H
+        squares = 0.0
+        for j in range(H):
+            d = np.float64(x[r, j]) - mean
+            squares += d * d
+        return mean, 1.0 / np.sqrt(squares / H + eps)
+
     @numba.njit(**_FLAGS)
     def layer_norm_rows(x, gamma, beta, eps, out, start, stop):
         """out[r] = LN(x[r]) for r in [start, stop), statistics in float64. [T,H] -> [T,H]"""
         H = x.shape[1]
         for r in range(start, stop):
-            total = 0.0
-            for j in range(H):
-                total += np.float64(x[r, j])
-            mean = total / H
-            squares = 0.0
-            for j in range(H):
-                d = np.float64(x[r, j]) - mean
-                squares += d * d
-            inv = 1.0 / np.sqrt(squares / H + eps)
+            mean, inv = _row_mean_inv(x, r, eps)
             for j in range(H):
                 out[r, j] = (np.float64(x[r, j]) - mean) * inv * np.float64(gamma[j]) + np.float64(beta[j])
 
@@ -117,15 +123,7 @@ if numba is not None:
         this thread's partial sums dgamma += dy*xhat, dbeta += dy ([H] float64). [T,H] -> [T,H]"""
         H = x.shape[1]
         for r in range(start, stop):
-            total = 0.0
-            for j in range(H):
-                total += np.float64(x[r, j])
-            mean = total / H
-            squares = 0.0
-            for j in range(H):
-                d = np.float64(x[r, j]) - mean
-                squares += d * d
-            inv = 1.0 / np.sqrt(squares / H + eps)
+            mean, inv = _row_mean_inv(x, r, eps)
             sum_g = 0.0
             sum_gx = 0.0
             for j in range(H):
