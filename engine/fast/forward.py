@@ -14,10 +14,11 @@ What differs from the readable path (engine.core.kernels), and why the numbers s
   scores [N,S,T] = q·k^T; talking-heads mixing is one [N,N] @ [N,S*T] product on that contiguous
   layout; the 1/sqrt(D) scale is folded into W_pre (exact for D a power of two); the context is
   written straight into a [S,N,D] buffer that is the input of the output projection.
-- Element-wise work (biases, GELU, gate, residuals, layer norms) runs in place (`out=`) on row
-  blocks small enough to stay in cache, spread over a small thread pool (NumPy releases the GIL
-  in ufuncs; BLAS is idle at those moments). The order of floating-point operations inside each
-  element-wise formula is the readable kernels' order.
+- Element-wise work (biases, GELU, gate, residuals, layer norms) runs on row blocks small enough
+  to stay in cache, spread over a small thread pool (BLAS is idle at those moments): as the fused
+  Numba kernels of engine/fast/fused.py (add + layer norm in one pass with float64 statistics; the
+  GEGLU around NumPy's tanh) when Numba is there and TALKHEADS_FUSED is not 0, else as in-place
+  NumPy ufuncs (which release the GIL) in the readable kernels' order of operations.
 - float32 (or float64) throughout, as the Encoder's dtype.
 
 skip_padding=True packs the real tokens (input_mask == 1) of all rows into one [tokens,H] matrix,
