@@ -122,3 +122,21 @@ def test_fused_adamw_step_is_bit_for_bit_the_numpy_step(monkeypatch):
         np.testing.assert_array_equal(p1[path], p0[path], err_msg=path)
         np.testing.assert_array_equal(m1[path], m0[path], err_msg=path)
         np.testing.assert_array_equal(v1[path], v0[path], err_msg=path)
+
+
+def test_trainer_kernel_choice(tiny_h5):
+    """The trainer runs the fused tape kernels on a float32 NumPy encoder when Numba is there, the
+    readable ones with readable=True (`finetune/pretrain --readable`) and for float64."""
+    from engine.fast import fused, tape_kernels
+    loaded = weights.load(tiny_h5)
+    schedule = LinearSchedule(**SCHEDULE)
+    fast = Trainer(engine.load(tiny_h5), loaded.sources, schedule)
+    assert fast.kernels is (tape_kernels.FUSED_KERNELS if fused.enabled() else tape_kernels.READABLE_KERNELS)
+    assert Trainer(engine.load(tiny_h5), loaded.sources, schedule, readable=True).kernels is None
+    f64 = Trainer(engine.load(tiny_h5, dtype="float64"), loaded.sources, schedule)
+    assert f64.kernels is tape_kernels.READABLE_KERNELS
+    from engine.cli.main import build_parser
+    for command in ("finetune", "pretrain"):
+        args = build_parser().parse_args([command, "--weights", tiny_h5, "--output", "x.h5", "--readable",
+                                          "--train" if command == "finetune" else "--input", "data"])
+        assert args.readable is True
