@@ -185,11 +185,10 @@ def onnx_session(path: str, threads: int):
 
 
 def onnx_runner(session):
-    names = [o.name for o in session.get_outputs()]
+    names = ["sequence_output", "pooled_output"]
 
     def run(inputs):
-        return dict(zip(names, session.run(["sequence_output", "pooled_output"], inputs)))
-    names = ["sequence_output", "pooled_output"]
+        return dict(zip(names, session.run(names, inputs)))
     return run
 
 

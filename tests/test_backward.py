@@ -69,15 +69,30 @@ def _gradient_verdict(savedmodel, h5, inputs, cotangents, kernels="readable"):
     else:
         out32, g32 = enc32.vjp(inputs, cotangents)
     out64, g64 = engine.load(h5, dtype="float64").vjp(inputs, cotangents)
-    assert set(g32) == set(tf_grads) == set(weights.format.expected_shapes(engine.load(h5).config)), \
+    assert set(g32) == set(tf_grads) == set(weights.format.expected_shapes(enc32.config)), \
         "every trainable variable of the SavedModel has a gradient, and nothing else"
     for path, g in g64.items():
         assert g.shape == tf_grads[path].shape, path
-    return verdict.judge_gradients(g32, tf_grads, g64, engine.load(h5).config.num_layers), (tf_out, out32)
+    return verdict.judge_gradients(g32, tf_grads, g64, enc32.config.num_layers), (tf_out, out32)
 
 
 def _assert_verdict(v):
     assert v.ok, "\n".join(v.failures())
+
+
+def _passing_verdicts(savedmodel, h5, batch_indices, kernels, label) -> list:
+    """The gradient verdict on BATCHES[i] (inputs seeded 100 + i, cotangents 200 + i) for each i,
+    each reported and asserted to pass."""
+    cfg = engine.load(h5).config
+    verdicts = []
+    for i in batch_indices:
+        B, S = BATCHES[i]
+        inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
+        v, _ = _gradient_verdict(savedmodel, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels)
+        _report(f"{label} {B}x{S}", v)
+        _assert_verdict(v)
+        verdicts.append(v)
+    return verdicts
 
 
 # ---------------------------------------------------------------------------- against tf.GradientTape
@@ -92,14 +107,7 @@ def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, kernels
     """Per weight, per batch, the gradient verdict; over the batches, the engine no less accurate than
     TF (the geometric mean of the per-batch median error ratios)."""
     h5, sm = (tiny_h5, tiny_savedmodel) if conditioning == "random" else (tiny_trained_h5, tiny_trained_savedmodel)
-    cfg = engine.load(h5).config
-    verdicts = []
-    for i, (B, S) in enumerate(BATCHES):
-        inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
-        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels)
-        _report(f"tiny {conditioning} {kernels} {B}x{S}", v)
-        _assert_verdict(v)
-        verdicts.append(v)
+    verdicts = _passing_verdicts(sm, h5, range(len(BATCHES)), kernels, f"tiny {conditioning} {kernels}")
     mean, ok = verdict.gradient_accuracy(verdicts)
     print(f"tiny {conditioning} {kernels}: geometric mean over {len(verdicts)} batches of the median engine/TF error ratio "
           f"{mean:.2f} (limit {verdict.GRADIENT_MEDIAN_RATIO:g})")
@@ -112,15 +120,8 @@ def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, kernels
 def test_every_gradient_matches_gradient_tape_at_base_size(conditioning, kernels, base_h5, base_savedmodel,
                                                            base_trained_h5, base_trained_savedmodel):
     h5, sm = (base_h5, base_savedmodel) if conditioning == "random" else (base_trained_h5, base_trained_savedmodel)
-    cfg = engine.load(h5).config
-    verdicts = []
-    for i in (0, 3):    # 3x32 and 1x128 of BATCHES: two draws (the model-level rule is the tiny tests')
-        B, S = BATCHES[i]
-        inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
-        v, _ = _gradient_verdict(sm, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels)
-        _report(f"base {conditioning} {kernels} {B}x{S}", v)
-        _assert_verdict(v)
-        verdicts.append(v)
+    # 3x32 and 1x128 of BATCHES: two draws (the model-level rule is the tiny tests')
+    verdicts = _passing_verdicts(sm, h5, (0, 3), kernels, f"base {conditioning} {kernels}")
     mean, _ = verdict.gradient_accuracy(verdicts)
     print(f"base {conditioning} {kernels}: geometric mean of the median engine/TF error ratio {mean:.2f} (two draws)")
 

@@ -423,14 +423,15 @@ def _stopped(result: dict) -> bool:
     return True
 
 
+def _training_arguments(args) -> dict:
+    """The values of the options _training_options adds, as keyword arguments of finetune/pretrain."""
+    return {name: getattr(args, name) for name in TRAINING_OPTIONS}
+
+
 def cmd_finetune(args) -> int:
     from engine.train import finetune
     result = finetune.finetune(args.weights, args.train, args.output, eval_path=args.eval, epochs=args.epochs,
-                               learning_rate=args.learning_rate, batch_size=args.batch_size,
-                               seq_length=args.seq_length, warmup_fraction=args.warmup_fraction, seed=args.seed,
-                               dropout=args.dropout, resume=args.resume, force=args.force,
-                               checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
-                               readable=args.readable)
+                               **_training_arguments(args))
     if _stopped(result):
         return EXIT_OK
     print(f"finetune: {result['examples']} examples, {result['steps']} steps, seq_length {result['seq_length']}, "
@@ -442,24 +443,20 @@ def cmd_finetune(args) -> int:
 def cmd_predict(args) -> int:
     import json
     from engine.train import finetune
+    from weights.write import atomic_output
     rows = finetune.predict(args.weights, args.input, batch_size=args.batch_size, seq_length=args.seq_length)
     out = args.output
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(out, force=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
     print(f"predict: {len(rows)} rows to {out}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_pretrain(args) -> int:
     from engine.train import pretrain
-    result = pretrain.pretrain(args.weights, args.input, args.output, steps=args.steps, learning_rate=args.learning_rate,
-                               batch_size=args.batch_size, seq_length=args.seq_length,
-                               warmup_fraction=args.warmup_fraction, seed=args.seed, dropout=args.dropout,
-                               resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every,
-                               max_steps=args.max_steps, eval_path=args.eval, readable=args.readable)
+    result = pretrain.pretrain(args.weights, args.input, args.output, steps=args.steps, eval_path=args.eval,
+                               **_training_arguments(args))
     if _stopped(result):
         return EXIT_OK
     held = (f"; held-out MLM loss {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}"
@@ -531,6 +528,10 @@ def _model_arguments(p, weights_help: str = "the extracted HDF5 weights file (py
         p.add_argument("--readable", action="store_true",
                        help="run the readable path (engine/core) instead of the fast one: the same numbers "
                             "within float32 noise, slower")
+
+
+TRAINING_OPTIONS = ("learning_rate", "batch_size", "seq_length", "warmup_fraction", "dropout", "seed", "resume",
+                    "force", "checkpoint_every", "max_steps", "readable")
 
 
 def _training_options(p, learning_rate: float, unit: str, dropout_in: str, seeded: str, checkpoints_also: str) -> None:

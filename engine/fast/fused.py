@@ -76,21 +76,20 @@ if numba is not None:
 
 
     @numba.njit(nogil=True, cache=True, error_model="numpy")   # no fastmath: NumPy's rounding, op for op
-    def adamw_dense(var, grad, m, v, scale, lr_decay, alpha, one_minus_b1, one_minus_b2, eps, start, stop):
-        """One AdamW step on flat float32 arrays over [start, stop), in place: the arithmetic of
-        engine/train/optimizer.py's dense path in its order (so the same bits), one pass instead of
-        about sixteen. lr_decay = lr_t * weight_decay_rate applied as (lr_t * var) * rate, or 0.
-        [n] -> [n]"""
-        if lr_decay[1] != 0:
-            for i in range(start, stop):
-                var[i] = var[i] - lr_decay[0] * var[i] * lr_decay[1]
+    def adamw_dense(var, grad, m, v, scale, lr_t, decay_rate, alpha, one_minus_b1, one_minus_b2, eps, start, stop):
+        """One AdamW step on flat float32 arrays over [start, stop), in place, in one pass: the
+        arithmetic of engine/train/optimizer.py's dense path in its order (so the same bits). The
+        decoupled decay var - (lr_t * var) * decay_rate comes first unless decay_rate is 0. [n] -> [n]"""
         for i in range(start, stop):
+            x = var[i]
+            if decay_rate != 0:
+                x = x - lr_t * x * decay_rate
             g = grad[i] * scale
             mi = m[i] + (g - m[i]) * one_minus_b1
             vi = v[i] + (g * g - v[i]) * one_minus_b2
             m[i] = mi
             v[i] = vi
-            var[i] = var[i] - (mi * alpha) / (np.sqrt(vi) + eps)
+            var[i] = x - (mi * alpha) / (np.sqrt(vi) + eps)
 
     # ---- the tape's element-wise stages (engine/fast/tape_kernels.py): forward and backward
 

@@ -55,9 +55,9 @@ def layer_norm_backward(x, gamma, beta, eps, dy):
             partial_beta.sum(axis=0).astype(np.float32))
 
 
-def _gelu_blocks(x, finish):
-    """Runs finish(x_block, tanh(k(x + c x^3)) of the block, out_block) over cache-sized blocks."""
-    flat = np.ascontiguousarray(x).reshape(-1)
+def _gelu_blocks(flat, finish):
+    """Runs finish(start, stop, tanh(k(x + c x^3)) of the block, out block) over cache-sized blocks
+    of the contiguous 1-D `flat`; returns out."""
     out = np.empty_like(flat)
     scratch = np.empty((num_threads(), _FLAT), np.float32)
     k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
@@ -68,7 +68,7 @@ def _gelu_blocks(x, finish):
         np.tanh(u, out=u)                    # NumPy's SIMD tanh (see engine/fast/fused.py)
         finish(s, e, u, out[s:e])
     parallel_rows(block, flat.size, _FLAT)
-    return flat, out
+    return out
 
 
 def gelu_tanh(x):
@@ -76,7 +76,7 @@ def gelu_tanh(x):
     if not _fits(x):
         return K.gelu_tanh(x)
     flat = np.ascontiguousarray(x).reshape(-1)
-    _, out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_finish(flat[s:e], t, o))
+    out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_finish(flat[s:e], t, o))
     return out.reshape(x.shape)
 
 
@@ -86,7 +86,7 @@ def gelu_tanh_backward(x, dy):
         return KB.gelu_tanh_backward(x, dy)
     flat, dflat = np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(dy).reshape(-1)
     k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
-    _, out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_backward_finish(flat[s:e], t, dflat[s:e], o, k, c))
+    out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_backward_finish(flat[s:e], t, dflat[s:e], o, k, c))
     return out.reshape(x.shape)
 
 

@@ -135,8 +135,8 @@ class AdamWeightDecay:
                 # the decay and the dense branch below in one pass per tensor, on the fast path's
                 # threads, with the same float32 arithmetic in the same order (the same bits)
                 flat = [a.reshape(-1) for a in (var, g, m, v)]
-                decay = np.array([lr_t, self.weight_decay_rate if self.decays(path) else 0], np.float32)
-                parallel_rows(lambda s, e, w: fused.adamw_dense(*flat, dtype(scale), decay, dtype(alpha),
+                rate = dtype(self.weight_decay_rate if self.decays(path) else 0)
+                parallel_rows(lambda s, e, w: fused.adamw_dense(*flat, dtype(scale), lr_t, rate, dtype(alpha),
                                                                 one - b1, one - b2, eps, s, e),
                               flat[0].size, 1 << 16)
             else:
