@@ -55,6 +55,14 @@ def test_gelu_tanh(s, seed):
 
 @SETTINGS
 @given(shape, seeds)
+def test_geglu(s, seed):
+    rng = np.random.default_rng(seed)
+    x, gate = rng.standard_normal(s) * 3, rng.standard_normal(s)
+    _check(K.geglu, [x, gate], [0, 1], lambda dy: list(KB.geglu_backward(x, gate, dy)), seed)
+
+
+@SETTINGS
+@given(shape, seeds)
 def test_layer_norm(s, seed):
     rng = np.random.default_rng(seed)
     s = s[:-1] + (max(s[-1], 3),)   # over 2 features LN is sign(x1 - x2): degenerate
@@ -181,7 +189,7 @@ def test_mlm_logits(B, P, Hd, V, seed):
 def test_fused_tape_kernels_against_float64():
     """engine/fast/tape_kernels.py, kernel by kernel, against the readable kernels run in float64:
     layer norm and its backward at least as accurate as the readable float32 kernels (statistics in
-    float64), GELU and its backward within 1.5x of them (the same formula around NumPy's tanh);
+    float64), the GEGLU and its backward within 1.5x of them (the same formula around NumPy's tanh);
     float64 arrays fall back to the readable kernels themselves."""
     from engine.fast import fused, tape_kernels as TK
     if not fused.enabled():
@@ -189,6 +197,7 @@ def test_fused_tape_kernels_against_float64():
     rng = np.random.default_rng(0)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     x, gamma, beta, dy = f32(3, 70, 96) * 4 + 3, f32(96), f32(96), f32(3, 70, 96)
+    gate = f32(3, 70, 96)
     d64 = lambda *arrays: [a.astype(np.float64) for a in arrays]  # noqa: E731
 
     def err(got, want):
@@ -196,10 +205,13 @@ def test_fused_tape_kernels_against_float64():
     pairs = [
         ("layer_norm", TK.layer_norm(x, gamma, beta, 1e-12), K.layer_norm(x, gamma, beta, 1e-12),
          K.layer_norm(*d64(x, gamma, beta), 1e-12), 1.0),
-        ("gelu", TK.gelu_tanh(x), K.gelu_tanh(x), K.gelu_tanh(*d64(x)), 1.5),
-        ("gelu_backward", TK.gelu_tanh_backward(x, dy), KB.gelu_tanh_backward(x, dy),
-         KB.gelu_tanh_backward(*d64(x, dy)), 1.5),
+        ("geglu", TK.geglu(x, gate), K.geglu(x, gate), K.geglu(*d64(x, gate)), 1.5),
     ]
+    fused_geglu = TK.geglu_backward(x, gate, dy)
+    readable_geglu = KB.geglu_backward(x, gate, dy)
+    exact_geglu = KB.geglu_backward(*d64(x, gate, dy))
+    for i, name in enumerate(("dx", "dgate")):
+        pairs.append((f"geglu_backward {name}", fused_geglu[i], readable_geglu[i], exact_geglu[i], 1.5))
     fused_ln = TK.layer_norm_backward(x, gamma, beta, 1e-12, dy)
     readable_ln = KB.layer_norm_backward(x, gamma, beta, 1e-12, dy)
     exact_ln = KB.layer_norm_backward(*d64(x, gamma, beta), 1e-12, *d64(dy))
@@ -211,4 +223,4 @@ def test_fused_tape_kernels_against_float64():
         assert got.dtype == np.float32 and got.shape == readable.shape
         assert e_fused <= factor * e_readable + 1e-9, name
     x64 = x.astype(np.float64)
-    np.testing.assert_array_equal(TK.gelu_tanh(x64), K.gelu_tanh(x64))
+    np.testing.assert_array_equal(TK.geglu(x64, x64), K.geglu(x64, x64))

@@ -82,6 +82,14 @@ def gelu_tanh_backward(x, dy):
     return x2
 
 
+def geglu_backward(x, gate, dy):
+    """y = gelu(x) * gate, the product rule:
+        dx = gelu'(x) * (dy * gate),  dgate = dy * gelu(x).                     [...] -> ([...], [...])
+    gelu(x) is recomputed rather than kept: the tape keeps y (the output product's input) instead."""
+    dgate = dy * K.gelu_tanh(x)
+    return gelu_tanh_backward(x, dy * gate), dgate
+
+
 def layer_norm_backward(x, gamma, beta, eps, dy):
     """y = xhat*gamma + beta, xhat = (x - mean) * r, r = 1/sqrt(var + eps), over the last axis (H):
         dgamma = sum xhat*dy, dbeta = sum dy (over all leading axes); with g = dy*gamma,
@@ -103,7 +111,13 @@ def dense_backward(x, kernel, bias, dy):
     [...,C] @ [C,F] -> ([...,C], [C,F], [F])"""
     C, F = kernel.shape
     dx = K.matmul_2d(dy, kernel.T)                                               # [...,F] @ [F,C] -> [...,C]
-    dkernel = x.reshape(-1, C).T @ dy.reshape(-1, F)                             # [C,M] @ [M,F] -> [C,F]
+    x2, dy2 = x.reshape(-1, C), dy.reshape(-1, F)
+    if kernel.strides[0] < kernel.strides[1]:
+        # a kernel stored transposed (the fast path's layout) gets its gradient in the same memory
+        # order, so that the optimizer updates both in one pass: the same numbers, transposed GEMM
+        dkernel = (dy2.T @ x2).T                                                 # ([F,M] @ [M,C])^T -> [C,F]
+    else:
+        dkernel = x2.T @ dy2                                                     # [C,M] @ [M,F] -> [C,F]
     return dx, dkernel, _sum_leading(dy)
 
 

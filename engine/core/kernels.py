@@ -35,6 +35,12 @@ def gelu_tanh(x):
     return half * x * (one + xp.tanh(k * (x + c * (x * x * x))))
 
 
+def geglu(x, gate):
+    """The gated GELU of the feed-forward block: gelu(x) * gate (x and gate: the two input
+    products, biased). [...], [...] -> [...]"""
+    return gelu_tanh(x) * gate
+
+
 def layer_norm(x, gamma, beta, eps):
     """Layer norm over the last axis: (x-mean)/sqrt(biased var + eps)*gamma + beta. [...,H] -> [...,H]
 

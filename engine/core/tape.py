@@ -65,16 +65,54 @@ class Dropout:
         return out
 
 
+def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate):
+    """Talking-heads attention from the projections to the context, with dropout on the mixed
+    probabilities, as engine.core.kernels.talking_heads_attention computes it, keeping what its
+    backward needs. [B,S,N,D] x3 -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T])"""
+    raw = K.raw_attention_scores(q, k)                                           # [B,N,S,T]
+    scores = K.scale_scores(raw, q.shape[-1])
+    mixed = K.talking_heads_mix(scores, pre_softmax_weight)
+    probs = K.softmax(K.apply_attention_mask(mixed, mask_adder))                 # [B,N,S,T]
+    mixed_probs = K.talking_heads_mix(probs, post_softmax_weight)                # [B,N,S,T]
+    dropped_probs = K.dropout(mixed_probs, keep_probs, rate)
+    return K.attention_context(dropped_probs, v), probs, dropped_probs           # [B,S,N,D]
+
+
+def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate,
+                       probs, dropped_probs, dctx, record=None):
+    """The VJP of attention(), its steps in reverse; the scores are recomputed (one batched GEMM)
+    rather than kept. record(name, array) as in block_backward (mixed_probs, probs, masked_scores,
+    scaled_scores). -> (dq, dk, dv [B,S,N,D], dpre_softmax_weight, dpost_softmax_weight [N,N])"""
+    rec = record or (lambda name, value: None)
+    ddropped, dv = KB.attention_context_backward(dropped_probs, v, dctx)
+    dmixed_probs = KB.dropout_backward(None, keep_probs, rate, ddropped)
+    rec("mixed_probs", dmixed_probs)
+    dprobs, dpost = KB.talking_heads_mix_backward(probs, post_softmax_weight, dmixed_probs)
+    rec("probs", dprobs)
+    dmasked = KB.softmax_backward(probs, dprobs)
+    rec("masked_scores", dmasked)
+    dmixed = KB.apply_attention_mask_backward(None, mask_adder, dmasked)
+    scores = K.scale_scores(K.raw_attention_scores(q, k), q.shape[-1])          # recomputed
+    dscores, dpre = KB.talking_heads_mix_backward(scores, pre_softmax_weight, dmixed)
+    rec("scaled_scores", dscores)
+    draw = KB.scale_scores_backward(None, q.shape[-1], dscores)
+    dq, dk = KB.raw_attention_scores_backward(q, k, draw)
+    return dq, dk, dv, dpre, dpost
+
+
 @dataclasses.dataclass(frozen=True)
 class TapeKernels:
-    """The kernels the tape runs for its element-wise stages, the readable ones by default (looked
-    up in engine.core.kernels / backward at each call). A set with the same signatures can be handed
+    """The kernels the tape runs for its element-wise stages and its attention (projections to
+    context), the readable ones by default (looked up in engine.core.kernels / backward at each
+    call). A set with the same signatures can be handed
     to Encoder.tape(kernels=...): the trainer hands in the fused set of engine/fast/tape_kernels.py
     (the core never imports it)."""
     layer_norm: Callable = lambda x, gamma, beta, eps: K.layer_norm(x, gamma, beta, eps)              # noqa: E731
-    gelu_tanh: Callable = lambda x: K.gelu_tanh(x)                                                   # noqa: E731
+    geglu: Callable = lambda x, gate: K.geglu(x, gate)                                              # noqa: E731
     layer_norm_backward: Callable = lambda x, gamma, beta, eps, dy: KB.layer_norm_backward(x, gamma, beta, eps, dy)  # noqa: E731
-    gelu_tanh_backward: Callable = lambda x, dy: KB.gelu_tanh_backward(x, dy)                        # noqa: E731
+    geglu_backward: Callable = lambda x, gate, dy: KB.geglu_backward(x, gate, dy)                   # noqa: E731
+    attention: Callable = attention
+    attention_backward: Callable = attention_backward
 
 
 READABLE_KERNELS = TapeKernels()
@@ -137,28 +175,24 @@ def block_forward(x, mask_adder, w, eps, masks: _Masks, prefix: str, kernels: Ta
     q = K.qkv_projection(x, a.query_kernel, a.query_bias)                        # [B,S,N,D]
     k = K.qkv_projection(x, a.key_kernel, a.key_bias)                            # [B,T,N,D]
     v = K.qkv_projection(x, a.value_kernel, a.value_bias)                        # [B,T,N,D]
-    raw = K.raw_attention_scores(q, k)                                           # [B,N,S,T]
-    scores = K.scale_scores(raw, q.shape[-1])
-    mixed = K.talking_heads_mix(scores, a.pre_softmax_weight)
-    probs = K.softmax(K.apply_attention_mask(mixed, mask_adder))                 # [B,N,S,T]
-    mixed_probs = K.talking_heads_mix(probs, a.post_softmax_weight)              # [B,N,S,T]
-    keep_probs = masks.keep(prefix + "attention_probs", mixed_probs.shape, r.attention)
-    dropped_probs = K.dropout(mixed_probs, keep_probs, r.attention)
-    ctx = K.attention_context(dropped_probs, v)                                  # [B,S,N,D]
+    B, S, N, _ = q.shape
+    keep_probs = masks.keep(prefix + "attention_probs", (B, N, S, k.shape[1]), r.attention)
+    ctx, probs, dropped_probs = kernels.attention(q, k, v, a.pre_softmax_weight, a.post_softmax_weight,
+                                                  mask_adder, keep_probs, r.attention)  # [B,S,N,D]
     attn = K.attention_output(ctx, a.output_kernel, a.output_bias)               # [B,S,H]
     keep_attn = masks.keep(prefix + "attention_output", attn.shape, r.hidden)
     h1 = x + K.dropout(attn, keep_attn, r.hidden)                                # [B,S,H]
     x1 = kernels.layer_norm(h1, *w.attention_ln, eps)
     f = w.feedforward
     pre_gelu = K.dense(x1, f.intermediate_kernel, f.intermediate_bias)           # [B,S,I]
-    gelu = kernels.gelu_tanh(pre_gelu)
     gate = K.dense(x1, f.gate_kernel, f.gate_bias)                               # [B,S,I]
-    out = K.dense(gelu * gate, f.output_kernel, f.output_bias)                   # [B,S,H]
+    hidden = kernels.geglu(pre_gelu, gate)                                       # [B,S,I]
+    out = K.dense(hidden, f.output_kernel, f.output_bias)                        # [B,S,H]
     keep_out = masks.keep(prefix + "feedforward_output", out.shape, r.hidden)
     h2 = K.dropout(out, keep_out, r.hidden) + x1
     y = kernels.layer_norm(h2, *w.feedforward_ln, eps)                           # [B,S,H]
     cache = dict(x=x, q=q, k=k, v=v, probs=probs, dropped_probs=dropped_probs, keep_probs=keep_probs,
-                 ctx=ctx, keep_attn=keep_attn, h1=h1, x1=x1, pre_gelu=pre_gelu, gelu=gelu, gate=gate,
+                 ctx=ctx, keep_attn=keep_attn, h1=h1, x1=x1, pre_gelu=pre_gelu, gate=gate, hidden=hidden,
                  keep_out=keep_out, h2=h2)
     return y, cache
 
@@ -177,13 +211,11 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
     dh2, grads["feedforward_layer_norm/gamma"], grads["feedforward_layer_norm/beta"] = \
         kernels.layer_norm_backward(c["h2"], *w.feedforward_ln, eps, dy)
     dout = KB.dropout_backward(None, c["keep_out"], rates.hidden, dh2)          # [B,S,H]
-    hidden = c["gelu"] * c["gate"]                                               # [B,S,I]
     dhidden, grads["feedforward/output/kernel"], grads["feedforward/output/bias"] = \
-        KB.dense_backward(hidden, f.output_kernel, f.output_bias, dout)
-    dgelu, dgate = dhidden * c["gate"], dhidden * c["gelu"]                      # the gate's product rule
+        KB.dense_backward(c["hidden"], f.output_kernel, f.output_bias, dout)
+    dpre, dgate = kernels.geglu_backward(c["pre_gelu"], c["gate"], dhidden)      # [B,S,I] each
     dx1_gate, grads["feedforward/gate/kernel"], grads["feedforward/gate/bias"] = \
         KB.dense_backward(c["x1"], f.gate_kernel, f.gate_bias, dgate)
-    dpre = kernels.gelu_tanh_backward(c["pre_gelu"], dgelu)
     dx1_gelu, grads["feedforward/intermediate/kernel"], grads["feedforward/intermediate/bias"] = \
         KB.dense_backward(c["x1"], f.intermediate_kernel, f.intermediate_bias, dpre)
     dx1 = dh2 + dx1_gelu + dx1_gate                                              # residual + both branches
@@ -196,19 +228,9 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
     dctx, g["output/kernel"], g["output/bias"] = KB.attention_output_backward(
         c["ctx"], a.output_kernel, a.output_bias, dattn)
     rec("context", dctx)
-    ddropped, dv = KB.attention_context_backward(c["dropped_probs"], c["v"], dctx)
-    dmixed_probs = KB.dropout_backward(None, c["keep_probs"], rates.attention, ddropped)
-    rec("mixed_probs", dmixed_probs)
-    dprobs, g["post_softmax_weight"] = KB.talking_heads_mix_backward(c["probs"], a.post_softmax_weight, dmixed_probs)
-    rec("probs", dprobs)
-    dmasked = KB.softmax_backward(c["probs"], dprobs)
-    rec("masked_scores", dmasked)
-    dmixed = KB.apply_attention_mask_backward(None, mask_adder, dmasked)
-    scores = K.scale_scores(K.raw_attention_scores(c["q"], c["k"]), c["q"].shape[-1])  # recomputed: one GEMM
-    dscores, g["pre_softmax_weight"] = KB.talking_heads_mix_backward(scores, a.pre_softmax_weight, dmixed)
-    rec("scaled_scores", dscores)
-    draw = KB.scale_scores_backward(None, c["q"].shape[-1], dscores)
-    dq, dk = KB.raw_attention_scores_backward(c["q"], c["k"], draw)
+    dq, dk, dv, g["pre_softmax_weight"], g["post_softmax_weight"] = kernels.attention_backward(
+        c["q"], c["k"], c["v"], a.pre_softmax_weight, a.post_softmax_weight, mask_adder, c["keep_probs"],
+        rates.attention, c["probs"], c["dropped_probs"], dctx, record)
     rec("q", dq), rec("k", dk), rec("v", dv)
     dx = dh1                                                                     # the residual
     for name, dproj, kernel, bias in (("query", dq, a.query_kernel, a.query_bias),

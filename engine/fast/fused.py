@@ -172,17 +172,20 @@ if numba is not None:
             u[i] = k * (v + c * (v * v * v))
 
     @numba.njit(**_FLAGS)
-    def gelu_finish(x, t, out):
-        """out = 0.5 x (1 + t), t = tanh(k (x + c x^3)): the readable formula's order. [n] -> [n]"""
+    def geglu_finish(x, gate, t, out):
+        """out = 0.5 x (1 + t) * gate, t = tanh(k (x + c x^3)): engine.core.kernels.geglu's order.
+        [n] -> [n]"""
         half, one = np.float32(0.5), np.float32(1.0)
         for i in range(x.shape[0]):
-            out[i] = half * x[i] * (one + t[i])
+            out[i] = half * x[i] * (one + t[i]) * gate[i]
 
     @numba.njit(**_FLAGS)
-    def gelu_backward_finish(x, t, dy, out, k, c):
-        """out = (0.5(1+t) + 0.5x(1-t^2) k(1+3c x^2)) dy, as engine.core.backward.gelu_tanh_backward;
-        k, c float32. [n] -> [n]"""
+    def geglu_backward_finish(x, gate, t, dy, dx, dgate, k, c):
+        """engine.core.backward.geglu_backward from t = tanh(k (x + c x^3)) (k, c float32):
+        dgate = dy * 0.5 x (1 + t), dx = (0.5(1+t) + 0.5x(1-t^2) k(1+3c x^2)) * (dy * gate),
+        the readable kernels' operations in their order. [n] -> ([n], [n])"""
         half, one, three = np.float32(0.5), np.float32(1.0), np.float32(3.0)
         for i in range(x.shape[0]):
-            v, ti = x[i], t[i]
-            out[i] = (half * (one + ti) + half * v * (one - ti * ti) * k * (one + three * c * v * v)) * dy[i]
+            v, ti, d = x[i], t[i], dy[i]
+            dgate[i] = d * (half * v * (one + ti))
+            dx[i] = (half * (one + ti) + half * v * (one - ti * ti) * k * (one + three * c * v * v)) * (d * gate[i])

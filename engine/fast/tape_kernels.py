@@ -1,5 +1,5 @@
-"""Fused element-wise kernels for the backward pass's tape (engine/core/tape.py): layer norm, its
-backward, GELU and its backward, with the readable kernels' signatures, run as Numba kernels
+"""Fused element-wise kernels for the backward pass's tape (engine/core/tape.py): layer norm, the
+gated GELU and their backward, with the readable kernels' signatures, run as Numba kernels
 (engine/fast/fused.py) on the fast path's threads. What the trainer uses by default:
 
     from engine.fast import tape_kernels
@@ -8,20 +8,24 @@ backward, GELU and its backward, with the readable kernels' signatures, run as N
 Each falls back to the readable kernel for anything but contiguous float32 NumPy arrays (float64,
 CuPy), and for_encoder() returns the readable set when Numba is missing or TALKHEADS_FUSED=0.
 Numerics: layer norm and its backward in float64 inside (more accurate than the float32
-reference); GELU and its derivative around NumPy's tanh (engine/fast/fused.py). tests/test_backward.py
-judges the gradients of a tape with these kernels against TF and float64 as it does the readable
+reference); the GEGLU and its backward around NumPy's tanh (engine/fast/fused.py; one tanh per
+element: the backward recomputes gelu(x) from the tanh its derivative needs anyway).
+tests/test_backward.py judges the gradients of a tape with these kernels against TF and float64 as it does the readable
 ones.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from engine.core import backward as KB
 from engine.core import kernels as K
+from engine.core import tape as tape_mod
 from engine.core.tape import READABLE_KERNELS, TapeKernels
 from engine.fast import fused
-from engine.fast.forward import num_threads, parallel_rows
+from engine.fast.forward import num_threads, parallel_rows, single_threaded_blas
 
 _ROWS = 64          # rows per block of the row kernels
 _FLAT = 1 << 15     # elements per block of the flat kernels
@@ -56,9 +60,8 @@ def layer_norm_backward(x, gamma, beta, eps, dy):
 
 
 def _gelu_blocks(flat, finish):
-    """Runs finish(start, stop, tanh(k(x + c x^3)) of the block, out block) over cache-sized blocks
-    of the contiguous 1-D `flat`; returns out."""
-    out = np.empty_like(flat)
+    """Runs finish(start, stop, t) with t = tanh(k(x + c x^3)) of the block, over cache-sized blocks
+    of the contiguous 1-D `flat`, on the threads."""
     scratch = np.empty((num_threads(), _FLAT), np.float32)
     k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
 
@@ -66,32 +69,131 @@ def _gelu_blocks(flat, finish):
         u = scratch[w][:e - s]
         fused.gelu_argument(flat[s:e], u, k, c)
         np.tanh(u, out=u)                    # NumPy's SIMD tanh (see engine/fast/fused.py)
-        finish(s, e, u, out[s:e])
+        finish(s, e, u)
     parallel_rows(block, flat.size, _FLAT)
-    return out
 
 
-def gelu_tanh(x):
-    """K.gelu_tanh. [...] -> [...]"""
-    if not _fits(x):
-        return K.gelu_tanh(x)
-    flat = np.ascontiguousarray(x).reshape(-1)
-    out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_finish(flat[s:e], t, o))
+def _flat(a):
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def geglu(x, gate):
+    """K.geglu: gelu(x) * gate in one pass. [...], [...] -> [...]"""
+    if not _fits(x, gate) or x.shape != gate.shape:
+        return K.geglu(x, gate)
+    flat, gflat = _flat(x), _flat(gate)
+    out = np.empty_like(flat)
+    _gelu_blocks(flat, lambda s, e, t: fused.geglu_finish(flat[s:e], gflat[s:e], t, out[s:e]))
     return out.reshape(x.shape)
 
 
-def gelu_tanh_backward(x, dy):
-    """KB.gelu_tanh_backward. [...] -> [...]"""
-    if not _fits(x, dy):
-        return KB.gelu_tanh_backward(x, dy)
-    flat, dflat = np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(dy).reshape(-1)
+def geglu_backward(x, gate, dy):
+    """KB.geglu_backward: (dx, dgate) in one pass, gelu(x) recomputed from the same tanh as its
+    derivative. [...] -> ([...], [...])"""
+    if not _fits(x, gate, dy) or not x.shape == gate.shape == dy.shape:
+        return KB.geglu_backward(x, gate, dy)
+    flat, gflat, dflat = _flat(x), _flat(gate), _flat(dy)
+    dx, dgate = np.empty_like(flat), np.empty_like(flat)
     k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
-    out = _gelu_blocks(flat, lambda s, e, t, o: fused.gelu_backward_finish(flat[s:e], t, dflat[s:e], o, k, c))
-    return out.reshape(x.shape)
+    _gelu_blocks(flat, lambda s, e, t: fused.geglu_backward_finish(flat[s:e], gflat[s:e], t, dflat[s:e],
+                                                                   dx[s:e], dgate[s:e], k, c))
+    return dx.reshape(x.shape), dgate.reshape(x.shape)
 
 
-FUSED_KERNELS = TapeKernels(layer_norm=layer_norm, gelu_tanh=gelu_tanh, layer_norm_backward=layer_norm_backward,
-                            gelu_tanh_backward=gelu_tanh_backward)
+def _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs):
+    return (_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder)
+            and (keep_probs is None or _fits(keep_probs)) and mask_adder.ndim == 4)
+
+
+def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate):
+    """engine.core.tape.attention one sequence at a time on the fast path's threads (BLAS at one
+    thread meanwhile), so that each sequence's [N,S,T] logits stay in cache from the scores to the
+    context; the readable kernels' operations in their order. Float32 NumPy only (else the readable
+    kernel). -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T])"""
+    if not _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs):
+        return tape_mod.attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate)
+    B, S, N, D = q.shape
+    T = k.shape[1]
+    f32 = np.float32
+    scale, keep_scale = f32(1.0 / math.sqrt(float(D))), f32(1.0 / (1.0 - rate)) if keep_probs is not None else None
+    pre_t, post_t = pre_softmax_weight.T, post_softmax_weight.T                   # [N,N] (F order)
+    ctx, probs, dropped = np.empty((B, S, N, D), f32), np.empty((B, N, S, T), f32), np.empty((B, N, S, T), f32)
+    scratch = np.empty((num_threads(), N, S, T), f32)
+
+    def sequences(lo, hi, w):
+        scores = scratch[w]
+        for b in range(lo, hi):
+            np.matmul(q[b].transpose(1, 0, 2), k[b].transpose(1, 2, 0), out=scores)   # [N,S,D] @ [N,D,T] -> [N,S,T]
+            np.multiply(scores, scale, out=scores)
+            p = probs[b]
+            np.matmul(pre_t, scores.reshape(N, S * T), out=p.reshape(N, S * T))     # pre-softmax mix
+            np.add(p, mask_adder[b, 0, 0], out=p)
+            np.subtract(p, p.max(axis=-1, keepdims=True), out=p)                    # softmax, in place
+            np.exp(p, out=p)
+            np.divide(p, p.sum(axis=-1, keepdims=True), out=p)
+            m = dropped[b]
+            np.matmul(post_t, p.reshape(N, S * T), out=m.reshape(N, S * T))         # post-softmax mix
+            if keep_probs is not None:
+                np.multiply(keep_probs[b], keep_scale, out=scores)
+                np.multiply(m, scores, out=m)
+            np.matmul(m, v[b].transpose(1, 0, 2), out=ctx[b].transpose(1, 0, 2))    # [N,S,T] @ [N,T,D] -> [N,S,D]
+
+    with single_threaded_blas():
+        parallel_rows(sequences, B, 1)
+    return ctx, probs, dropped
+
+
+def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate,
+                       probs, dropped_probs, dctx, record=None):
+    """engine.core.tape.attention_backward one sequence at a time on the fast path's threads, the
+    mixing weights' gradients summed per thread, then over the threads. The readable kernel when
+    `record` asks for the intermediates' gradients, or for anything but float32 NumPy.
+    -> (dq, dk, dv [B,S,N,D], dpre_softmax_weight, dpost_softmax_weight [N,N])"""
+    if record is not None or not _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder,
+                                                  keep_probs) or not _fits(dctx):
+        return tape_mod.attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs,
+                                           rate, probs, dropped_probs, dctx, record)
+    B, S, N, D = q.shape
+    T = k.shape[1]
+    f32 = np.float32
+    scale, keep_scale = f32(1.0 / math.sqrt(float(D))), f32(1.0 / (1.0 - rate)) if keep_probs is not None else None
+    dq, dk, dv = np.empty((B, S, N, D), f32), np.empty((B, T, N, D), f32), np.empty((B, T, N, D), f32)
+    threads = num_threads()
+    dpre, dpost = np.zeros((threads, N, N), f32), np.zeros((threads, N, N), f32)
+    scratch = np.empty((threads, 3, N, S, T), f32)
+
+    def sequences(lo, hi, w):
+        scores, d_mixed, d_probs = scratch[w]
+        rows = lambda a: a.reshape(N, S * T)  # noqa: E731  [N,S,T] -> [N,S*T] view
+        for b in range(lo, hi):
+            qb, kb, vb = q[b].transpose(1, 0, 2), k[b].transpose(1, 0, 2), v[b].transpose(1, 0, 2)   # [N,S|T,D]
+            dctx_b = dctx[b].transpose(1, 0, 2)                                      # [N,S,D]
+            np.matmul(dctx_b, vb.transpose(0, 2, 1), out=d_mixed)                   # d dropped [N,S,T]
+            np.matmul(dropped_probs[b].transpose(0, 2, 1), dctx_b, out=dv[b].transpose(1, 0, 2))   # [N,T,D]
+            if keep_probs is not None:
+                np.multiply(keep_probs[b], keep_scale, out=scores)
+                np.multiply(d_mixed, scores, out=d_mixed)                            # d mixed_probs
+            p = probs[b]
+            dpost[w] += rows(p) @ rows(d_mixed).T                                    # [N,S*T] @ [S*T,N] -> [N,N]
+            np.matmul(post_softmax_weight, rows(d_mixed), out=rows(d_probs))        # d probs
+            np.multiply(p, d_probs, out=d_mixed)                                     # softmax backward
+            np.subtract(d_probs, d_mixed.sum(axis=-1, keepdims=True), out=d_probs)
+            np.multiply(p, d_probs, out=d_probs)                                     # d masked = d mixed
+            np.matmul(qb, kb.transpose(0, 2, 1), out=scores)                         # scores, recomputed
+            np.multiply(scores, scale, out=scores)
+            dpre[w] += rows(scores) @ rows(d_probs).T
+            np.matmul(pre_softmax_weight, rows(d_probs), out=rows(d_mixed))         # d scaled scores
+            np.multiply(d_mixed, scale, out=d_mixed)                                 # d raw scores
+            np.matmul(d_mixed, kb, out=dq[b].transpose(1, 0, 2))                     # [N,S,T] @ [N,T,D] -> [N,S,D]
+            np.matmul(d_mixed.transpose(0, 2, 1), qb, out=dk[b].transpose(1, 0, 2))  # [N,T,S] @ [N,S,D] -> [N,T,D]
+
+    with single_threaded_blas():
+        parallel_rows(sequences, B, 1)
+    return dq, dk, dv, dpre.sum(axis=0), dpost.sum(axis=0)
+
+
+FUSED_KERNELS = TapeKernels(layer_norm=layer_norm, geglu=geglu, layer_norm_backward=layer_norm_backward,
+                            geglu_backward=geglu_backward, attention=attention, attention_backward=attention_backward)
 
 
 def for_encoder(enc) -> TapeKernels:

@@ -36,6 +36,19 @@ from engine.fast.forward import parallel_rows
 EXCLUDE_FROM_WEIGHT_DECAY = ("LayerNorm", "layer_norm", "bias")
 
 
+def _dense_in_memory(a) -> bool:
+    """a's elements fill one block of memory with no gaps (C order, F order, or any axis order):
+    np.ravel(a, order="K") is then a view."""
+    expected = a.itemsize
+    for stride, n in sorted(zip(a.strides, a.shape)):
+        if n == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
 @dataclasses.dataclass
 class LinearSchedule:
     """WarmUp(PolynomialDecay(init_lr, num_train_steps, end_lr, power)) of create_optimizer."""
@@ -95,9 +108,13 @@ class AdamWeightDecay:
 
     @staticmethod
     def _fusable(*arrays) -> bool:
-        """float32 contiguous NumPy arrays: the fused kernel (engine/fast/fused.py) can run the step."""
-        return fused.enabled() and all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
-                                       for a in arrays)
+        """float32 NumPy arrays of one shape and one memory layout, each contiguous in that layout
+        (C order, or the transposed storage of the fast path's kernels): the fused kernel
+        (engine/fast/fused.py) can run the step over their memory in order."""
+        if not fused.enabled() or not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
+            return False
+        first = arrays[0]
+        return _dense_in_memory(first) and all(a.shape == first.shape and a.strides == first.strides for a in arrays)
 
     def apply(self, params: dict, grads: dict) -> dict:
         """One step: clip, decay, Adam, in place on `params`. Returns {"learning_rate", "global_norm"}."""
@@ -134,7 +151,7 @@ class AdamWeightDecay:
             elif fusable:
                 # the decay and the dense branch below in one pass per tensor, on the fast path's
                 # threads, with the same float32 arithmetic in the same order (the same bits)
-                flat = [a.reshape(-1) for a in (var, g, m, v)]
+                flat = [np.ravel(a, order="K") for a in (var, g, m, v)]    # views, memory order
                 rate = dtype(self.weight_decay_rate if self.decays(path) else 0)
                 parallel_rows(lambda s, e, w: fused.adamw_dense(*flat, dtype(scale), lr_t, rate, dtype(alpha),
                                                                 one - b1, one - b2, eps, s, e),
