@@ -16,8 +16,8 @@ class Encoder(model.Encoder):
     """engine.core.model.Encoder, plus the faster forward paths:
 
     fast=True: the NumPy fast path of engine/fast/forward.py (fused products, in place, and
-    enc(inputs, skip_padding=True)); enc.tape / enc.vjp then run the fused element-wise kernels of
-    engine/fast/tape_kernels.py (Numba; the readable ones without it). backend "cupy", float32: the fused GPU path of
+    enc(inputs, skip_padding=True)); enc.tape / enc.vjp then run the fused element-wise and threaded
+    attention kernels of engine/fast/tape_kernels.py (the readable ones without Numba). backend "cupy", float32: the fused GPU path of
     engine/gpu/forward.py unless gpu_path="plain" ($TALKHEADS_GPU_PATH); precision float32 | tf32 |
     float16 | bfloat16 ($TALKHEADS_GPU_PRECISION); cuda_graphs opt-in ($TALKHEADS_CUDA_GRAPHS=1).
     Traced calls (enc.trace, record=...) always run the readable path.
@@ -34,7 +34,7 @@ class Encoder(model.Encoder):
             from engine.fast import tape_kernels
             from engine.fast.forward import FastEncoder
             self.fast_forward = FastEncoder(self)
-            self.tape_kernels = tape_kernels.for_encoder(self)   # enc.tape / enc.vjp: fused element-wise
+            self.tape_kernels = tape_kernels.for_encoder(self)   # enc.tape / enc.vjp: the fused set
         elif self.backend == "cupy" and self.dtype == "float32":
             from engine.gpu import forward as gpu
             if gpu.use_fused_path(gpu_path):

@@ -98,20 +98,31 @@ def test_twenty_steps_equal_model_gardens_training(task, size, tiny_savedmodel, 
 def test_fused_adamw_step_is_bit_for_bit_the_numpy_step(monkeypatch):
     """The fused optimizer step (engine/fast/fused.py adamw_dense, one pass per tensor) against the
     NumPy step it replaces: the same float32 arithmetic in the same order, so the same bits, over
-    five steps with decayed and undecayed weights, warm-up and clipping (gradients of norm > 1)."""
+    five steps with decayed and undecayed weights, warm-up and clipping (gradients of norm > 1).
+    Kernels in the fast path's transposed storage (a [H,N,D] view of a Fortran-order [H,3ND], an
+    [I,H] in Fortran order), with gradients in the same layout (engine.core.backward.dense_backward),
+    run the fused step too."""
     from engine.fast import fused
     if not fused.enabled():
         pytest.skip(f"fused kernels {fused.status()}")
     rng = np.random.default_rng(0)
     shapes = {"layers/0/attention/query/kernel": (64, 4, 16), "layers/0/attention/query/bias": (4, 16),
-              "pooler/kernel": (300_001,)}   # longer than one thread block
+              "pooler/kernel": (300_001,),   # longer than one thread block
+              "layers/0/attention/key/kernel": (64, 4, 16), "layers/0/feedforward/output/kernel": (96, 64)}
+    transposed = {"layers/0/attention/key/kernel": lambda a: np.asfortranarray(np.concatenate(
+                      [a.reshape(64, 64), a.reshape(64, 64)], axis=1))[:, :64].reshape(64, 4, 16),
+                  "layers/0/feedforward/output/kernel": np.asfortranarray}
     names = {p: p.replace("/", "_") for p in shapes}
-    start = {p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()}
-    grads = [{p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()} for _ in range(5)]
+    layout = lambda p, a: transposed.get(p, lambda x: x)(a)  # noqa: E731
+    start = {p: layout(p, rng.standard_normal(s).astype(np.float32)) for p, s in shapes.items()}
+    grads = [{p: layout(p, rng.standard_normal(s).astype(np.float32)) for p, s in shapes.items()} for _ in range(5)]
+    for p in transposed:
+        assert not start[p].flags.c_contiguous and start[p].strides == grads[0][p].strides
+        assert AdamWeightDecay._fusable(start[p], grads[0][p], np.zeros_like(start[p]), np.zeros_like(start[p]))
     results = []
     for setting in ("1", "0"):
         monkeypatch.setenv("TALKHEADS_FUSED", setting)
-        params = {p: a.copy() for p, a in start.items()}
+        params = {p: np.copy(a, order="K") for p, a in start.items()}
         opt = AdamWeightDecay(LinearSchedule(1e-3, 10, 2), names)
         for g in grads:
             opt.apply(params, g)

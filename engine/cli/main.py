@@ -551,8 +551,8 @@ def _training_options(p, learning_rate: float, unit: str, dropout_in: str, seede
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this run, checkpointed (continue with --resume)")
     p.add_argument("--readable", action="store_true",
-                   help="run the readable element-wise kernels (engine/core) instead of the fused ones "
-                        "(engine/fast/tape_kernels.py): the same results within float32 noise, slower")
+                   help="run the readable kernels (engine/core) instead of the fused element-wise and threaded "
+                        "attention ones (engine/fast/tape_kernels.py): the same results within float32 noise, slower")
 
 
 def build_parser() -> argparse.ArgumentParser:

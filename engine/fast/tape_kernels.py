@@ -1,19 +1,21 @@
-"""Fused element-wise kernels for the backward pass's tape (engine/core/tape.py): layer norm, the
-gated GELU and their backward, with the readable kernels' signatures, run as Numba kernels
-(engine/fast/fused.py) on the fast path's threads. What the trainer uses by default:
+"""The tape's fast kernel set (engine/core/tape.py's TapeKernels), with the readable kernels'
+signatures: layer norm, the gated GELU and their backward as Numba kernels (engine/fast/fused.py)
+on the fast path's threads, and attention (scores to context, and its backward) one sequence at a
+time on those threads. What the trainer uses by default:
 
     from engine.fast import tape_kernels
     tape = enc.tape(inputs, kernels=tape_kernels.for_encoder(enc))
 
-Each falls back to the readable kernel for anything but contiguous float32 NumPy arrays (float64,
-CuPy), and for_encoder() returns the readable set when Numba is missing or TALKHEADS_FUSED=0.
+Each falls back to the readable kernel for anything but float32 NumPy arrays (float64, CuPy), the
+attention backward also when the caller records the intermediates' gradients, and for_encoder()
+returns the readable set when Numba is missing or TALKHEADS_FUSED=0.
 Numerics: layer norm and its backward in float64 inside (more accurate than the float32
 reference); the GEGLU and its backward around NumPy's tanh (engine/fast/fused.py; one tanh per
-element: the backward recomputes gelu(x) from the tanh its derivative needs anyway).
-tests/test_backward.py judges the gradients of a tape with these kernels against TF and float64 as it does the readable
-ones.
+element: the backward recomputes gelu(x) from the tanh its derivative needs anyway); attention
+with the readable kernels' operations in their order (the same forward bits; the mixing weights'
+gradients summed per thread). tests/test_backward.py judges the gradients of a tape with this set
+against TF and float64 as it does the readable ones.
 """
-
 from __future__ import annotations
 
 import math

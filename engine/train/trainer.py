@@ -51,7 +51,7 @@ class Trainer:
     def __init__(self, enc, names: dict, schedule: LinearSchedule, head: ClassifierHead | None = None,
                  dropout: float | None = None, head_dropout: float = 0.0, seed: int = 0, readable: bool = False):
         self.enc, self.head = enc, head
-        # the tape's element-wise stages: fused kernels (engine/fast/tape_kernels.py) unless readable
+        # the tape's element-wise stages and attention: the fused set (engine/fast/tape_kernels.py) unless readable
         self.kernels = None if readable else tape_kernels.for_encoder(enc)
         self.dropout, self.head_dropout = dropout, head_dropout
         self.rng = np.random.default_rng(seed)
