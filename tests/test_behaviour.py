@@ -69,7 +69,10 @@ def test_interrupt_exits_130_and_keeps_the_committed_rows(tiny_h5, tmp_path):
     out = tmp_path / "o.npy"
     cmd = [sys.executable, "-m", "engine", "encode", "--weights", tiny_h5, "--input", str(src), "--output", str(out),
            "--max-tokens", "256"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the child starts with SIGINT at its default, as under a terminal: a shell running this suite in
+    # the background (no job control) hands its children SIGINT ignored, which Python keeps
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     record = str(out) + ".partial.json"
     deadline = time.time() + 120
     while time.time() < deadline and not os.path.exists(record):
