@@ -62,8 +62,9 @@ def layer_norm_backward(x, gamma, beta, eps, dy):
 
 
 def _gelu_blocks(flat, finish):
-    """Runs finish(start, stop, t) with t = tanh(k(x + c x^3)) of the block, over cache-sized blocks
-    of the contiguous 1-D `flat`, on the threads."""
+    """Runs finish(start, stop, t, k, c) with t = tanh(k(x + c x^3)) of the block (k, c float32, from
+    engine.core.kernels at each call), over cache-sized blocks of the contiguous 1-D `flat`, on the
+    threads."""
     scratch = np.empty((num_threads(), _FLAT), np.float32)
     k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
 
@@ -71,7 +72,7 @@ def _gelu_blocks(flat, finish):
         u = scratch[w][:e - s]
         fused.gelu_argument(flat[s:e], u, k, c)
         np.tanh(u, out=u)                    # NumPy's SIMD tanh (see engine/fast/fused.py)
-        finish(s, e, u)
+        finish(s, e, u, k, c)
     parallel_rows(block, flat.size, _FLAT)
 
 
@@ -85,7 +86,7 @@ def geglu(x, gate):
         return K.geglu(x, gate)
     flat, gflat = _flat(x), _flat(gate)
     out = np.empty_like(flat)
-    _gelu_blocks(flat, lambda s, e, t: fused.geglu_finish(flat[s:e], gflat[s:e], t, out[s:e]))
+    _gelu_blocks(flat, lambda s, e, t, k, c: fused.geglu_finish(flat[s:e], gflat[s:e], t, out[s:e]))
     return out.reshape(x.shape)
 
 
@@ -96,8 +97,7 @@ def geglu_backward(x, gate, dy):
         return KB.geglu_backward(x, gate, dy)
     flat, gflat, dflat = _flat(x), _flat(gate), _flat(dy)
     dx, dgate = np.empty_like(flat), np.empty_like(flat)
-    k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
-    _gelu_blocks(flat, lambda s, e, t: fused.geglu_backward_finish(flat[s:e], gflat[s:e], t, dflat[s:e],
+    _gelu_blocks(flat, lambda s, e, t, k, c: fused.geglu_backward_finish(flat[s:e], gflat[s:e], t, dflat[s:e],
                                                                    dx[s:e], dgate[s:e], k, c))
     return dx.reshape(x.shape), dgate.reshape(x.shape)
 
@@ -107,6 +107,14 @@ def _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder
             and (keep_probs is None or _fits(keep_probs)) and mask_adder.ndim == 4)
 
 
+def _attention_sizes(q, k, keep_probs, rate):
+    """(B, S, N, D, T, the score scale 1/sqrt(D), the dropout scale 1/(1 - rate) or None), float32
+    scales as the readable kernels compute them."""
+    B, S, N, D = q.shape
+    keep_scale = np.float32(1.0 / (1.0 - rate)) if keep_probs is not None else None
+    return B, S, N, D, k.shape[1], np.float32(1.0 / math.sqrt(float(D))), keep_scale
+
+
 def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate):
     """engine.core.tape.attention one sequence at a time on the fast path's threads (BLAS at one
     thread meanwhile), so that each sequence's [N,S,T] logits stay in cache from the scores to the
@@ -114,10 +122,8 @@ def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep
     kernel). -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T])"""
     if not _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs):
         return tape_mod.attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate)
-    B, S, N, D = q.shape
-    T = k.shape[1]
+    B, S, N, D, T, scale, keep_scale = _attention_sizes(q, k, keep_probs, rate)
     f32 = np.float32
-    scale, keep_scale = f32(1.0 / math.sqrt(float(D))), f32(1.0 / (1.0 - rate)) if keep_probs is not None else None
     pre_t, post_t = pre_softmax_weight.T, post_softmax_weight.T                   # [N,N] (F order)
     ctx, probs, dropped = np.empty((B, S, N, D), f32), np.empty((B, N, S, T), f32), np.empty((B, N, S, T), f32)
     scratch = np.empty((num_threads(), N, S, T), f32)
@@ -155,10 +161,8 @@ def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_ad
                                                   keep_probs) or not _fits(dctx):
         return tape_mod.attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs,
                                            rate, probs, dropped_probs, dctx, record)
-    B, S, N, D = q.shape
-    T = k.shape[1]
+    B, S, N, D, T, scale, keep_scale = _attention_sizes(q, k, keep_probs, rate)
     f32 = np.float32
-    scale, keep_scale = f32(1.0 / math.sqrt(float(D))), f32(1.0 / (1.0 - rate)) if keep_probs is not None else None
     dq, dk, dv = np.empty((B, S, N, D), f32), np.empty((B, T, N, D), f32), np.empty((B, T, N, D), f32)
     threads = num_threads()
     dpre, dpost = np.zeros((threads, N, N), f32), np.zeros((threads, N, N), f32)
