@@ -230,6 +230,55 @@ def test_fused_kernels_against_float64(rows, width):
     assert np.abs(moved - out).max() > 10 * np.abs(out - exact).max()
 
 
+@needs_numba
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_softmax_against_float64(masked):
+    """The fast forward's softmax (two Numba passes around np.exp) against the float64 formula: at
+    least as accurate as the readable float32 kernel (engine.core.kernels.masked_softmax), a row whose
+    keys are all masked uniform as in the model, and a logit moved by 1e-4 seen (teeth)."""
+    from engine.core import kernels as K
+    rng = np.random.default_rng(7)
+    R, T = 96, 77
+    logits = (rng.standard_normal((R, T)) * 4).astype(np.float32)
+    adder = np.zeros(T, np.float32)
+    if masked:
+        adder[50:] = np.float32(-1e9)
+
+    def fast_softmax(x):
+        x = x.copy()
+        fused.softmax_shift_rows(x, adder, masked)
+        np.exp(x, out=x)
+        fused.softmax_normalize_rows(x)
+        return x
+    got = fast_softmax(logits)
+    exact = K.masked_softmax(logits.astype(np.float64), adder.astype(np.float64))
+    readable = K.masked_softmax(logits, adder)
+    err, ref_err = (float(np.abs(y - exact).max()) for y in (got, readable))
+    print(f"\nsoftmax {R}x{T} masked={masked}: fused {err:.2e}, readable float32 {ref_err:.2e}")
+    assert err <= ref_err
+    if masked:
+        assert np.all(got[:, 50:] == 0)
+        everything = fast_softmax(np.full((1, T), 3.0, np.float32) + np.where(adder != 0, 0, np.float32(-1e9)))
+        np.testing.assert_allclose(everything, np.full((1, T), 1.0 / T), rtol=1e-6)
+    moved = logits.copy()
+    moved[3, 5] *= np.float32(1 + 1e-4)
+    assert np.abs(fast_softmax(moved) - got).max() > 10 * err
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_attention_split_by_queries_matches_readable(tiny_h5, threads, monkeypatch):
+    """With fewer sequences than threads the fast forward cuts each sequence's queries into one part
+    per thread (engine/fast/forward.py FastEncoder._attention); uneven parts (77 queries over 3
+    threads), dense and skip_padding, held to the readable path by the same verdict."""
+    from engine.fast import forward as fast_forward
+    monkeypatch.setenv("TALKHEADS_THREADS", str(threads))
+    if fast_forward._blas_threads is None:
+        pytest.skip("OpenBLAS's thread setter not found: the fast path does not split its work")
+    fast, ref, exact = engine.load(tiny_h5, fast=True), engine.load(tiny_h5), engine.load(tiny_h5, dtype="float64")
+    for case in (dict(batch=1, seq_length=77), dict(batch=2, seq_length=50, padding=True)):
+        _check(fast, ref, exact, case, seed=threads)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_numpy_fallback_matches_fused(model, request, monkeypatch):
     """TALKHEADS_FUSED=0 (what runs without Numba) gives the fast path's outputs within float32

@@ -311,22 +311,34 @@ class FastEncoder:
         first_query_only: sequence i's first query alone, into ctx[i] (ctx [len(spans),ND]): for
         pooled_output alone the last block is needed at the [CLS] token only.
 
-        Sequences are spread over the threads (longest first, to the least loaded thread)."""
+        Work units are (sequence, query rows) spread over the threads, costliest first, to the least
+        loaded thread: whole sequences, or with fewer sequences than threads each sequence's queries
+        cut into one part per thread (a query's scores, mixing, softmax and context depend on its
+        own row of logits and on all keys and values: the parts are independent)."""
         N, D = self.config.num_heads, self.config.head_size
         ND = N * D
         n = num_threads() if self._split else 1
-        items = [(i, e - s) for i, (s, e) in enumerate(spans) if e > s]
+        lengths = [(i, e - s) for i, (s, e) in enumerate(spans) if e > s]
+        if first_query_only:
+            units = [(i, 0, 1, L) for i, L in lengths]                          # (seq, q0, q1, cost)
+        else:
+            parts = n if len(lengths) < n else 1
+            units = [(i, L * j // parts, L * (j + 1) // parts, (L * (j + 1) // parts - L * j // parts) * L)
+                     for i, L in lengths for j in range(parts) if L * (j + 1) // parts > L * j // parts]
         groups, load = [[] for _ in range(n)], [0] * n
-        for i, L in sorted(items, key=lambda t: -t[1]):
+        for unit in sorted(units, key=lambda u: -u[3]):
             w = load.index(min(load))
-            groups[w].append(i)
-            load[w] += L if first_query_only else L * L
-        longest = max((L for _, L in items), default=0)
+            groups[w].append(unit)
+            load[w] += unit[3]
+        longest = max((L for _, L in lengths), default=0)
+        most_queries = max((q1 - q0 for _, q0, q1, _ in units), default=0)
         profiles = [dict() for _ in range(n)]
+        use_fused = self._fused()
+        no_adder = np.zeros(0, self.dtype)
 
         def run(w):
-            sbuf = self._buffer(f"scores{w}", (N * longest * longest,))
-            mbuf = self._buffer(f"mixed{w}", (N * longest * longest,))
+            sbuf = self._buffer(f"scores{w}", (N * most_queries * longest,))
+            mbuf = self._buffer(f"mixed{w}", (N * most_queries * longest,))
             prof = profiles[w] if self.profile is not None else None
             last = time.perf_counter()
 
@@ -337,13 +349,13 @@ class FastEncoder:
                     prof[kind] = prof.get(kind, 0.0) + now - last
                     last = now
 
-            for i in groups[w]:
+            for i, q0, q1, _ in groups[w]:
                 s, e = spans[i]
                 adder = adders[i]
                 L = e - s
-                Q = 1 if first_query_only else L                                  # queries
+                Q = q1 - q0                                                       # queries
                 rows = qkv[s:e]
-                q = rows[:Q, :ND].reshape(Q, N, D).transpose(1, 0, 2)             # [N,S,D] view
+                q = rows[q0:q1, :ND].reshape(Q, N, D).transpose(1, 0, 2)          # [N,S,D] view
                 k = rows[:, ND:2 * ND].reshape(L, N, D).transpose(1, 2, 0)        # [N,D,T] view
                 v = rows[:, 2 * ND:].reshape(L, N, D).transpose(1, 0, 2)          # [N,T,D] view
                 scores = sbuf[:N * Q * L].reshape(N, Q, L)
@@ -353,20 +365,26 @@ class FastEncoder:
                 mixed = mbuf[:N * Q * L].reshape(N, Q, L)
                 np.matmul(blk.pre_t, scores.reshape(N, Q * L), out=mixed.reshape(N, Q * L))  # scale*W_pre mix
                 mark("talking-heads mixing")
-                if adder is not None:
-                    np.add(mixed, adder, out=mixed)                               # + [T] mask adder
-                    if mixed.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
-                        cols = adder != 0          # engine.core.kernels.apply_attention_mask)
-                        mixed[:, :, cols] = mixed[:, :, cols].astype(np.float32)
-                mx = mixed.max(axis=-1, keepdims=True)
-                np.subtract(mixed, mx, out=mixed)
-                np.exp(mixed, out=mixed)
-                sm = mixed.sum(axis=-1, keepdims=True)
-                np.divide(mixed, sm, out=mixed)
+                if use_fused:                                                     # 3 passes instead of 6
+                    logits = mixed.reshape(N * Q, L)
+                    fused.softmax_shift_rows(logits, no_adder if adder is None else adder, adder is not None)
+                    np.exp(logits, out=logits)
+                    fused.softmax_normalize_rows(logits)
+                else:
+                    if adder is not None:
+                        np.add(mixed, adder, out=mixed)                           # + [T] mask adder
+                        if mixed.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
+                            cols = adder != 0          # engine.core.kernels.apply_attention_mask)
+                            mixed[:, :, cols] = mixed[:, :, cols].astype(np.float32)
+                    mx = mixed.max(axis=-1, keepdims=True)
+                    np.subtract(mixed, mx, out=mixed)
+                    np.exp(mixed, out=mixed)
+                    sm = mixed.sum(axis=-1, keepdims=True)
+                    np.divide(mixed, sm, out=mixed)
                 mark("softmax")
                 np.matmul(blk.post_t, mixed.reshape(N, Q * L), out=scores.reshape(N, Q * L))  # W_post mix
                 mark("talking-heads mixing")
-                dest = ctx[i:i + 1] if first_query_only else ctx[s:e]
+                dest = ctx[i:i + 1] if first_query_only else ctx[s + q0:s + q1]
                 out = dest.reshape(Q, N, D).transpose(1, 0, 2)                    # [N,S,D] view of [S,N,D]
                 np.matmul(scores, v, out=out)
                 mark("products")
