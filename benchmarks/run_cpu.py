@@ -6,7 +6,10 @@
 Writes benchmarks/results/cpu.json, cpu.csv, cpu_times.png, cpu_breakdown.png.
 
 Every case runs each runner on the same inputs, interleaved (runner A, B, C, A, B, C, ...), after one
-warm-up call each, and reports medians. Runners:
+warm-up call each, and reports medians. Before each timed call the harness waits until the process's
+threads are idle (settle(): the previous runner's thread pool spins after it returns, e.g. OpenBLAS's
+worker for about 0.1 s, which would take a core from the next runner); the median waits are recorded
+per runner. Runners:
 - engine-fast: engine.load(h5, fast=True), dense (every position computed);
 - engine-fast-skip: the same with skip_padding=True (only real tokens; realistic text case);
 - engine-readable: the readable reference path (engine/core/kernels.py), small cases only;
@@ -194,8 +197,26 @@ def onnx_runner(session):
 
 # ------------------------------------------------------------------------------------------ measuring
 
-def interleaved(runners: dict, inputs: dict, reps: int, slow_reps: dict) -> dict:
-    """{name: [seconds]}: one warm-up call each, then rounds of one call per runner."""
+def settle(window_s=0.05, idle_cores=0.05, limit_s=2.0) -> float:
+    """Waits until this process's threads are idle; returns the seconds waited.
+
+    A runner's threads keep spinning after its call returns (measured: after a native np.matmul one
+    OpenBLAS worker keeps a core busy for about 0.1 s), and on a 2-core machine that steals a core
+    from whichever runner comes next in the round: the next runner would be timed alongside the last
+    one's leftovers. Waits in windows of window_s until one uses under idle_cores of CPU (this
+    process only: other processes' load is the machine's noise, not the previous runner's)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        t0, c0 = time.perf_counter(), sum(os.times()[:2])
+        time.sleep(window_s)
+        if (sum(os.times()[:2]) - c0) / (time.perf_counter() - t0) < idle_cores:
+            break
+    return time.perf_counter() - start
+
+
+def interleaved(runners: dict, inputs: dict, reps: int, slow_reps: dict, waits: dict = None) -> dict:
+    """{name: [seconds]}: one warm-up call each, then rounds of one call per runner, each call after
+    the previous runner's threads went idle (settle; the waits go to `waits` when given)."""
     times = {name: [] for name in runners}
     for name, fn in runners.items():
         fn(inputs)
@@ -203,6 +224,9 @@ def interleaved(runners: dict, inputs: dict, reps: int, slow_reps: dict) -> dict
         for name, fn in runners.items():
             if rep >= slow_reps.get(name, reps):
                 continue
+            waited = settle()
+            if waits is not None:
+                waits.setdefault(name, []).append(waited)
             t0 = time.perf_counter()
             fn(inputs)
             times[name].append(time.perf_counter() - t0)
@@ -427,9 +451,11 @@ def main(argv=None):
             slow["engine-readable"] = min(reps, 3)
         print(f"[bench] case {case['case']}: {', '.join(runners)} x {reps}", flush=True)
         t0 = time.perf_counter()
-        times = interleaved(runners, inputs, reps, slow)
+        waits = {}
+        times = interleaved(runners, inputs, reps, slow, waits)
         med = {k: statistics.median(v) for k, v in times.items() if v}
         case["times_s"] = times
+        case["settle_before_s"] = {k: statistics.median(v) for k, v in waits.items()}   # see settle()
         case["median_s"] = med
         ratios = {"engine-fast / tf": med["engine-fast"] / med["tf"],
                   "engine-fast / floor": med["engine-fast"] / med["floor"],
