@@ -6,6 +6,8 @@ the comparison behind engine/fast/fused.py.
 Stages (T rows, H=768, I=3072, as one 8x128 batch of the base model):
 - add + layer norm: out = LN(a + bias + residual), [T,H]
 - GEGLU: out = gelu_tanh(h + bi) * (g + bg), [T,2I] -> [T,I]
+- softmax: one sequence's masked softmax over its [N,S,S] logits, S = T/8 (one of the 8 sequences of
+  an 8xS batch; the fast path runs attention one sequence per thread), the last eighth of keys masked
 Ways:
 - numpy: the fast path's NumPy code (TALKHEADS_FUSED=0): in place, cache-sized row blocks, 2 threads
 - numba: the fused kernels (engine/fast/fused.py) on the same threads (the default)
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
     a, bias, residual, gamma, beta = f32(T, H), f32(H), f32(T, H), f32(H), f32(H)
     hg, bi, bg = f32(T, 2 * I), f32(I), f32(I)
     out_h, out_i = np.empty((T, H), np.float32), np.empty((T, I), np.float32)
-    results = {"layer norm": {}, "geglu": {}}
+    S = max(1, T // 8)
+    logits, adder = f32(12, S, S) * 4, np.where(np.arange(S) >= S - S // 8, np.float32(-1e9), np.float32(0))
+    results = {"layer norm": {}, "geglu": {}, "softmax": {}}
 
     def with_fused(setting, fn):
         def run():
@@ -70,16 +74,19 @@ def main(argv=None) -> int:
         return run
     results["layer norm"]["numpy"] = _time(with_fused("0", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
     results["geglu"]["numpy"] = _time(with_fused("0", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
+    results["softmax"]["numpy"] = _time(with_fused("0", lambda: fast._masked_softmax(logits.copy(), adder)), args.reps)
     os.environ.pop("TALKHEADS_FUSED", None)
     if fused.enabled():
         results["layer norm"]["numba"] = _time(with_fused("1", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
         results["geglu"]["numba"] = _time(with_fused("1", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
+        results["softmax"]["numba"] = _time(with_fused("1", lambda: fast._masked_softmax(logits.copy(), adder)), args.reps)
     os.environ.pop("TALKHEADS_FUSED", None)
     # the copies the calls above make (the stages work in place) are timed alone and subtracted
-    copy_h, copy_hg = _time(lambda: a.copy(), args.reps), _time(lambda: hg.copy(), args.reps)
+    copy_h, copy_hg, copy_s = (_time(lambda x=x: x.copy(), args.reps) for x in (a, hg, logits))
     for way in list(results["layer norm"]):
         results["layer norm"][way] -= copy_h
         results["geglu"][way] -= copy_hg
+        results["softmax"][way] -= copy_s
     try:
         import numexpr as ne
         h, g = hg[:, :I], hg[:, I:]
@@ -101,12 +108,13 @@ def main(argv=None) -> int:
         numexpr_version = "not installed"
     results["layer norm"]["readable"] = _time(lambda: K.layer_norm((a + bias) + residual, gamma, beta, 1e-12), args.reps)
     results["geglu"]["readable"] = _time(lambda: K.gelu_tanh(hg[:, :I] + bi) * (hg[:, I:] + bg), args.reps)
+    results["softmax"]["readable"] = _time(lambda: K.masked_softmax(logits, adder), args.reps)
     for stage, ways in results.items():
         print(f"{stage} [{T} rows]: " + ", ".join(f"{w} {ms:.2f} ms" for w, ms in ways.items()))
     info = machine()
     info["numexpr"] = numexpr_version
     write_result(f"fused_{T}rows", {"machine": info, "rows": T, "hidden": H, "intermediate": I, "reps": args.reps,
-                           "median_ms": results})
+                           "softmax_logits": [12, S, S], "median_ms": results})
     return 0
 
 

@@ -54,6 +54,7 @@ from engine.fast import fused
 _POOL = None
 _POOL_LOCK = threading.Lock()
 _BLAS_LOCK = threading.Lock()
+_NO_ADDER = np.zeros(0, np.float32)   # the fused softmax's adder argument when there is no mask
 
 
 def _find_blas_threads():
@@ -304,6 +305,29 @@ class FastEncoder:
 
         parallel_rows(run, hg.shape[0], self.GEGLU_BLOCK)
 
+    def _masked_softmax(self, logits, adder):
+        """logits <- softmax(logits + adder) over the last axis, in place. [N,S,T] (+ [T] or None)
+
+        Fused (float32 with Numba): two passes around NumPy's exp, mask + max-subtract and normalize
+        with the row sum in float64, where NumPy's way is six passes (add, max, subtract, exp, sum,
+        divide; benchmarks/bench_fused.py)."""
+        if self._fused():
+            rows = logits.reshape(-1, logits.shape[-1])
+            fused.softmax_shift_rows(rows, _NO_ADDER if adder is None else adder, adder is not None)
+            np.exp(rows, out=rows)
+            fused.softmax_normalize_rows(rows)
+            return
+        if adder is not None:
+            np.add(logits, adder, out=logits)                                  # + [T] mask adder
+            if logits.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
+                cols = adder != 0           # engine.core.kernels.apply_attention_mask)
+                logits[:, :, cols] = logits[:, :, cols].astype(np.float32)
+        top = logits.max(axis=-1, keepdims=True)
+        np.subtract(logits, top, out=logits)
+        np.exp(logits, out=logits)
+        total = logits.sum(axis=-1, keepdims=True)
+        np.divide(logits, total, out=logits)
+
     # ------------------------------------------------------------------------ attention
 
     def _attention(self, blk, qkv, ctx, spans, adders, first_query_only=False):
@@ -333,8 +357,6 @@ class FastEncoder:
         longest = max((L for _, L in lengths), default=0)
         most_queries = max((q1 - q0 for _, q0, q1, _ in units), default=0)
         profiles = [dict() for _ in range(n)]
-        use_fused = self._fused()
-        no_adder = np.zeros(0, self.dtype)
 
         def run(w):
             sbuf = self._buffer(f"scores{w}", (N * most_queries * longest,))
@@ -365,22 +387,7 @@ class FastEncoder:
                 mixed = mbuf[:N * Q * L].reshape(N, Q, L)
                 np.matmul(blk.pre_t, scores.reshape(N, Q * L), out=mixed.reshape(N, Q * L))  # scale*W_pre mix
                 mark("talking-heads mixing")
-                if use_fused:                                                     # 3 passes instead of 6
-                    logits = mixed.reshape(N * Q, L)
-                    fused.softmax_shift_rows(logits, no_adder if adder is None else adder, adder is not None)
-                    np.exp(logits, out=logits)
-                    fused.softmax_normalize_rows(logits)
-                else:
-                    if adder is not None:
-                        np.add(mixed, adder, out=mixed)                           # + [T] mask adder
-                        if mixed.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
-                            cols = adder != 0          # engine.core.kernels.apply_attention_mask)
-                            mixed[:, :, cols] = mixed[:, :, cols].astype(np.float32)
-                    mx = mixed.max(axis=-1, keepdims=True)
-                    np.subtract(mixed, mx, out=mixed)
-                    np.exp(mixed, out=mixed)
-                    sm = mixed.sum(axis=-1, keepdims=True)
-                    np.divide(mixed, sm, out=mixed)
+                self._masked_softmax(mixed, adder)                                # in place
                 mark("softmax")
                 np.matmul(blk.post_t, mixed.reshape(N, Q * L), out=scores.reshape(N, Q * L))  # W_post mix
                 mark("talking-heads mixing")
