@@ -363,7 +363,8 @@ def main(argv=None):
         savedmodel, h5 = memory_mod.model_paths()
         with open(os.path.join(args.out, "cpu.json")) as f:
             results = json.load(f)
-        results["peak_memory_8x128"] = peak_memory("8x128", h5, savedmodel, False)
+        onnx_ok = not args.no_onnx
+        results["peak_memory_8x128"] = peak_memory("8x128", h5, savedmodel, onnx_ok)
         results["machine"]["memory_measured_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         print(f"[bench]   {json.dumps(results['peak_memory_8x128'])}", flush=True)

@@ -26,19 +26,26 @@ class Encoder(model.Encoder):
     def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
                  dtype: str = "float32", vocab=None, fast: bool = False,
                  gpu_path: str | None = None, precision: str | None = None, cuda_graphs: bool | None = None):
-        if fast and backend_mod.resolve_name(backend) != "numpy":
-            raise ValueError("fast=True is the NumPy CPU path: use backend='numpy' (the cupy backend "
-                             "has its own fused path)")
+        _check_fast(fast, backend)
         super().__init__(config, tensors, backend=backend, dtype=dtype, vocab=vocab)
         if fast:
-            from engine.fast import tape_kernels
-            from engine.fast.forward import FastEncoder
-            self.fast_forward = FastEncoder(self)
-            self.tape_kernels = tape_kernels.for_encoder(self)   # enc.tape / enc.vjp: the fused set
+            self._attach_fast_path()
         elif self.backend == "cupy" and self.dtype == "float32":
             from engine.gpu import forward as gpu
             if gpu.use_fused_path(gpu_path):
                 self.fast_forward = gpu.GpuForward(self, precision=precision, cuda_graphs=cuda_graphs)
+
+    def _attach_fast_path(self):
+        from engine.fast import tape_kernels
+        from engine.fast.forward import FastEncoder
+        self.fast_forward = FastEncoder(self)
+        self.tape_kernels = tape_kernels.for_encoder(self)   # enc.tape / enc.vjp: the fused set
+
+
+def _check_fast(fast, backend):
+    if fast and backend_mod.resolve_name(backend) != "numpy":
+        raise ValueError("fast=True is the NumPy CPU path: use backend='numpy' (the cupy backend "
+                         "has its own fused path)")
 
 
 def load(path: str, backend: str | None = None, dtype: str = "float32", verify_checksums: bool = False,
@@ -51,6 +58,12 @@ def load(path: str, backend: str | None = None, dtype: str = "float32", verify_c
     cuda_graphs=True|False; see engine/gpu/forward.py.
     """
     import weights
+    _check_fast(fast, backend)
     loaded = weights.load(path, verify_checksums=verify_checksums)
-    return Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab, fast=fast,
-                   **gpu_options)
+    enc = Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab, **gpu_options)
+    if fast:
+        # the file's arrays are now the model's alone, so the fast layout frees each block's originals
+        # as it replaces them: loading holds about one copy of the weights at its peak, not two
+        del loaded
+        enc._attach_fast_path()
+    return enc
