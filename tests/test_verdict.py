@@ -51,6 +51,26 @@ def test_rules_on_synthetic_noise():
     assert judgements[0].status == "missing" and not judgements[0].ok
 
 
+def test_few_vectors_judge_their_rms_as_a_tail():
+    """TF's RMS error 5x the noise: more than float32 noise over 64 vectors, a tail over 3 (one vector
+    dominates, as one [CLS] row did on the tiny trained-like model: 3.55x with every run correct);
+    12x fails either way, and the accuracy rule keeps its factor."""
+    rng = np.random.default_rng(1)
+    for rows, passes in ((3, True), (64, False)):
+        truth = rng.normal(0, 1, (rows, 256))
+        ours, tf = _noisy(rng, truth, 1e-7), _noisy(rng, truth, 1e-7)
+        ours[0] = _noisy(rng, truth[0], 1e-6)                             # both runs' error sits in one
+        tf[0] = _noisy(rng, truth[0], 5e-6)                               # vector, TF's 5x larger
+        j = verdict.judge("x", ours, tf, truth)
+        assert 4 < j.tf["rms"] / j.engine["rms"] < 6 and j.tf["max"] / j.engine["max"] < 10, (j.tf, j.engine)
+        assert j.ok == passes, j.detail
+        tf[0] = _noisy(rng, truth[0], 1.5e-5)
+        assert not verdict.judge("x", ours, tf, truth).ok
+        assert not verdict.judge("x", tf, ours, truth).ok                  # the engine that noisy: accuracy
+    assert verdict.noise_factors((3, 256))["rms"] == verdict.NOISE_FACTOR["max"]
+    assert verdict.noise_factors((8, 256)) == verdict.NOISE_FACTOR
+
+
 # ------------------------------------------------------------------------------------------ teeth
 
 def _shifted_copy(h5, tmp_path, dataset, delta):

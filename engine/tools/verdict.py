@@ -41,6 +41,13 @@ is therefore at least that of the output they are computed from (PARENTS: sequen
 trace, the last block's output and the MLM steps in turn): the rules compare max(own error,
 parent's error) for the engine and for TF.
 
+The RMS of an output of fewer than FEW_VECTORS vectors (pooled_output of a small batch) is
+dominated by its worst vector, a tail statistic like the maximum: there the explained rule judges
+it with the maximum's factor (noise_factors). Measured: on the tiny trained-like model, a 3x77
+batch with segment pairs, TF's pooled_output RMS error was 1.19e-5 against 3.35e-6 for the readable
+path and 3.32e-6 for the fast path (3.55x; one row of three: 2.0e-5 vs 5.4e-6), all three correct.
+The accuracy rule keeps its factors: the engine's own error must stay TF-sized.
+
 Entries of the truth at or beyond MASKED_THRESHOLD (the -1e9 masked logits of a trace) are compared
 as a pattern (masked in both) and left out of the statistics.
 """
@@ -68,6 +75,20 @@ FLOOR = 2.0 ** -23            # one float32 ulp at 1, relative to the scale
 # and 4.5-6 (rms) at that block.
 ACCURACY_FACTOR = {"max": 10.0, "rms": 5.0, "median": 3.0}
 NOISE_FACTOR = {"max": 10.0, "rms": 3.5, "median": 3.0}
+
+
+FEW_VECTORS = 8     # below this many vectors an output's RMS is a tail statistic (see the module doc)
+
+
+def noise_factors(shape, noise_factor: dict | None = None) -> dict:
+    """The explained rule's factors for an output of this shape: NOISE_FACTOR (or noise_factor),
+    with the maximum's factor for the RMS when the output holds fewer than FEW_VECTORS vectors of its
+    last axis."""
+    factors = dict(noise_factor or NOISE_FACTOR)
+    vectors = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if vectors < FEW_VECTORS:
+        factors["rms"] = max(factors["rms"], factors["max"])
+    return factors
 
 
 # output -> the output it is computed from, whose float32 noise level floors its own (see above)
@@ -176,7 +197,8 @@ def judge(name: str, engine32, reference, exact, parent: Judgement | None = None
         j.ruled_engine = {s: max(j.engine[s], parent.ruled_engine[s]) for s in STATISTICS}
         j.ruled_tf = {s: max(j.tf[s], parent.ruled_tf[s]) for s in STATISTICS}
         j.ruled_noise = {s: max(j.noise[s], parent.ruled_noise[s]) for s in STATISTICS}
-    failures = rule_failures(j.ruled_engine, j.ruled_tf, j.ruled_noise, accuracy_factor, noise_factor)
+    failures = rule_failures(j.ruled_engine, j.ruled_tf, j.ruled_noise, accuracy_factor,
+                             noise_factors(ours.shape, noise_factor))
     if failures:
         j.status, j.detail = "FAIL", "; ".join(failures)
     return j
