@@ -247,6 +247,7 @@ def rule_text() -> str:
     f = lambda d: "/".join(f"{d[s]:g}" for s in STATISTICS)  # noqa: E731
     return (f"noise verdict: engine32-vs-float64 <= {f(ACCURACY_FACTOR)} x TF-vs-float64 and TF-vs-float64 <= "
             f"{f(NOISE_FACTOR)} x the engine's float32 noise, the largest error of its float32 runs ({'/'.join(STATISTICS)}; "
+            f"rms as a tail, x {NOISE_FACTOR['max']:g}, over fewer than {FEW_VECTORS} vectors; "
             f"errors floored at {FLOOR:.1e} of scale)")
 
 
