@@ -154,10 +154,11 @@ def test_fast_load_holds_one_copy_of_the_weights(tiny_h5, monkeypatch):
     """engine.load(fast=True) frees each block's file arrays (q, k, v, output and feed-forward
     kernels) as soon as the fast layout has replaced them, so loading never holds the weights twice:
     checked right after each block is laid out, while the load is still running."""
+    import itertools
     import weakref
     import weights
     from engine.fast import forward as fast_forward
-    originals, still_held = {}, []
+    originals, still_held, block_index = {}, [], itertools.count()
     real_load, real_block = weights.load, fast_forward._FastBlock.__init__
 
     def load_and_watch(*args, **kwargs):
@@ -167,16 +168,14 @@ def test_fast_load_holds_one_copy_of_the_weights(tiny_h5, monkeypatch):
 
     def block_and_check(self, block, config, dtype):
         real_block(self, block, config, dtype)
-        i = still_held.count("block")
-        still_held.append("block")
+        i = next(block_index)
         still_held.extend(n for n, ref in originals.items()
                           if n.startswith(f"layers/{i}/") and n.endswith("/kernel") and ref() is not None)
     monkeypatch.setattr(weights, "load", load_and_watch)
     monkeypatch.setattr(fast_forward._FastBlock, "__init__", block_and_check)
     fast = engine.load(tiny_h5, fast=True)
-    assert still_held.count("block") == fast.config.num_layers
-    held = [n for n in still_held if n != "block"]
-    assert not held, f"still held after the fast layout replaced them: {held[:4]}"
+    assert next(block_index) == fast.config.num_layers
+    assert not still_held, f"still held after the fast layout replaced them: {still_held[:4]}"
     assert originals["embeddings/word"]() is fast.word_table     # the rest: the model's own arrays
 
 

@@ -160,6 +160,29 @@ def _return_freed_memory():
         pass
 
 
+def masked_softmax_in_place(logits, adder, use_fused):
+    """logits <- softmax(logits + adder) over the last axis, in place. [N,S,T] (+ [T] or None)
+
+    use_fused (float32 with Numba): two passes around NumPy's exp, mask + max-subtract and normalize
+    with the row sum in float64, where NumPy's way is six passes (add, max, subtract, exp, sum,
+    divide; benchmarks/bench_fused.py). Without it: engine.core.kernels.masked_softmax's operations
+    in its order (the tape's attention relies on that: bit for bit the readable kernel)."""
+    if use_fused:
+        rows = logits.reshape(-1, logits.shape[-1])
+        fused.softmax_shift_rows(rows, _NO_ADDER if adder is None else adder, adder is not None)
+        np.exp(rows, out=rows)
+        fused.softmax_normalize_rows(rows)
+        return
+    if adder is not None:
+        np.add(logits, adder, out=logits)                                      # + [T] mask adder
+        if logits.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
+            cols = adder != 0           # engine.core.kernels.apply_attention_mask)
+            logits[:, :, cols] = logits[:, :, cols].astype(np.float32)
+    np.subtract(logits, logits.max(axis=-1, keepdims=True), out=logits)
+    np.exp(logits, out=logits)
+    np.divide(logits, logits.sum(axis=-1, keepdims=True), out=logits)
+
+
 def _touched_empty(shape, dtype):
     """np.empty whose pages are touched here, by one thread: the block outputs are new memory each
     call (the caller keeps them) written by the pool's threads, and page faults taken by two threads
@@ -330,29 +353,6 @@ class FastEncoder:
 
         parallel_rows(run, hg.shape[0], self.GEGLU_BLOCK)
 
-    def _masked_softmax(self, logits, adder):
-        """logits <- softmax(logits + adder) over the last axis, in place. [N,S,T] (+ [T] or None)
-
-        Fused (float32 with Numba): two passes around NumPy's exp, mask + max-subtract and normalize
-        with the row sum in float64, where NumPy's way is six passes (add, max, subtract, exp, sum,
-        divide; benchmarks/bench_fused.py)."""
-        if self._fused():
-            rows = logits.reshape(-1, logits.shape[-1])
-            fused.softmax_shift_rows(rows, _NO_ADDER if adder is None else adder, adder is not None)
-            np.exp(rows, out=rows)
-            fused.softmax_normalize_rows(rows)
-            return
-        if adder is not None:
-            np.add(logits, adder, out=logits)                                  # + [T] mask adder
-            if logits.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
-                cols = adder != 0           # engine.core.kernels.apply_attention_mask)
-                logits[:, :, cols] = logits[:, :, cols].astype(np.float32)
-        top = logits.max(axis=-1, keepdims=True)
-        np.subtract(logits, top, out=logits)
-        np.exp(logits, out=logits)
-        total = logits.sum(axis=-1, keepdims=True)
-        np.divide(logits, total, out=logits)
-
     # ------------------------------------------------------------------------ attention
 
     def _attention(self, blk, qkv, ctx, spans, adders, first_query_only=False):
@@ -382,6 +382,7 @@ class FastEncoder:
         longest = max((L for _, L in lengths), default=0)
         most_queries = max((q1 - q0 for _, q0, q1, _ in units), default=0)
         profiles = [dict() for _ in range(n)]
+        use_fused = self._fused()
 
         def run(w):
             sbuf = self._buffer(f"scores{w}", (N * most_queries * longest,))
@@ -412,7 +413,7 @@ class FastEncoder:
                 mixed = mbuf[:N * Q * L].reshape(N, Q, L)
                 np.matmul(blk.pre_t, scores.reshape(N, Q * L), out=mixed.reshape(N, Q * L))  # scale*W_pre mix
                 mark("talking-heads mixing")
-                self._masked_softmax(mixed, adder)                                # in place
+                masked_softmax_in_place(mixed, adder, use_fused)
                 mark("softmax")
                 np.matmul(blk.post_t, mixed.reshape(N, Q * L), out=scores.reshape(N, Q * L))  # W_post mix
                 mark("talking-heads mixing")

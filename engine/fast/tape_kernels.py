@@ -27,7 +27,7 @@ from engine.core import kernels as K
 from engine.core import tape as tape_mod
 from engine.core.tape import READABLE_KERNELS, TapeKernels
 from engine.fast import fused
-from engine.fast.forward import num_threads, parallel_rows, single_threaded_blas
+from engine.fast.forward import masked_softmax_in_place, num_threads, parallel_rows, single_threaded_blas
 
 _ROWS = 64          # rows per block of the row kernels
 _FLAT = 1 << 15     # elements per block of the flat kernels
@@ -135,10 +135,7 @@ def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep
             np.multiply(scores, scale, out=scores)
             p = probs[b]
             np.matmul(pre_t, scores.reshape(N, S * T), out=p.reshape(N, S * T))     # pre-softmax mix
-            np.add(p, mask_adder[b, 0, 0], out=p)
-            np.subtract(p, p.max(axis=-1, keepdims=True), out=p)                    # softmax, in place
-            np.exp(p, out=p)
-            np.divide(p, p.sum(axis=-1, keepdims=True), out=p)
+            masked_softmax_in_place(p, mask_adder[b, 0, 0], use_fused=False)        # the readable order
             m = dropped[b]
             np.matmul(post_t, p.reshape(N, S * T), out=m.reshape(N, S * T))         # post-softmax mix
             if keep_probs is not None:
