@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from engine.core import kernels as K
-from engine.fast import fused
+from engine.fast import fused, gemm
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -237,6 +237,12 @@ class _FastBlock:
         self.out_kernel = f.output_kernel = _transposed_copy(np.asarray(f.output_kernel))    # [I,H] view
         self.out_bias = np.asarray(f.output_bias)
         self.feedforward_ln = tuple(np.asarray(v) for v in block.feedforward_ln)
+        # The same four matrices packed for engine/fast/gemm.py (float32 with Numba): a second copy,
+        # derived once, like pre_t and qkv_bias (engine.core.model.Encoder.parameters says so).
+        self.packed = None
+        if dtype == np.float32 and gemm.enabled():
+            self.packed = {name: gemm.PackedMatrix(getattr(self, name))
+                           for name in ("qkv_kernel", "output_kernel", "ff_kernel", "out_kernel")}
 
 
 class FastEncoder:
@@ -441,6 +447,29 @@ class FastEncoder:
                 self.profile[kind] = self.profile.get(kind, 0.0) + wall * sec / whole
             self._last = time.perf_counter()
 
+    def _product(self, a, blk, name, out, bias=None):
+        """out = a @ blk.<name> (+ bias [N], when given): the packed kernel of engine/fast/gemm.py
+        when the block has its packed copy, else np.matmul (_matmul) and a bias add."""
+        packed = blk.packed[name] if blk.packed is not None else None
+        if packed is None:
+            self._matmul(a, getattr(blk, name), out)
+            if bias is not None:
+                parallel_rows(lambda s, e, w: np.add(out[s:e], bias, out=out[s:e]), out.shape[0], 256)
+            return
+        if bias is None:
+            bias = self._buffer("zero_bias", (out.shape[1],))
+            bias[:] = 0
+        P = packed.num_panels
+        n = num_threads() if self._split else 1
+        if n == 1 or P < 2:
+            packed.matmul(a, out, 0, P, bias)
+        else:
+            bounds = [P * i // n for i in range(n + 1)]
+            futures = [_pool().submit(packed.matmul, a, out, bounds[i], bounds[i + 1], bias) for i in range(n)]
+            for f in futures:
+                f.result()
+        packed.matmul_tail(a, out, bias)
+
     def _matmul(self, a, b, out):
         """out = a @ b split over the threads (BLAS single-threaded in each) when splitting: by rows of
         a for many rows, else by columns of b (each thread then packs only its half of the weights)."""
@@ -526,22 +555,21 @@ class FastEncoder:
         hid = self._buffer("hid", (T, I))
         f = self._buffer("f", (T, H))
         for li, blk in enumerate(self.blocks):
-            self._matmul(x, blk.qkv_kernel, qkv)                               # [T,3ND]
+            self._product(x, blk, "qkv_kernel", qkv, blk.qkv_bias)             # [T,3ND] (+ bias)
             self._mark("products")
-            parallel_rows(lambda s, e, w: np.add(qkv[s:e], blk.qkv_bias, out=qkv[s:e]), T, 256)
             if keep == "pooled" and li == nL - 1:
                 return [], self._pooled_from_last_block(blk, x, qkv, spans, adders, mask, skip_padding)
             self._attention(blk, qkv, ctx, spans, adders)                     # [T,ND]
-            self._matmul(ctx, blk.output_kernel, a)                            # [T,H]
+            self._product(ctx, blk, "output_kernel", a)                        # [T,H]
             self._mark("products")
             x1 = self._buffer("x1", (T, H))
             self._add_layer_norm(a, blk.output_bias, x, *blk.attention_ln, out=x1)
             self._mark("layer norm")
-            self._matmul(x1, blk.ff_kernel, hg)                                # [T,2I]
+            self._product(x1, blk, "ff_kernel", hg)                            # [T,2I]
             self._mark("products")
             self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)        # [T,I]
             self._mark("gelu")
-            self._matmul(hid, blk.out_kernel, f)                               # [T,H]
+            self._product(hid, blk, "out_kernel", f)                           # [T,H]
             self._mark("products")
             x = outputs[li].reshape(B * S, H) if in_place else xs[(li + 1) % 2]
             self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=x)
