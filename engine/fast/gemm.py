@@ -39,12 +39,20 @@ numba = fused.numba
 
 
 def _vector_geometry():
-    """(VL, MR, NR) for this CPU: 512-bit vectors when LLVM may use them here, else 256-bit."""
-    try:
-        from llvmlite import binding
-        wide = bool(binding.get_host_cpu_features().get("avx512f", False))
-    except Exception:   # no llvmlite, or a host it cannot describe: the portable geometry
-        wide = False
+    """(VL, MR, NR) for this CPU: 512-bit vectors when it has AVX-512, else 256-bit;
+    TALKHEADS_GEMM_VECTOR_BITS=256 or 512 chooses (tests run both; LLVM splits vectors wider than
+    the CPU's, so either is correct anywhere)."""
+    bits = os.environ.get("TALKHEADS_GEMM_VECTOR_BITS", "")
+    if bits not in ("", "256", "512"):
+        raise ValueError(f"TALKHEADS_GEMM_VECTOR_BITS={bits!r}: 256 or 512")
+    if bits:
+        wide = bits == "512"
+    else:
+        try:
+            from llvmlite import binding
+            wide = bool(binding.get_host_cpu_features().get("avx512f", False))
+        except Exception:   # no llvmlite, or a host it cannot describe: the portable geometry
+            wide = False
     return (16, 8, 32) if wide else (8, 6, 16)
 
 
@@ -78,8 +86,15 @@ if numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    @intrinsic
-    def _tile(typingctx, x, panels, bias, out, x_off, lda, p_off, j0, c_off, ldc, K, rows, add_out, add_bias):
+    def _make_tile(VL, MR, NR):
+        """The register tile for one geometry, as a Numba intrinsic (see _tile_wide below)."""
+        def tile(typingctx, x, panels, bias, out, x_off, lda, p_off, j0, c_off, ldc, K, rows, add_out, add_bias):
+            return _tile_signature(VL, MR, NR, x, panels, bias, out, x_off, lda, p_off, j0, c_off, ldc, K, rows,
+                                   add_out, add_bias)
+        return intrinsic(tile)
+
+    def _tile_signature(VL, MR, NR, x, panels, bias, out, x_off, lda, p_off, j0, c_off, ldc, K, rows, add_out,
+                        add_bias):
         """s = sum over k < K of x[r, k] * panel[k, :] for the first `rows` of MR rows (x row r at
         x_off + r*lda; the panel at p_off, NR floats a row), then out[r, j0:j0+NR] (at c_off + r*ldc)
         = s, plus out's value first if add_out, plus bias[j0:j0+NR] last if add_bias."""
@@ -169,10 +184,16 @@ if numba is not None:
     # BLAS adds its K blocks into C), not one running sum over all K, which loses more to rounding
     _K_BLOCK = 256
 
+    # both geometries are compiled into the one cached function below and picked by an argument:
+    # Numba's on-disk cache does not see module constants change, so none of them may select code
+    _tile_wide, _tile_narrow = _make_tile(16, 8, 32), _make_tile(8, 6, 16)
+    _WIDE = VL == 16
+
     @numba.njit(nogil=True, cache=True)
-    def _panels_product(x, panels, bias, out, p0, p1):
+    def _panels_product(x, panels, bias, out, p0, p1, wide):
         """out[:, p*NR:(p+1)*NR] = x @ panel p + bias, for the panels p0..p1-1. x [T,K] and out [T,N]
-        with unit column stride."""
+        with unit column stride; wide: the 512-bit geometry (MR 8, NR 32), else 256-bit (6, 16)."""
+        MR, NR = (8, 32) if wide else (6, 16)
         T, K = x.shape
         lda = x.strides[0] // 4
         ldc = out.strides[0] // 4
@@ -183,8 +204,13 @@ if numba is not None:
                     rows = min(MR, r1 - i)
                     for k0 in range(0, max(K, 1), _K_BLOCK):
                         k1 = min(K, k0 + _K_BLOCK)
-                        _tile(x, panels, bias, out, i * lda + k0, lda, (p * K + k0) * NR, p * NR, i * ldc + p * NR,
-                              ldc, k1 - k0, rows, k0 > 0, k1 >= K)
+                        x_at, p_at, c_at = i * lda + k0, (p * K + k0) * NR, i * ldc + p * NR
+                        if wide:
+                            _tile_wide(x, panels, bias, out, x_at, lda, p_at, p * NR, c_at, ldc, k1 - k0, rows,
+                                       k0 > 0, k1 >= K)
+                        else:
+                            _tile_narrow(x, panels, bias, out, x_at, lda, p_at, p * NR, c_at, ldc, k1 - k0, rows,
+                                         k0 > 0, k1 >= K)
 
 
 class PackedMatrix:
@@ -203,7 +229,7 @@ class PackedMatrix:
         """out[:, p0*NR:p1*NR] = x @ W[:, same] + bias[same]; x [T,K], out [T,N] float32, each row
         contiguous; bias [N] float32. Releases the GIL."""
         if x.shape[0] and p1 > p0:
-            _panels_product(x, self.panels, bias, out, p0, p1)
+            _panels_product(x, self.panels, bias, out, p0, p1, _WIDE)
 
     def matmul_tail(self, x, out, bias):
         """The columns past the last full panel: out[:, P*NR:] = x @ W[:, P*NR:] + bias[P*NR:]."""
