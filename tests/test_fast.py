@@ -135,7 +135,8 @@ def test_skip_padding_needs_fast(tiny_h5):
 
 
 def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
-    """The fast encoder holds no second copy of the fused kernels; its readable path (used by
+    """The readable kernels are views of the fast path's fused ones (no second copy of those; the
+    packed copies of engine/fast/gemm.py are the one derived copy); its readable path (used by
     mlm(record=...)) still gives the readable results."""
     fast, ref = engine.load(tiny_h5, fast=True), engine.load(tiny_h5)
     a = fast.blocks[0].attention
@@ -318,3 +319,19 @@ def test_numpy_fallback_matches_fused(model, request, monkeypatch):
     monkeypatch.setenv("TALKHEADS_FUSED", "0")
     assert not fused.enabled()
     _check(fast, ref, exact, dict(batch=4, seq_length=33, all_padding_row=True), seed=5)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_openblas_products_match_packed(model, request, monkeypatch):
+    """The fast path's products run the packed kernel of engine/fast/gemm.py by default (float32 with
+    Numba); with TALKHEADS_PACKED_GEMM=0 they are np.matmul (OpenBLAS) and the qkv bias a separate
+    add. Both pass the verdict against the readable path."""
+    from engine.fast import gemm
+    h5 = request.getfixturevalue("tiny_h5" if model == "random" else "tiny_trained_h5")
+    fast, ref, exact = engine.load(h5, fast=True), engine.load(h5), engine.load(h5, dtype="float64")
+    assert (fast.fast_forward.blocks[0].packed is not None) == gemm.enabled()
+    case = dict(batch=4, seq_length=33, all_padding_row=True)
+    _check(fast, ref, exact, case, seed=6)
+    monkeypatch.setenv("TALKHEADS_PACKED_GEMM", "0")
+    assert not gemm.enabled()
+    _check(fast, ref, exact, case, seed=6)

@@ -450,7 +450,7 @@ class FastEncoder:
     def _product(self, a, blk, name, out, bias=None):
         """out = a @ blk.<name> (+ bias [N], when given): the packed kernel of engine/fast/gemm.py
         when the block has its packed copy, else np.matmul (_matmul) and a bias add."""
-        packed = blk.packed[name] if blk.packed is not None else None
+        packed = blk.packed[name] if blk.packed is not None and gemm.enabled() else None
         if packed is None:
             self._matmul(a, getattr(blk, name), out)
             if bias is not None:

@@ -187,7 +187,6 @@ if numba is not None:
     # both geometries are compiled into the one cached function below and picked by an argument:
     # Numba's on-disk cache does not see module constants change, so none of them may select code
     _tile_wide, _tile_narrow = _make_tile(16, 8, 32), _make_tile(8, 6, 16)
-    _WIDE = VL == 16
 
     @numba.njit(nogil=True, cache=True)
     def _panels_product(x, panels, bias, out, p0, p1, wide):
@@ -214,11 +213,14 @@ if numba is not None:
 
 
 class PackedMatrix:
-    """W [K,N] (float32) packed once into [N//NR, K, NR] panels, plus the N % NR columns left over."""
+    """W [K,N] (float32) packed once into [N//NR, K, NR] panels, plus the N % NR columns left over.
+    wide: the geometry (None: this CPU's, see _vector_geometry); tests pack both."""
 
-    def __init__(self, w):
+    def __init__(self, w, wide: bool | None = None):
         w = np.asarray(w, np.float32)
         K, N = w.shape
+        self.wide = (VL == 16) if wide is None else bool(wide)
+        self.nr = NR = 32 if self.wide else 16
         self.shape = (K, N)
         self.num_panels = P = N // NR
         self.panels = _aligned_empty((P, K, NR))
@@ -229,11 +231,22 @@ class PackedMatrix:
         """out[:, p0*NR:p1*NR] = x @ W[:, same] + bias[same]; x [T,K], out [T,N] float32, each row
         contiguous; bias [N] float32. Releases the GIL."""
         if x.shape[0] and p1 > p0:
-            _panels_product(x, self.panels, bias, out, p0, p1, _WIDE)
+            _panels_product(x, self.panels, bias, out, p0, p1, self.wide)
 
     def matmul_tail(self, x, out, bias):
         """The columns past the last full panel: out[:, P*NR:] = x @ W[:, P*NR:] + bias[P*NR:]."""
         if self.tail is not None:
-            c = self.num_panels * NR
+            c = self.num_panels * self.nr
             np.matmul(x, self.tail, out=out[:, c:])
             np.add(out[:, c:], bias[c:], out=out[:, c:])
+
+    def __call__(self, x, bias=None):
+        """x @ W (+ bias) as a new array, on this thread: [T,K] -> [T,N] (tests, benchmarks)."""
+        x = np.ascontiguousarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.shape[0]:
+            raise ValueError(f"x: shape {x.shape}, expected [T,{self.shape[0]}]")
+        bias = np.zeros(self.shape[1], np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        out = np.empty((x.shape[0], self.shape[1]), np.float32)
+        self.matmul(x, out, 0, self.num_panels, bias)
+        self.matmul_tail(x, out, bias)
+        return out
