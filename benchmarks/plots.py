@@ -14,11 +14,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RUNNER_ORDER = ("engine-fast", "engine-fast-skip", "tf", "onnxruntime", "floor", "floor-split", "floor-packed",
-                "floor-packed-split", "engine-readable")
+RUNNER_ORDER = ("engine-fast", "engine-fast-skip", "tf", "onnxruntime", "floor", "floor-split", "floor-kernel",
+                "floor-packed", "floor-packed-split", "floor-packed-kernel", "engine-readable")
 COLORS = {"engine-fast": "#1f77b4", "engine-fast-skip": "#17becf", "tf": "#ff7f0e", "onnxruntime": "#2ca02c",
           "floor": "#7f7f7f", "floor-split": "#555555", "floor-packed": "#c7c7c7",
-          "floor-packed-split": "#aaaaaa", "engine-readable": "#d62728"}
+          "floor-packed-split": "#aaaaaa", "floor-kernel": "#3a3a3a",
+          "floor-packed-kernel": "#8c8c8c", "engine-readable": "#d62728"}
 KERNEL_COLORS = {"products": "#1f77b4", "layer norm": "#ff7f0e", "softmax": "#2ca02c",
                  "talking-heads mixing": "#d62728", "gelu": "#9467bd", "gather": "#8c564b", "other": "#7f7f7f"}
 
@@ -56,12 +57,12 @@ def plot(results: dict, out: str) -> None:
     plt.close(fig)
 
     # 2. per-kernel breakdown of the fast path, against the matmul floor and TF
+    from benchmarks.run_cpu import best_floor
     rows = []
     for case in cases:
         for runner, br in case.get("breakdown_s", {}).items():
             med = case["median_s"]
-            floor = (min(med["floor-packed"], med["floor-packed-split"]) if runner == "engine-fast-skip"
-                     else min(med["floor"], med["floor-split"]))
+            floor = best_floor(med, runner == "engine-fast-skip")
             rows.append((f"{case['case']}\n{runner}", br, floor, case["median_s"]["tf"], med.get("onnxruntime")))
     fig, ax = plt.subplots(figsize=(12, 5))
     for i, (label, br, floor, tf_time, ort_time) in enumerate(rows):
@@ -71,7 +72,7 @@ def plot(results: dict, out: str) -> None:
             ax.bar(i, share, 0.6, bottom=bottom, color=color, label=k if i == 0 else None)
             bottom += share
         ax.plot([i - 0.35, i + 0.35], [floor / tf_time] * 2, color="k", lw=2,
-                label="NumPy matmul floor (best of plain / split)" if i == 0 else None)
+                label="matmul floor (best of plain / split / packed kernel)" if i == 0 else None)
         if ort_time is not None:
             ax.plot([i - 0.35, i + 0.35], [ort_time / tf_time] * 2, color=COLORS["onnxruntime"], lw=2, ls=":",
                     label="ONNX Runtime" if i == 0 else None)

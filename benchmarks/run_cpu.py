@@ -120,8 +120,8 @@ class Floor:
         self._products(lambda a, b, out: np.matmul(a, b, out=out), lambda f, items: [f(i) for i in items])
 
     def split(self):
-        """The same products run the way engine/fast/forward.py runs them: OpenBLAS set to one thread, rows
-        (and sequences) split over a pool of threads (engine.fast.num_threads())."""
+        """The same products with OpenBLAS set to one thread and rows (and sequences) split over a pool
+        of threads (engine.fast.num_threads()), as engine/fast/forward.py runs np.matmul."""
         from engine.fast import forward as fast
         n = fast.num_threads()
         pool = fast._pool()
@@ -135,7 +135,35 @@ class Floor:
             for f in [pool.submit(np.matmul, a[bounds[i]:bounds[i + 1]], b, out=out[bounds[i]:bounds[i + 1]])
                       for i in range(n)]:
                 f.result()
+        self._on_pool(mm)
 
+    def kernel(self):
+        """The same products as the fast path runs them by default: the dense ones with the packed
+        kernel of engine/fast/gemm.py (weights packed once, panels split over the pool), the attention
+        ones as in split(). None where the kernel is off (no Numba)."""
+        from engine.fast import forward as fast, gemm
+        if not gemm.enabled():
+            return None
+        if not hasattr(self, "_packed"):
+            self._packed = {id(w): gemm.PackedMatrix(w) for w in (self.w_h, self.w_i, self.w_o)}
+            self._zero = np.zeros(max(w.shape[1] for w in (self.w_h, self.w_i, self.w_o)), np.float32)
+        n, pool = fast.num_threads(), fast._pool()
+
+        def mm(a, b, out):
+            p = self._packed[id(b)]
+            P, bias = p.num_panels, self._zero[:out.shape[1]]
+            if pool is None or P < 2:
+                p.matmul(a, out, 0, P, bias)
+            else:
+                for f in [pool.submit(p.matmul, a, out, P * i // n, P * (i + 1) // n, bias) for i in range(n)]:
+                    f.result()
+            p.matmul_tail(a, out, bias)
+        self._on_pool(mm)
+
+    def _on_pool(self, mm):
+        """The products with `mm` for the dense ones, OpenBLAS at one thread, sequences over the pool."""
+        from engine.fast import forward as fast
+        pool = fast._pool()
         previous = fast._blas_threads(1) if fast._blas_threads else None
         try:
             self._products(mm, lambda f, items: [f(i) for i in items] if pool is None else
@@ -157,6 +185,13 @@ class Floor:
             mm(self.x, self.w_i, self.out_i)                          # gate
             mm(self.hid, self.w_o, self.out_h)                        # output
         mm(self.pool_in, self.w_h, self.pool_out)                     # pooler
+
+
+def best_floor(med: dict, packed_tokens: bool) -> float:
+    """The fastest way measured to run the case's products: plain, split, or with the packed kernel
+    (the skip path's: the same with only the real tokens)."""
+    prefix = "floor-packed" if packed_tokens else "floor"
+    return min(med[k] for k in (prefix, f"{prefix}-split", f"{prefix}-kernel") if k in med)
 
 
 def tf_runner(model):
@@ -309,8 +344,10 @@ def machine_info():
         info["numpy_simd_found"] = cfg["SIMD Extensions"].get("found")
     except Exception as e:  # pragma: no cover
         info["numpy_blas"] = f"unknown ({e})"
-    from engine.fast import forward as fast
+    from engine.fast import forward as fast, fused, gemm
     info["engine_elementwise_threads"] = fast.num_threads()
+    info["engine_fused_kernels"] = fused.status()
+    info["engine_packed_gemm"] = gemm.status()
     info["env_threads"] = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                           "TALKHEADS_THREADS") if os.environ.get(k)}
     info["env_cleared_by_run_cpu_sh"] = os.environ.get("BENCH_CLEARED_ENV", "none (run without run_cpu.sh)")
@@ -375,6 +412,7 @@ def main(argv=None):
 
     import engine
     from benchmarks import memory as memory_mod
+    from engine.fast import gemm
     from weights.format import FORMAT_VERSION
     savedmodel, h5 = memory_mod.model_paths()
     print(f"[bench] SavedModel {savedmodel}\n[bench] HDF5 {h5}", flush=True)
@@ -442,10 +480,15 @@ def main(argv=None):
         floor = Floor(cfg, [S] * B, S)
         runners["floor"] = lambda x, f=floor: f()
         runners["floor-split"] = lambda x, f=floor: f.split()
+        with_kernel = gemm.enabled()
+        if with_kernel:
+            runners["floor-kernel"] = lambda x, f=floor: f.kernel()
         if skip:
             floor_packed = Floor(cfg, [int(v) for v in lengths], S)
             runners["floor-packed"] = lambda x, f=floor_packed: f()
             runners["floor-packed-split"] = lambda x, f=floor_packed: f.split()
+            if with_kernel:
+                runners["floor-packed-kernel"] = lambda x, f=floor_packed: f.kernel()
         slow = {}
         if B * S <= 1024:
             runners["engine-readable"] = lambda x: readable(x)
@@ -461,14 +504,15 @@ def main(argv=None):
         ratios = {"engine-fast / tf": med["engine-fast"] / med["tf"],
                   "engine-fast / floor": med["engine-fast"] / med["floor"],
                   "engine-fast / floor-split": med["engine-fast"] / med["floor-split"],
-                  "engine-fast / best floor": med["engine-fast"] / min(med["floor"], med["floor-split"])}
+                  "engine-fast / best floor": med["engine-fast"] / best_floor(med, False)}
+        if "floor-kernel" in med:
+            ratios["engine-fast / floor-kernel"] = med["engine-fast"] / med["floor-kernel"]
         if "onnxruntime" in med:
             ratios["engine-fast / onnxruntime"] = med["engine-fast"] / med["onnxruntime"]
         if skip:
             ratios["engine-fast-skip / tf"] = med["engine-fast-skip"] / med["tf"]
             ratios["tf / engine-fast-skip (speed-up)"] = med["tf"] / med["engine-fast-skip"]
-            ratios["engine-fast-skip / best floor-packed"] = (
-                med["engine-fast-skip"] / min(med["floor-packed"], med["floor-packed-split"]))
+            ratios["engine-fast-skip / best floor-packed"] = med["engine-fast-skip"] / best_floor(med, True)
             if "onnxruntime" in med:
                 ratios["engine-fast-skip / onnxruntime"] = med["engine-fast-skip"] / med["onnxruntime"]
         if "engine-readable" in med:
@@ -514,8 +558,7 @@ def _write(results, out):
             for runner, ts in case["times_s"].items():
                 if not ts:
                     continue
-                floor = (min(med["floor-packed"], med["floor-packed-split"]) if runner == "engine-fast-skip"
-                         else min(med["floor"], med["floor-split"]))
+                floor = best_floor(med, runner == "engine-fast-skip")
                 w.writerow([case["case"], runner, f"{med[runner]:.4f}", f"{min(ts):.4f}", f"{max(ts):.4f}",
                             len(ts), f"{med[runner] / med['tf']:.3f}", f"{med[runner] / floor:.3f}",
                             m.get("cpu_model"), m.get("cpu_count"), m.get("numpy"), m.get("numpy_blas"),
