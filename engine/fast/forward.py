@@ -6,10 +6,16 @@
 
 What differs from the readable path (engine.core.kernels), and why the numbers stay the same:
 - Q, K and V are one product x·[Wq|Wk|Wv] ([T,H] @ [H,3*N*D]); the GEGLU's two input products are
-  one product x·[Wi|Wg] ([T,H] @ [H,2*I]). Every product is np.matmul on contiguous (or
-  BLAS-strided) 2-D operands with `out=` into preallocated buffers, so OpenBLAS runs multithreaded
-  and nothing is allocated per layer. The readable path's kernels are rebound to views of the
-  fused arrays: no weight is held twice.
+  one product x·[Wi|Wg] ([T,H] @ [H,2*I]). The readable path's kernels are rebound to views of
+  these fused arrays. The four dense products of a block run the packed-weight kernel of
+  engine/fast/gemm.py (float32 with Numba; TALKHEADS_PACKED_GEMM=0 turns it off): each weight is
+  packed once, here, into column panels, and the panels are split over the threads; the q/k/v
+  bias is added as the tile is stored. That packed copy is the one second copy of the weights the
+  fast path holds (about the encoder blocks' size again: +450 MB at base size), for 0.79x the
+  time at 1x128 and 0.89x at 8x128 (measured, see the README). Otherwise every product is
+  np.matmul with `out=` into preallocated buffers, split over the threads (nothing is allocated
+  per layer). Like the other derived arrays (qkv_bias, the scaled W_pre), the packed copy does not
+  follow in-place changes of the readable weights: reload the weights after training them.
 - Attention runs per sequence on strided views of the fused QKV output (no transposes, no copies):
   scores [N,S,T] = q·k^T; talking-heads mixing is one [N,N] @ [N,S*T] product on that contiguous
   layout; the 1/sqrt(D) scale is folded into W_pre (exact for D a power of two); the masked softmax
