@@ -11,7 +11,7 @@ What differs from the readable path (engine.core.kernels), and why the numbers s
   engine/fast/gemm.py (float32 with Numba; TALKHEADS_PACKED_GEMM=0 turns it off): each weight is
   packed once, here, into column panels, and the panels are split over the threads; the q/k/v
   bias is added as the tile is stored. That packed copy is the one second copy of the weights the
-  fast path holds (about the encoder blocks' size again: +450 MB at base size), for 0.79x the
+  fast path holds (about the encoder blocks' size again: +430 MB peak RSS at base size), for 0.79x the
   time at 1x128 and 0.89x at 8x128 (measured, see the README). Otherwise every product is
   np.matmul with `out=` into preallocated buffers, split over the threads (nothing is allocated
   per layer). Like the other derived arrays (qkv_bias, the scaled W_pre), the packed copy does not
