@@ -69,3 +69,18 @@ def test_packed_product_names_a_bad_input():
     p = gemm.PackedMatrix(np.ones((8, 40), np.float32))
     with pytest.raises(ValueError, match=r"x: shape \(3, 9\), expected \[T,8\]"):
         p(np.ones((3, 9), np.float32))
+
+
+def test_packed_product_refuses_what_the_kernel_would_misread():
+    """matmul() hands raw pointers to the kernel: a strided x, a wrong out shape, a short bias or a
+    panel range past the end is refused before it runs."""
+    p = gemm.PackedMatrix(np.ones((8, 64), np.float32))
+    x, out, bias = np.ones((3, 8), np.float32), np.empty((3, 64), np.float32), np.zeros(64, np.float32)
+    p.matmul(x, out, 0, p.num_panels, bias)
+    bad = [dict(x=np.ones((3, 16), np.float32)[:, ::2]), dict(out=np.empty((3, 128), np.float32)[:, ::2]),
+           dict(out=np.empty((4, 64), np.float32)), dict(bias=np.zeros(32, np.float32)),
+           dict(x=np.ones((3, 8))), dict(p1=p.num_panels + 1)]
+    for change in bad:
+        args = {**dict(x=x, out=out, p0=0, p1=p.num_panels, bias=bias), **change}
+        with pytest.raises(ValueError, match="packed product"):
+            p.matmul(args["x"], args["out"], args["p0"], args["p1"], args["bias"])

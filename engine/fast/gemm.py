@@ -148,7 +148,8 @@ if numba is not None:
             summed = []
             for r in range(MR):
                 a = builder.load(builder.gep(x_rows[r], [k]))
-                a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
+                a = builder.insert_element(undef, a, ir.Constant(ir.IntType(32), 0))
+                a = builder.shuffle_vector(a, undef, splat_mask)                 # broadcast x[r, k]
                 summed.append([builder.call(fma, [a, b[j], acc[r][j]]) for j in range(nv)])
             k_next = builder.add(k, const(1))
             latch = builder.block
@@ -235,6 +236,16 @@ class PackedMatrix:
     def matmul(self, x, out, p0, p1, bias):
         """out[:, p0*NR:p1*NR] = x @ W[:, same] + bias[same]; x [T,K], out [T,N] float32, each row
         contiguous; bias [N] float32. Releases the GIL."""
+        K, N = self.shape
+        if (x.dtype != np.float32 or out.dtype != np.float32 or x.ndim != 2 or x.shape[1] != K
+                or out.shape != (x.shape[0], N) or (x.size > 1 and x.strides[1] != 4)
+                or (out.size > 1 and out.strides[1] != 4)
+                or bias.shape != (N,) or bias.dtype != np.float32 or not 0 <= p0 <= p1 <= self.num_panels):
+            # the kernel reads and writes raw memory: a wrong shape or stride would not fail there
+            raise ValueError(f"packed product: x {x.dtype}{x.shape} strides {x.strides}, out {out.dtype}{out.shape} "
+                             f"strides {out.strides}, bias {bias.dtype}{bias.shape}, panels {p0}..{p1}: need float32 "
+                             f"x [T,{K}] and out [T,{N}] with contiguous rows, bias [{N}], 0 <= p0 <= p1 <= "
+                             f"{self.num_panels}")
         if x.shape[0] and p1 > p0:
             _panels_product(x, self.panels, bias, out, p0, p1, self.wide)
 
