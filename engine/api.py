@@ -63,7 +63,8 @@ def load(path: str, backend: str | None = None, dtype: str = "float32", verify_c
     enc = Encoder(loaded.config, loaded.tensors, backend=backend, dtype=dtype, vocab=loaded.vocab, **gpu_options)
     if fast:
         # the file's arrays are now the model's alone, so the fast layout frees each block's originals
-        # as it replaces them: loading holds about one copy of the weights at its peak, not two
+        # as it replaces them: loading holds one copy of the weights (plus the packed copy of
+        # engine/fast/gemm.py the fast path keeps), not one more
         del loaded
         enc._attach_fast_path()
     return enc
