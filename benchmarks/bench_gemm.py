@@ -11,7 +11,8 @@ Ways, each at 1 thread and at engine.fast.num_threads() threads:
 - openblas-split: OpenBLAS at one thread, the fast path's former split over its pool (columns for
   T <= 512, rows above);
 - packed: engine/fast/gemm.py, weights packed once, panels split over the pool.
-Medians of --reps passes over the 12 layers, with GFLOP/s; writes
+Medians of --reps passes over the 12 layers, with GFLOP/s, and the tile's ceiling (a [256,256] product
+warm in L2, one thread); writes
 benchmarks/results/gemm_<host>.json. TALKHEADS_GEMM_VECTOR_BITS=256 measures the AVX2 geometry
 (gemm_256bit_<host>.json; with OPENBLAS_CORETYPE=Haswell, OpenBLAS's AVX2 kernels beside it).
 A benchmark, never a test: run it on an idle machine.
@@ -113,6 +114,15 @@ def main(argv=None) -> int:
             result["cases"].append(case)
             print(f"T={T:5d} threads={threads}: " + "  ".join(f"{k} {med[k] * 1e3:8.1f} ms {case['gflops'][k]:6.1f} GF/s"
                                                             for k in ways), flush=True)
+    # the tile's own ceiling: one [256,256] x [256,256] product, everything warm in L2, one thread
+    x, w = rng.standard_normal((256, 256), dtype=np.float32), rng.standard_normal((256, 256), dtype=np.float32)
+    p, out, zero256 = gemm.PackedMatrix(w), np.empty((256, 256), np.float32), np.zeros(256, np.float32)
+    p.matmul(x, out, 0, p.num_panels, zero256)
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        p.matmul(x, out, 0, p.num_panels, zero256)
+    result["packed_warm_one_thread_gflops"] = round(2 * 256 ** 3 * 2000 / (time.perf_counter() - t0) / 1e9, 1)
+    print(f"packed, warm in L2, one thread: {result['packed_warm_one_thread_gflops']} GF/s", flush=True)
     bits = os.environ.get("TALKHEADS_GEMM_VECTOR_BITS")
     result["forced"] = {k: os.environ[k] for k in ("TALKHEADS_GEMM_VECTOR_BITS", "OPENBLAS_CORETYPE") if k in os.environ}
     write_result(f"gemm_{bits}bit" if bits else "gemm", result)
