@@ -12,8 +12,8 @@ to find the vectors itself (measured: 2.5 and 6 GFLOP/s for two plain-Numba vers
 
 Measured on the benchmark machine (2-core AVX-512 EPYC; the base model's four products over 12
 layers, weights cold; two threads each taking half of the panels; benchmarks/bench_gemm.py):
-197 GFLOP/s with 128 rows where OpenBLAS runs 153, 213 with 1024 rows where it runs 195 (the
-README's "Packed-weight products").
+187-197 GFLOP/s with 128 rows where OpenBLAS runs 153-156, 213 with 1024 rows where it runs 194-195;
+warm in L2 one thread runs 113 (the README's "Packed-weight products").
 
 Geometry: with AVX-512, VL = 16 floats, MR = 8 rows, NR = 32 columns (16 accumulators); otherwise
 VL = 8, MR = 6, NR = 16 (12 accumulators, the AVX2 register file). N % NR trailing columns and
