@@ -99,8 +99,9 @@ def machine() -> dict:
     info = base_machine()
     import numpy
     info["numpy"] = numpy.__version__
-    from engine.fast import fused
+    from engine.fast import fused, gemm
     info["engine_fused_kernels"] = fused.status()
+    info["engine_packed_gemm"] = gemm.status()
     try:
         from threadpoolctl import threadpool_info
         info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}

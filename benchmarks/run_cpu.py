@@ -344,9 +344,8 @@ def machine_info():
         info["numpy_simd_found"] = cfg["SIMD Extensions"].get("found")
     except Exception as e:  # pragma: no cover
         info["numpy_blas"] = f"unknown ({e})"
-    from engine.fast import forward as fast, fused, gemm
+    from engine.fast import forward as fast, gemm
     info["engine_elementwise_threads"] = fast.num_threads()
-    info["engine_fused_kernels"] = fused.status()
     info["engine_packed_gemm"] = gemm.status()
     info["env_threads"] = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                           "TALKHEADS_THREADS") if os.environ.get(k)}
