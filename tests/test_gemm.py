@@ -3,6 +3,10 @@ truth) and against OpenBLAS's float32 np.matmul (what it replaces): at least as 
 vector geometries, on every shape edge the kernel has (rows past a whole tile, columns past a whole
 panel, K past one partial-sum block, rows past one cache block)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -84,3 +88,22 @@ def test_packed_product_refuses_what_the_kernel_would_misread():
         args = {**dict(x=x, out=out, p0=0, p1=p.num_panels, bias=bias), **change}
         with pytest.raises(ValueError, match="packed product"):
             p.matmul(args["x"], args["out"], args["p0"], args["p1"], args["bias"])
+
+
+def test_geometry_chosen_by_environment_in_fresh_processes():
+    """TALKHEADS_GEMM_VECTOR_BITS picks the geometry at import; Numba's on-disk cache must not hand
+    one process the other geometry's compiled code (it does not see module constants change, which
+    is why both geometries live in one cached function). Each process checks its product against
+    float64; run 256 -> 512 -> 256 so a stale cache entry would be used in the second or third."""
+    code = ("import numpy as np; from engine.fast import gemm\n"
+            "rng = np.random.default_rng(0); x = rng.standard_normal((21, 300), dtype=np.float32)\n"
+            "w = rng.standard_normal((300, 100), dtype=np.float32); p = gemm.PackedMatrix(w)\n"
+            "err = np.abs(p(x) - x.astype(np.float64) @ w.astype(np.float64)).max()\n"
+            "print(gemm.status(), p.nr, err); assert err < 1e-3, err\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for bits, nr in (("256", 16), ("512", 32), ("256", 16)):
+        run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "TALKHEADS_GEMM_VECTOR_BITS": bits}, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        print(bits, run.stdout.strip())
+        assert f" {nr} " in run.stdout
