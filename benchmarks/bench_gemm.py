@@ -50,7 +50,6 @@ def main(argv=None) -> int:
               for _ in range(L)]                                              # [K,N] views of [N,K] arrays
     packed = [[gemm.PackedMatrix(w) for w in layer] for layer in stored]
     pool, n_threads = forward._pool(), forward.num_threads()
-    zero = {n: np.zeros(n, np.float32) for _, n in shapes}
     result = {"machine": machine(), "gemm": gemm.status(), "threads": n_threads, "reps": args.reps, "cases": []}
 
     def split(run, parts):
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
         def packed_run(parts):
             def one(i, n, p):
                 P = p.num_panels
-                p.matmul(xs[p.shape[0]], outs[p.shape[1]], P * i // n, P * (i + 1) // n, zero[p.shape[1]])
+                p.matmul(xs[p.shape[0]], outs[p.shape[1]], P * i // n, P * (i + 1) // n)
             for layer in packed:
                 for p in layer:
                     split(lambda i, n: one(i, n, p), parts)
@@ -116,11 +115,11 @@ def main(argv=None) -> int:
                                                             for k in ways), flush=True)
     # the tile's own ceiling: one [256,256] x [256,256] product, everything warm in L2, one thread
     x, w = rng.standard_normal((256, 256), dtype=np.float32), rng.standard_normal((256, 256), dtype=np.float32)
-    p, out, zero256 = gemm.PackedMatrix(w), np.empty((256, 256), np.float32), np.zeros(256, np.float32)
-    p.matmul(x, out, 0, p.num_panels, zero256)
+    p, out = gemm.PackedMatrix(w), np.empty((256, 256), np.float32)
+    p.matmul(x, out, 0, p.num_panels)
     t0 = time.perf_counter()
     for _ in range(2000):
-        p.matmul(x, out, 0, p.num_panels, zero256)
+        p.matmul(x, out, 0, p.num_panels)
     result["packed_warm_one_thread_gflops"] = round(2 * 256 ** 3 * 2000 / (time.perf_counter() - t0) / 1e9, 1)
     print(f"packed, warm in L2, one thread: {result['packed_warm_one_thread_gflops']} GF/s", flush=True)
     bits = os.environ.get("TALKHEADS_GEMM_VECTOR_BITS")

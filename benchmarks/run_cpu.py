@@ -146,19 +146,7 @@ class Floor:
             return None
         if not hasattr(self, "_packed"):
             self._packed = {id(w): gemm.PackedMatrix(w) for w in (self.w_h, self.w_i, self.w_o)}
-            self._zero = np.zeros(max(w.shape[1] for w in (self.w_h, self.w_i, self.w_o)), np.float32)
-        n, pool = fast.num_threads(), fast._pool()
-
-        def mm(a, b, out):
-            p = self._packed[id(b)]
-            P, bias = p.num_panels, self._zero[:out.shape[1]]
-            if pool is None or P < 2:
-                p.matmul(a, out, 0, P, bias)
-            else:
-                for f in [pool.submit(p.matmul, a, out, P * i // n, P * (i + 1) // n, bias) for i in range(n)]:
-                    f.result()
-            p.matmul_tail(a, out, bias)
-        self._on_pool(mm)
+        self._on_pool(lambda a, b, out: fast.packed_product(self._packed[id(b)], a, out))
 
     def _on_pool(self, mm):
         """The products with `mm` for the dense ones, OpenBLAS at one thread, sequences over the pool."""

@@ -166,6 +166,14 @@ def _return_freed_memory():
         pass
 
 
+def packed_product(packed, a, out, bias=None):
+    """out = a @ W (+ bias [N]) for W packed by engine/fast/gemm.py: the panels spread over the
+    threads (disjoint columns of out; no BLAS runs), then the columns past the last panel."""
+    P = packed.num_panels
+    parallel_rows(lambda s, e, w: packed.matmul(a, out, s, e, bias), P, -(-P // num_threads()))
+    packed.matmul_tail(a, out, bias)
+
+
 def masked_softmax_in_place(logits, adder, use_fused):
     """logits <- softmax(logits + adder) over the last axis, in place. [N,S,T] (+ [T] or None)
 
@@ -462,19 +470,7 @@ class FastEncoder:
             if bias is not None:
                 parallel_rows(lambda s, e, w: np.add(out[s:e], bias, out=out[s:e]), out.shape[0], 256)
             return
-        if bias is None:
-            bias = self._buffer("zero_bias", (out.shape[1],))
-            bias[:] = 0
-        P = packed.num_panels
-        n = num_threads() if self._split else 1
-        if n == 1 or P < 2:
-            packed.matmul(a, out, 0, P, bias)
-        else:
-            bounds = [P * i // n for i in range(n + 1)]
-            futures = [_pool().submit(packed.matmul, a, out, bounds[i], bounds[i + 1], bias) for i in range(n)]
-            for f in futures:
-                f.result()
-        packed.matmul_tail(a, out, bias)
+        packed_product(packed, a, out, bias)
 
     def _matmul(self, a, b, out):
         """out = a @ b split over the threads (BLAS single-threaded in each) when splitting: by rows of

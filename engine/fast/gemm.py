@@ -27,8 +27,8 @@ propagates as in NumPy (no fast-math flags).
 
     packed = PackedMatrix(w)                 # w [K,N] float32, any layout
     packed(x, bias)                          # x @ w + bias as a new array (bias optional)
-    packed.matmul(x, out, p0, p1, bias)      # out[:, panels p0..p1) = x @ w + bias ([N], zeros for none);
-                                             # releases the GIL: the fast path splits panels over threads
+    packed.matmul(x, out, p0, p1, bias)      # out[:, panels p0..p1) = x @ w (+ bias [N]); releases the
+                                             # GIL: engine.fast.forward.packed_product splits panels over threads
     packed.matmul_tail(x, out, bias)         # the columns past the last full panel (np.matmul)
 """
 
@@ -232,11 +232,13 @@ class PackedMatrix:
         self.panels = _aligned_empty((P, K, NR))
         self.panels[...] = w[:, :P * NR].reshape(K, P, NR).transpose(1, 0, 2)      # [K,N] -> [P,K,NR]
         self.tail = np.ascontiguousarray(w[:, P * NR:]) if N > P * NR else None   # [K,N%NR]
+        self.no_bias = np.zeros(N, np.float32)       # the tile always adds a bias row: zeros for none
 
-    def matmul(self, x, out, p0, p1, bias):
-        """out[:, p0*NR:p1*NR] = x @ W[:, same] + bias[same]; x [T,K], out [T,N] float32, each row
-        contiguous; bias [N] float32. Releases the GIL."""
+    def matmul(self, x, out, p0, p1, bias=None):
+        """out[:, p0*NR:p1*NR] = x @ W[:, same] (+ bias[same]); x [T,K], out [T,N] float32, each row
+        contiguous; bias [N] float32 or None. Releases the GIL."""
         K, N = self.shape
+        bias = self.no_bias if bias is None else bias
         if (x.dtype != np.float32 or out.dtype != np.float32 or x.ndim != 2 or x.shape[1] != K
                 or out.shape != (x.shape[0], N) or (x.size > 1 and x.strides[1] != 4)
                 or (out.size > 1 and out.strides[1] != 4)
@@ -249,19 +251,20 @@ class PackedMatrix:
         if x.shape[0] and p1 > p0:
             _panels_product(x, self.panels, bias, out, p0, p1, self.wide)
 
-    def matmul_tail(self, x, out, bias):
-        """The columns past the last full panel: out[:, P*NR:] = x @ W[:, P*NR:] + bias[P*NR:]."""
+    def matmul_tail(self, x, out, bias=None):
+        """The columns past the last full panel: out[:, P*NR:] = x @ W[:, P*NR:] (+ bias[P*NR:])."""
         if self.tail is not None:
             c = self.num_panels * self.nr
             np.matmul(x, self.tail, out=out[:, c:])
-            np.add(out[:, c:], bias[c:], out=out[:, c:])
+            if bias is not None:
+                np.add(out[:, c:], bias[c:], out=out[:, c:])
 
     def __call__(self, x, bias=None):
         """x @ W (+ bias) as a new array, on this thread: [T,K] -> [T,N] (tests, benchmarks)."""
         x = np.ascontiguousarray(x, np.float32)
         if x.ndim != 2 or x.shape[1] != self.shape[0]:
             raise ValueError(f"x: shape {x.shape}, expected [T,{self.shape[0]}]")
-        bias = np.zeros(self.shape[1], np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
         out = np.empty((x.shape[0], self.shape[1]), np.float32)
         self.matmul(x, out, 0, self.num_panels, bias)
         self.matmul_tail(x, out, bias)
