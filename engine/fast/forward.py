@@ -170,7 +170,8 @@ def packed_product(packed, a, out, bias=None):
     """out = a @ W (+ bias [N]) for W packed by engine/fast/gemm.py: the panels spread over the
     threads (disjoint columns of out; no BLAS runs), then the columns past the last panel."""
     P = packed.num_panels
-    parallel_rows(lambda s, e, w: packed.matmul(a, out, s, e, bias), P, -(-P // num_threads()))
+    if P:                                  # none when N < one panel: the tail is the whole product
+        parallel_rows(lambda s, e, w: packed.matmul(a, out, s, e, bias), P, -(-P // num_threads()))
     packed.matmul_tail(a, out, bias)
 
 
