@@ -123,43 +123,81 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+# ---------------------------------------------------------------------------- the one name table
+# Every float dataset of the file, with its shape in the letters above. Model, tape, extract, ONNX
+# and SavedModel export read their paths from here (block tensors relative to `block_prefix(i)`).
+
+EMBEDDING_TENSORS = {
+    "embeddings/word": ("V", "H"),
+    "embeddings/position": ("P", "H"),
+    "embeddings/type": ("T", "H"),
+    "embeddings/layer_norm/gamma": ("H",),
+    "embeddings/layer_norm/beta": ("H",),
+}
+BLOCK_TENSORS = {
+    "attention/query/kernel": ("H", "N", "D"),
+    "attention/query/bias": ("N", "D"),
+    "attention/key/kernel": ("H", "N", "D"),
+    "attention/key/bias": ("N", "D"),
+    "attention/value/kernel": ("H", "N", "D"),
+    "attention/value/bias": ("N", "D"),
+    "attention/output/kernel": ("N", "D", "H"),
+    "attention/output/bias": ("H",),
+    "attention/pre_softmax_weight": ("N", "N"),
+    "attention/post_softmax_weight": ("N", "N"),
+    "attention_layer_norm/gamma": ("H",),
+    "attention_layer_norm/beta": ("H",),
+    "feedforward/intermediate/kernel": ("H", "I"),
+    "feedforward/intermediate/bias": ("I",),
+    "feedforward/gate/kernel": ("H", "I"),
+    "feedforward/gate/bias": ("I",),
+    "feedforward/output/kernel": ("I", "H"),
+    "feedforward/output/bias": ("H",),
+    "feedforward_layer_norm/gamma": ("H",),
+    "feedforward_layer_norm/beta": ("H",),
+}
+POOLER_TENSORS = {
+    "pooler/kernel": ("H", "H"),
+    "pooler/bias": ("H",),
+}
+MLM_TENSORS = {
+    "mlm/transform/kernel": ("H", "H"),
+    "mlm/transform/bias": ("H",),
+    "mlm/layer_norm/gamma": ("H",),
+    "mlm/layer_norm/beta": ("H",),
+    "mlm/output_bias": ("V",),
+}
+
+
+def block_prefix(i: int) -> str:
+    """The path prefix of block i's tensors (and of its trace steps): "layers/<i>/"."""
+    return f"layers/{i}/"
+
+
+def block_path(i: int, name: str) -> str:
+    """The dataset path of block tensor `name` (a key of BLOCK_TENSORS) in block i."""
+    if name not in BLOCK_TENSORS:
+        raise KeyError(f"{name!r} is not a block tensor; see weights.format.BLOCK_TENSORS")
+    return block_prefix(i) + name
+
+
+def dimension_sizes(config: ModelConfig) -> dict[str, int]:
+    """The size of each dimension letter for a config."""
+    return {"V": config.vocab_size, "P": config.max_position_embeddings, "T": config.type_vocab_size,
+            "H": config.hidden_size, "N": config.num_heads, "D": config.head_size,
+            "I": config.intermediate_size, "L": config.num_layers}
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every float dataset path of a file with this config, in canonical order, with its shape."""
-    H, N, D, I = config.hidden_size, config.num_heads, config.head_size, config.intermediate_size
-    shapes = {
-        "embeddings/word": (config.vocab_size, H),
-        "embeddings/position": (config.max_position_embeddings, H),
-        "embeddings/type": (config.type_vocab_size, H),
-        "embeddings/layer_norm/gamma": (H,),
-        "embeddings/layer_norm/beta": (H,),
-    }
+    size = dimension_sizes(config)
+    shape = lambda letters: tuple(size[c] for c in letters)  # noqa: E731
+    shapes = {path: shape(letters) for path, letters in EMBEDDING_TENSORS.items()}
     for i in range(config.num_layers):
-        p = f"layers/{i}"
-        for name in ("query", "key", "value"):
-            shapes[f"{p}/attention/{name}/kernel"] = (H, N, D)
-            shapes[f"{p}/attention/{name}/bias"] = (N, D)
-        shapes[f"{p}/attention/output/kernel"] = (N, D, H)
-        shapes[f"{p}/attention/output/bias"] = (H,)
-        shapes[f"{p}/attention/pre_softmax_weight"] = (N, N)
-        shapes[f"{p}/attention/post_softmax_weight"] = (N, N)
-        shapes[f"{p}/attention_layer_norm/gamma"] = (H,)
-        shapes[f"{p}/attention_layer_norm/beta"] = (H,)
-        shapes[f"{p}/feedforward/intermediate/kernel"] = (H, I)
-        shapes[f"{p}/feedforward/intermediate/bias"] = (I,)
-        shapes[f"{p}/feedforward/gate/kernel"] = (H, I)
-        shapes[f"{p}/feedforward/gate/bias"] = (I,)
-        shapes[f"{p}/feedforward/output/kernel"] = (I, H)
-        shapes[f"{p}/feedforward/output/bias"] = (H,)
-        shapes[f"{p}/feedforward_layer_norm/gamma"] = (H,)
-        shapes[f"{p}/feedforward_layer_norm/beta"] = (H,)
-    shapes["pooler/kernel"] = (H, H)
-    shapes["pooler/bias"] = (H,)
+        shapes.update({block_path(i, name): shape(letters) for name, letters in BLOCK_TENSORS.items()})
+    shapes.update({path: shape(letters) for path, letters in POOLER_TENSORS.items()})
     if config.has_mlm:
-        shapes["mlm/transform/kernel"] = (H, H)
-        shapes["mlm/transform/bias"] = (H,)
-        shapes["mlm/layer_norm/gamma"] = (H,)
-        shapes["mlm/layer_norm/beta"] = (H,)
-        shapes["mlm/output_bias"] = (config.vocab_size,)
+        shapes.update({path: shape(letters) for path, letters in MLM_TENSORS.items()})
     return shapes
 
 
