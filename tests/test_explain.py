@@ -1,0 +1,134 @@
+"""The explain page: its numbers are the trace's, it loads nothing from the network, and it opens in
+a real headless browser (Debian's chromium, installed by scripts/setup_browser.sh) without errors,
+with views that switch and a screenshot that is not blank."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import engine
+from engine.tools import explain
+
+TEXT_A = "the quick brown fox jumps over the [MASK] dog."
+TEXT_B = "it was not amused"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_h5):
+    enc = engine.load(tiny_h5)
+    prep = engine.Preprocessor.from_weights(enc, max_seq_length=None)
+    data = explain.explain_data(enc, prep, TEXT_A, TEXT_B)
+    return enc, prep, data, explain.render_page(data)
+
+
+def _float64_softmax(scores):
+    s = np.asarray(scores, np.float64)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_page_numbers_equal_the_trace(tiny):
+    enc, prep, data, html = tiny
+    page = explain.page_data(html)                     # read back from the HTML, as the browser does
+    inputs, tokens = explain.model_inputs(enc, prep, TEXT_A, TEXT_B)
+    trace = enc.trace(inputs)
+    weights = enc.to_numpy(enc.parameters())
+    assert page["tokens"] == tokens and tokens[0] == "[CLS]" and "[MASK]" in tokens
+    assert page["segments"] == inputs["input_type_ids"][0].tolist()
+    worst_unmixed = 0.0
+    for i, layer in enumerate(page["layers"]):
+        p = f"layers/{i}/"
+        # the two mixed stages and the mixing weights: the trace's float32 values, bit for bit
+        np.testing.assert_array_equal(np.float32(layer["attention"]["after_pre"]), trace[p + "probs"][0])
+        np.testing.assert_array_equal(np.float32(layer["attention"]["after_post"]), trace[p + "mixed_probs"][0])
+        np.testing.assert_array_equal(np.float32(layer["mixing"]["pre"]), weights[p + "attention/pre_softmax_weight"])
+        np.testing.assert_array_equal(np.float32(layer["mixing"]["post"]), weights[p + "attention/post_softmax_weight"])
+        # the unmixed reference view: softmax of the trace's scaled scores (no padding here)
+        want = _float64_softmax(trace[p + "scaled_scores"][0])
+        got = np.float64(layer["attention"]["unmixed"])
+        worst_unmixed = max(worst_unmixed, float(np.abs(got - want).max()))
+        pre = np.float64(weights[p + "attention/pre_softmax_weight"])
+        assert layer["mixing"]["pre_distance"] == pytest.approx(
+            np.linalg.norm(pre - np.eye(len(pre))) / np.sqrt(len(pre)), rel=1e-12)
+        gate = np.float64(trace[p + "gate_branch"][0])
+        assert layer["gate"]["closed"] == pytest.approx(np.mean(np.abs(gate) < page["gate_closed"]), abs=0)
+        assert sum(layer["gate"]["counts"]) == gate.size
+        assert layer["residual"]["feedforward_update"] == pytest.approx(
+            np.sqrt(np.mean(np.float64(trace[p + "feedforward_output"][0]) ** 2)), rel=1e-12)
+    print(f"unmixed attention vs float64 softmax of the trace's scores: max |diff| {worst_unmixed:.2e}")
+    assert worst_unmixed < 1e-6
+    # predictions at the [MASK]: the trace's best tokens, in order
+    mask_at = tokens.index("[MASK]")
+    rows = page["predictions"]["rows"]
+    assert page["predictions"]["at_masks"] and [r["position"] for r in rows] == [mask_at]
+    best = np.argsort(-np.float64(trace["mlm/logits"][0][mask_at]))[:len(rows[0]["candidates"])]
+    assert [c[0] for c in rows[0]["candidates"]] == [enc.vocab[j] for j in best]
+
+
+def test_page_loads_nothing_from_the_network(tiny):
+    html = tiny[3]
+    for pattern in (r"\bsrc\s*=", r"\bhref\s*=", r"url\(", r"https?://", r"\bfetch\(", r"XMLHttpRequest",
+                    r"\bimport\s*\(", r"<link\b", r"<iframe\b", r"@import"):
+        hits = re.findall(pattern, html)
+        assert not hits, f"the page refers outside itself: {pattern} found {hits[:3]}"
+
+
+def test_page_refuses_a_text_longer_than_the_model(tiny):
+    enc, prep, _, _ = tiny
+    with pytest.raises(explain.ExplainError, match=r"needs \d+ tokens .* has 512 positions"):
+        explain.explain_data(enc, prep, "word " * 600)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+def _chromium(tmp_path, *args):
+    profile = tmp_path / "profile"
+    run = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return run
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: bash scripts/setup_browser.sh installs Debian's (needs root and apt)")
+def test_page_opens_in_chromium_and_its_views_switch(tiny, tmp_path):
+    enc, _, data, html = tiny
+    page = tmp_path / "page.html"
+    page.write_text(html, encoding="utf-8")
+    run = _chromium(tmp_path, "--dump-dom", page.as_uri() + "#selftest")
+    assert run.returncode == 0, run.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", run.stdout)
+    assert body, run.stdout[:500]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(0)))
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    print(f"body: {attrs}; console lines: {len(console)}")
+    assert attrs.get("data-ready") == "1", f"the page's script did not finish: {attrs}; {console}"
+    assert attrs.get("data-errors") == "0", re.search(r'<pre id="errors">([^<]*)', run.stdout).group(1)
+    assert not console, console
+    L, N = enc.config.num_layers, enc.config.num_heads
+    switches, distinct = map(int, re.match(r"switches=(\d+) distinct=(\d+)", attrs["data-selftest"]).groups())
+    assert switches == L * N + 3
+    assert distinct == L * N, f"only {distinct} of {L * N} heads drew a picture of their own"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: bash scripts/setup_browser.sh installs Debian's (needs root and apt)")
+def test_page_screenshot_is_not_blank(tiny, tmp_path):
+    from matplotlib import image
+    page = tmp_path / "page.html"
+    page.write_text(tiny[3], encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    run = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1400", page.as_uri())
+    assert shot.exists(), run.stderr[-2000:]
+    pixels = image.imread(str(shot))[..., :3]
+    colours = np.unique((pixels.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
+    blue = np.mean((pixels[..., 2] > pixels[..., 0] + 0.2))          # attention cells are blue
+    print(f"screenshot {pixels.shape[1]}x{pixels.shape[0]}: {len(colours)} colours, {blue:.1%} blue pixels")
+    assert len(colours) > 50 and blue > 0.01
