@@ -3,12 +3,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
 
 import engine
 from engine.tools import parity, verdict
 
 _ENGINES = {}
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):   # ValueError: a module set to None in sys.modules (blocked)
+        return False
+
+
+# For the tests of a module that also has TensorFlow-free tests (a module-level importorskip would skip those).
+needs_tensorflow = pytest.mark.skipif(not _importable("tensorflow"), reason="needs TensorFlow (the `tf` extra)")
 
 
 def engines(h5: str, backend: str = "numpy") -> dict:

@@ -12,8 +12,9 @@ import pytest
 import engine
 import weights
 from engine.core import backward as KB
-from engine.core.model import Encoder as CoreEncoder
+from engine.core.model import Model
 from engine.tools import parity, verdict
+from tests import isolated
 
 
 def _inputs(cfg, batch, seq_length, seed, all_padding_row=True, num_positions=5):
@@ -54,11 +55,15 @@ def _report(label, v: verdict.GradientVerdict):
               f"(limit {verdict.GRADIENT_FACTOR:g})")
 
 
-def _gradient_verdict(savedmodel, h5, inputs, cotangents, kernels="readable"):
-    """kernels: "readable" (the tape's default) or "fused" (engine/fast/tape_kernels.py, the trainer's)."""
+def _gradient_verdict(savedmodel, h5, inputs, cotangents, kernels="readable", tf_apart=False):
+    """kernels: "readable" (the tape's default), "fused" (engine/fast/tape_kernels.py, the
+    trainer's) or "fast encoder" (enc.vjp of engine.load(h5, fast=True)). tf_apart: TF's side in a
+    process of its own (tests/isolated.call), so that its model and buffers (2.8 GB at base size)
+    are gone before the engine's float32 and float64 runs take theirs."""
     from engine.tf.gradients import tf_vjp
-    tf_out, tf_grads = tf_vjp(savedmodel, h5, inputs, cotangents)
-    enc32 = engine.load(h5)
+    tf_out, tf_grads = (isolated.call(tf_vjp, savedmodel, h5, inputs, cotangents) if tf_apart
+                        else tf_vjp(savedmodel, h5, inputs, cotangents))
+    enc32 = engine.load(h5, fast=kernels == "fast encoder")
     if kernels == "fused":
         from engine.fast import fused, tape_kernels
         if not fused.enabled():
@@ -68,19 +73,21 @@ def _gradient_verdict(savedmodel, h5, inputs, cotangents, kernels="readable"):
             out32, g32 = tape.outputs, tape.gradient(cotangents)
     else:
         out32, g32 = enc32.vjp(inputs, cotangents)
+    cfg = enc32.config
+    del enc32   # not held through the float64 run: one model less at the peak
     out64, g64 = engine.load(h5, dtype="float64").vjp(inputs, cotangents)
-    assert set(g32) == set(tf_grads) == set(weights.format.expected_shapes(enc32.config)), \
+    assert set(g32) == set(tf_grads) == set(weights.format.expected_shapes(cfg)), \
         "every trainable variable of the SavedModel has a gradient, and nothing else"
     for path, g in g64.items():
         assert g.shape == tf_grads[path].shape, path
-    return verdict.judge_gradients(g32, tf_grads, g64, enc32.config.num_layers), (tf_out, out32)
+    return verdict.judge_gradients(g32, tf_grads, g64, cfg.num_layers), (tf_out, out32)
 
 
 def _assert_verdict(v):
     assert v.ok, "\n".join(v.failures())
 
 
-def _passing_verdicts(savedmodel, h5, batch_indices, kernels, label) -> list:
+def _passing_verdicts(savedmodel, h5, batch_indices, kernels, label, tf_apart=False) -> list:
     """The gradient verdict on BATCHES[i] (inputs seeded 100 + i, cotangents 200 + i) for each i,
     each reported and asserted to pass."""
     cfg = engine.load(h5).config
@@ -88,7 +95,7 @@ def _passing_verdicts(savedmodel, h5, batch_indices, kernels, label) -> list:
     for i in batch_indices:
         B, S = BATCHES[i]
         inputs = _inputs(cfg, batch=B, seq_length=S, seed=100 + i)
-        v, _ = _gradient_verdict(savedmodel, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels)
+        v, _ = _gradient_verdict(savedmodel, h5, inputs, _cotangents(cfg, inputs, seed=200 + i), kernels, tf_apart)
         _report(f"{label} {B}x{S}", v)
         _assert_verdict(v)
         verdicts.append(v)
@@ -114,6 +121,24 @@ def test_every_gradient_matches_gradient_tape_at_tiny_size(conditioning, kernels
     assert ok
 
 
+@pytest.mark.parametrize("conditioning", ["random", "trained"])
+def test_gradients_of_a_fast_encoder_match_gradient_tape(conditioning, tiny_h5, tiny_savedmodel, tiny_trained_h5,
+                                                         tiny_trained_savedmodel):
+    """enc.tape / enc.vjp on engine.load(..., fast=True): the tape runs on the model's own arrays (the
+    fast twin's are derived from them) with the fused set of engine/fast/tape_kernels.py (the
+    readable one without Numba), judged by the same verdicts as the readable encoder."""
+    from engine.fast import tape_kernels
+    h5, sm = (tiny_h5, tiny_savedmodel) if conditioning == "random" else (tiny_trained_h5, tiny_trained_savedmodel)
+    fast = engine.load(h5, fast=True)
+    with fast.tape(_inputs(fast.config, batch=2, seq_length=8, seed=1)) as tape:
+        assert tape.kernels is tape_kernels.for_encoder(fast)
+    verdicts = _passing_verdicts(sm, h5, range(len(BATCHES)), "fast encoder", f"tiny {conditioning} fast encoder")
+    mean, ok = verdict.gradient_accuracy(verdicts)
+    print(f"tiny {conditioning} fast encoder: geometric mean over {len(verdicts)} batches of the median engine/TF "
+          f"error ratio {mean:.2f} (limit {verdict.GRADIENT_MEDIAN_RATIO:g})")
+    assert ok
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["readable", "fused"])
 @pytest.mark.parametrize("conditioning", ["random", "trained"])
@@ -121,7 +146,7 @@ def test_every_gradient_matches_gradient_tape_at_base_size(conditioning, kernels
                                                            base_trained_h5, base_trained_savedmodel):
     h5, sm = (base_h5, base_savedmodel) if conditioning == "random" else (base_trained_h5, base_trained_savedmodel)
     # 3x32 and 1x128 of BATCHES: two draws (the model-level rule is the tiny tests')
-    verdicts = _passing_verdicts(sm, h5, (0, 3), kernels, f"base {conditioning} {kernels}")
+    verdicts = _passing_verdicts(sm, h5, (0, 3), kernels, f"base {conditioning} {kernels}", tf_apart=True)
     mean, _ = verdict.gradient_accuracy(verdicts)
     print(f"base {conditioning} {kernels}: geometric mean of the median engine/TF error ratio {mean:.2f} (two draws)")
 
@@ -190,13 +215,13 @@ def test_a_small_error_in_one_kind_of_gradient_fails(monkeypatch, only_float32, 
 # ---------------------------------------------------------------------------- finite differences
 
 def _loss(config, tensors, inputs, cotangents, dropout=None, masks=None):
-    enc = CoreEncoder(config, tensors, dtype="float64")
+    enc = Model(config, tensors, dtype="float64")
     with enc.tape(inputs, dropout=dropout, dropout_masks=masks) as tape:
         out = tape.outputs
     total = 0.0
     for name, c in cotangents.items():
         if name == "encoder_outputs":
-            total += sum(float(np.sum(ci * oi)) for ci, oi in zip(c, out[name]) if ci is not None)
+            total += sum(float(np.sum(ci * oi)) for ci, oi in zip(c, out[name], strict=True) if ci is not None)
         else:
             total += float(np.sum(c * out[name]))
     return total
@@ -205,7 +230,7 @@ def _loss(config, tensors, inputs, cotangents, dropout=None, masks=None):
 def _directional_check(h5, inputs, cotangents, seed, dropout=None, masks=None, directions=3):
     loaded = weights.load(h5)
     tensors = {k: v.astype(np.float64) for k, v in loaded.tensors.items()}
-    enc = CoreEncoder(loaded.config, tensors, dtype="float64")
+    enc = Model(loaded.config, tensors, dtype="float64")
     with enc.tape(inputs, dropout=dropout, dropout_masks=masks) as tape:
         grads = tape.gradient(cotangents)
     rng = np.random.default_rng(seed)
@@ -265,7 +290,7 @@ def test_fused_tape_with_dropout_is_as_accurate_as_the_readable_one(subset, tiny
     against the float64 tape with the same masks, the float32 noise being the larger error of two
     readable float32 tapes: as written, and with its layer norm summing the features in reversed
     order. Per weight, the fused part's RMS error within 6x that noise (plus 1e-7 of scale; 6x: the
-    worst case the issue measured for an independent implementation); over six draws, the geometric
+    worst case measured for an independent implementation); over six draws, the geometric
     mean of the per-draw medians over weights of the ratio no worse than
     verdict.GRADIENT_MEDIAN_RATIO (one draw's median alone swings 0.3-5 on these weights). Weights
     whose float64 gradient is below 1e-6 of the largest (the key biases: zero in exact arithmetic,
@@ -349,7 +374,7 @@ def test_tape_forward_is_the_readable_forward_bit_for_bit(tiny_trained_h5):
         with enc.tape(inputs) as tape:
             for name in ("sequence_output", "pooled_output", "mlm_logits"):
                 np.testing.assert_array_equal(tape.outputs[name], expected[name], err_msg=f"{dtype} {name}")
-            for a, b in zip(tape.outputs["encoder_outputs"], expected["encoder_outputs"]):
+            for a, b in zip(tape.outputs["encoder_outputs"], expected["encoder_outputs"], strict=True):
                 np.testing.assert_array_equal(a, b)
 
 

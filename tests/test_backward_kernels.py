@@ -27,7 +27,7 @@ def _check(forward, args, wrt, grads, seed):
     y = forward(*args)
     dy = rng.standard_normal(np.shape(y))
     grads = grads(dy)
-    for index, grad in zip(wrt, grads):
+    for index, grad in zip(wrt, grads, strict=True):
         d = rng.standard_normal(np.shape(args[index]))
         plus = list(args)
         minus = list(args)
@@ -171,16 +171,20 @@ def test_gather_positions(B, S, P, seed):
 
 @SETTINGS
 @given(st.integers(1, 2), st.integers(1, 4), st.integers(3, 6), st.integers(2, 9), seeds)
-def test_mlm_logits(B, P, Hd, V, seed):
+def test_mlm_head(B, P, Hd, V, seed):
+    """The MLM head of engine/core/tape.py (kernels composed, the word table tied) and its backward."""
+    from engine.core import tape as T
     rng = np.random.default_rng(seed)
     args = [rng.standard_normal((B, P, Hd)), rng.standard_normal((Hd, Hd)), rng.standard_normal(Hd),
             rng.standard_normal(Hd) + 1, rng.standard_normal(Hd), rng.standard_normal((V, Hd)), rng.standard_normal(V)]
-    forward = lambda g, wk, wb, gam, bet, word, ob: K.mlm_logits(g, wk, wb, gam, bet, word, ob, 1e-12)  # noqa: E731
-    order = ("gathered", "transform_kernel", "transform_bias", "ln_gamma", "ln_beta", "word_table", "output_bias")
+    forward = lambda g, wk, wb, gam, bet, word, ob: T.mlm_head(g, wk, wb, gam, bet, word, ob, 1e-12)  # noqa: E731
+    order = ("mlm/transform/kernel", "mlm/transform/bias", "mlm/layer_norm/gamma", "mlm/layer_norm/beta")
 
     def grads(dy):
-        g = KB.mlm_logits_backward(*args[:7], 1e-12, dy)
-        return [g[name] for name in order]
+        saved = {}
+        T.mlm_head(*args, 1e-12, saved=saved)
+        dg, dword, g = T.mlm_head_backward(saved, *args[1:], 1e-12, dy)
+        return [dg] + [g[name] for name in order] + [dword, g["mlm/output_bias"]]
     _check(forward, args, list(range(7)), grads, seed)
 
 

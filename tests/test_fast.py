@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import engine
+from engine.fast import fused
 from engine.tools import parity, verdict
 
 CASES = [
@@ -134,14 +135,22 @@ def test_skip_padding_needs_fast(tiny_h5):
         enc(inputs, skip_padding=True)
 
 
-def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
-    """The readable kernels are views of the fast path's fused ones (no second copy of those; the
-    packed copies of engine/fast/gemm.py are the one derived copy); its readable path (used by
-    mlm(record=...)) still gives the readable results."""
+def test_fast_twin_leaves_the_model_alone_and_keeps_the_readable_path(tiny_h5):
+    """Building the fast twin changes none of the model's arrays (the same objects, C order, the
+    file's values), the twin's product matrices share no memory with them, and the readable path
+    (mlm(record=...)) gives the readable results bit for bit."""
+    import weights
+    loaded = weights.load(tiny_h5)
     fast, ref = engine.load(tiny_h5, fast=True), engine.load(tiny_h5)
-    a = fast.blocks[0].attention
-    assert np.shares_memory(a.query_kernel, fast.fast_forward.blocks[0].qkv_kernel)
-    assert np.shares_memory(fast.blocks[0].feedforward.gate_kernel, fast.fast_forward.blocks[0].ff_kernel)
+    model_arrays = fast.parameters()
+    for path, a in model_arrays.items():
+        assert a.flags.c_contiguous, path
+        np.testing.assert_array_equal(a, loaded.tensors[path], err_msg=path)
+    twin = fast.fast_forward
+    for blk in twin.blocks:
+        held = list(blk.packed.values()) if blk.packed is not None else [getattr(blk, n) for n in blk.MATRICES]
+        arrays = [a for m in held for a in ((m.panels, m.tail) if hasattr(m, "panels") else (m,)) if a is not None]
+        assert not any(np.shares_memory(a, b) for a in arrays for b in model_arrays.values())
     inputs = _inputs(ref.config, dict(batch=2, seq_length=16), seed=3)
     rec = []
     via_readable = engine.to_numpy(fast.mlm(inputs, record=lambda n, v: rec.append(n)))
@@ -151,33 +160,37 @@ def test_fast_shares_weights_and_keeps_readable_path(tiny_h5):
         np.testing.assert_array_equal(parity.flatten_outputs(via_readable)[k], v)
 
 
-def test_fast_load_holds_one_copy_of_the_weights(tiny_h5, monkeypatch):
-    """engine.load(fast=True) frees each block's file arrays (q, k, v, output and feed-forward
-    kernels) as soon as the fast layout has replaced them, so loading never holds the weights twice:
-    checked right after each block is laid out, while the load is still running."""
-    import itertools
+@pytest.mark.parametrize("packed", [True, False])
+def test_fast_load_holds_the_block_matrices_twice_at_most(tiny_h5, packed, monkeypatch):
+    """engine.load(fast=True) keeps the file's arrays as the model's own (float32: no copy), and the
+    twin one derived copy of the block matrices: the packed panels alone when packing (the fused
+    matrices they were packed from are dropped), else the fused matrices in Fortran order."""
     import weakref
     import weights
-    from engine.fast import forward as fast_forward
-    originals, still_held, block_index = {}, [], itertools.count()
-    real_load, real_block = weights.load, fast_forward._FastBlock.__init__
+    from engine.fast import gemm
+    originals = {}
+    real_load = weights.load
 
     def load_and_watch(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
         originals.update({name: weakref.ref(a) for name, a in loaded.tensors.items()})
         return loaded
-
-    def block_and_check(self, block, config, dtype):
-        real_block(self, block, config, dtype)
-        i = next(block_index)
-        still_held.extend(n for n, ref in originals.items()
-                          if n.startswith(f"layers/{i}/") and n.endswith("/kernel") and ref() is not None)
     monkeypatch.setattr(weights, "load", load_and_watch)
-    monkeypatch.setattr(fast_forward._FastBlock, "__init__", block_and_check)
-    fast = engine.load(tiny_h5, fast=True)
-    assert next(block_index) == fast.config.num_layers
-    assert not still_held, f"still held after the fast layout replaced them: {still_held[:4]}"
-    assert originals["embeddings/word"]() is fast.word_table     # the rest: the model's own arrays
+    fast = engine.load(tiny_h5, fast=True, packed=packed)
+    params = fast.parameters()
+    assert all(originals[path]() is a for path, a in params.items()), "the model holds the file's arrays"
+    twin_bytes = model_bytes = 0
+    for i, blk in enumerate(fast.fast_forward.blocks):
+        model_bytes += sum(a.nbytes for path, a in params.items()
+                           if path.startswith(f"layers/{i}/") and path.endswith("/kernel"))
+        if blk.packed is not None:
+            assert all(getattr(blk, n) is None for n in blk.MATRICES)
+            twin_bytes += sum(m.panels.nbytes + (0 if m.tail is None else m.tail.nbytes) for m in blk.packed.values())
+        else:
+            twin_bytes += sum(getattr(blk, n).nbytes for n in blk.MATRICES)
+    assert (fast.fast_forward.blocks[0].packed is not None) == (packed and gemm.enabled())
+    print(f"packed={packed}: block matrices {model_bytes} bytes in the model, {twin_bytes} in the twin")
+    assert twin_bytes == model_bytes
 
 
 def test_fast_numpy_only(tiny_h5):
@@ -218,7 +231,6 @@ def test_asking_for_fewer_outputs_gives_the_same_numbers(tiny_h5, skip_padding):
 
 # ------------------------------------------------------------------ fused kernels (engine/fast/fused.py)
 
-fused = pytest.importorskip("engine.fast.fused")
 needs_numba = pytest.mark.skipif(not fused.enabled(), reason=f"fused kernels {fused.status()}")
 
 
@@ -296,42 +308,49 @@ def test_fused_softmax_against_float64(masked):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_attention_split_by_queries_matches_readable(tiny_h5, threads, monkeypatch):
+def test_attention_split_by_queries_matches_readable(tiny_h5, threads):
     """With fewer sequences than threads the fast forward cuts each sequence's queries into one part
     per thread (engine/fast/forward.py FastEncoder._attention); uneven parts (77 queries over 3
     threads), dense and skip_padding, held to the readable path by the same verdict."""
-    from engine.fast import forward as fast_forward
-    monkeypatch.setenv("TALKHEADS_THREADS", str(threads))
-    if fast_forward._blas_threads is None:
+    from engine.fast.threads import blas_thread_setter
+    if blas_thread_setter() is None:
         pytest.skip("OpenBLAS's thread setter not found: the fast path does not split its work")
-    fast, ref, exact = engine.load(tiny_h5, fast=True), engine.load(tiny_h5), engine.load(tiny_h5, dtype="float64")
+    fast = engine.load(tiny_h5, fast=True, threads=threads)
+    ref, exact = engine.load(tiny_h5), engine.load(tiny_h5, dtype="float64")
+    assert fast.fast_forward.settings.threads == threads
     for case in (dict(batch=1, seq_length=77), dict(batch=2, seq_length=50, padding=True)):
         _check(fast, ref, exact, case, seed=threads)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_numpy_fallback_matches_fused(model, request, monkeypatch):
-    """TALKHEADS_FUSED=0 (what runs without Numba) gives the fast path's outputs within float32
-    noise of the fused kernels, both judged against the float64 engine with TF's noise level unused:
-    the fallback must pass the same verdict as the default against the readable path."""
+    """fused=False (what runs without Numba) gives the fast path's outputs within float32 noise of
+    the fused kernels, both judged against the float64 engine with TF's noise level unused: the
+    fallback must pass the same verdict as the default against the readable path. No Numba kernel
+    runs (each raises if called), and the tape gets the readable kernel set."""
+    from engine.fast import tape_kernels
     h5 = request.getfixturevalue("tiny_h5" if model == "random" else "tiny_trained_h5")
-    fast, ref, exact = engine.load(h5, fast=True), engine.load(h5), engine.load(h5, dtype="float64")
-    monkeypatch.setenv("TALKHEADS_FUSED", "0")
-    assert not fused.enabled()
+    fast, ref, exact = engine.load(h5, fast=True, fused=False), engine.load(h5), engine.load(h5, dtype="float64")
+
+    def refuse(*args):
+        raise AssertionError("a fused kernel ran with fused=False")
+    for name in ("add_layer_norm_rows", "geglu_argument_rows", "geglu_finish_rows", "softmax_shift_rows"):
+        monkeypatch.setattr(fused, name, refuse, raising=False)
+    assert tape_kernels.for_encoder(fast) is tape_kernels.READABLE_KERNELS
     _check(fast, ref, exact, dict(batch=4, seq_length=33, all_padding_row=True), seed=5)
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_openblas_products_match_packed(model, request, monkeypatch):
+def test_openblas_products_match_packed(model, request):
     """The fast path's products run the packed kernel of engine/fast/gemm.py by default (float32 with
-    Numba); with TALKHEADS_PACKED_GEMM=0 they are np.matmul (OpenBLAS) and the qkv bias a separate
-    add. Both pass the verdict against the readable path."""
+    Numba); with packed=False they are np.matmul (OpenBLAS) and the qkv bias a separate add. Both
+    pass the verdict against the readable path."""
     from engine.fast import gemm
     h5 = request.getfixturevalue("tiny_h5" if model == "random" else "tiny_trained_h5")
     fast, ref, exact = engine.load(h5, fast=True), engine.load(h5), engine.load(h5, dtype="float64")
     assert (fast.fast_forward.blocks[0].packed is not None) == gemm.enabled()
     case = dict(batch=4, seq_length=33, all_padding_row=True)
     _check(fast, ref, exact, case, seed=6)
-    monkeypatch.setenv("TALKHEADS_PACKED_GEMM", "0")
-    assert not gemm.enabled()
-    _check(fast, ref, exact, case, seed=6)
+    unpacked = engine.load(h5, fast=True, packed=False)
+    assert all(blk.packed is None for blk in unpacked.fast_forward.blocks)
+    _check(unpacked, ref, exact, case, seed=6)

@@ -34,10 +34,10 @@ def test_packed_product_against_float64(shape, wide):
     b = rng.standard_normal(N).astype(np.float32)
     packed = gemm.PackedMatrix(w, wide=wide)
     got = packed(x, b)
-    # the fast path's threaded call (panels over the pool, then the tail): the same bits
-    from engine.fast.forward import packed_product
+    # the fast path's threaded call (panels over a pool of two, then the tail): the same bits
+    from engine.fast.threads import packed_product
     threaded = np.empty_like(got)
-    packed_product(packed, x, threaded, b)
+    packed_product(packed, x, threaded, b, threads=2)
     np.testing.assert_array_equal(threaded, got)
     truth = x.astype(np.float64) @ w.astype(np.float64) + b.astype(np.float64)
     blas = x @ w + b
@@ -96,20 +96,21 @@ def test_packed_product_refuses_what_the_kernel_would_misread():
             p.matmul(args["x"], args["out"], args["p0"], args["p1"], args["bias"])
 
 
-def test_geometry_chosen_by_environment_in_fresh_processes():
-    """TALKHEADS_GEMM_VECTOR_BITS picks the geometry at import; Numba's on-disk cache must not hand
-    one process the other geometry's compiled code (it does not see module constants change, which
-    is why both geometries live in one cached function). Each process checks its product against
-    float64; run 256 -> 512 -> 256 so a stale cache entry would be used in the second or third."""
-    code = ("import numpy as np; from engine.fast import gemm\n"
+def test_geometry_chosen_by_argument_in_fresh_processes():
+    """PackedMatrix(w, wide=...) picks the geometry; Numba's on-disk cache must not hand one process
+    the other geometry's compiled code (it does not see module constants change, which is why both
+    geometries live in one cached function, picked by an argument). Each process checks its product
+    against float64; run 256 -> 512 -> 256 so a stale cache entry would be used in the second or
+    third."""
+    code = ("import sys, numpy as np; from engine.fast import gemm\n"
+            "wide = sys.argv[1] == '512'\n"
             "rng = np.random.default_rng(0); x = rng.standard_normal((21, 300), dtype=np.float32)\n"
-            "w = rng.standard_normal((300, 100), dtype=np.float32); p = gemm.PackedMatrix(w)\n"
+            "w = rng.standard_normal((300, 100), dtype=np.float32); p = gemm.PackedMatrix(w, wide=wide)\n"
             "err = np.abs(p(x) - x.astype(np.float64) @ w.astype(np.float64)).max()\n"
-            "print(gemm.status(), p.nr, err); assert err < 1e-3, err\n")
+            "print(gemm.status(wide), p.nr, err); assert err < 1e-3, err\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for bits, nr in (("256", 16), ("512", 32), ("256", 16)):
-        run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                             env={**os.environ, "TALKHEADS_GEMM_VECTOR_BITS": bits}, timeout=300)
+        run = subprocess.run([sys.executable, "-c", code, bits], cwd=root, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         print(bits, run.stdout.strip())
         assert f" {nr} " in run.stdout

@@ -18,6 +18,7 @@ from engine.gpu import forward as gpu
 from engine.gpu import kernels as G
 from engine.core import kernels as K
 from engine.tools import parity
+from tests.random_weights import random_tensors
 from weights.format import ModelConfig
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, head_size=16, intermediate_size=256,
@@ -40,7 +41,7 @@ def rng():
 
 @pytest.fixture(scope="module")
 def tiny_encoder():
-    return engine.Encoder(TINY, gpu.random_tensors(TINY, seed=0))
+    return engine.Encoder(TINY, random_tensors(TINY, seed=0))
 
 
 def tiny_inputs(B=3, S=33, seed=0):
@@ -258,17 +259,19 @@ def test_reduced_precision_emulated_on_cpu(tiny_encoder, precision, bound):
     assert max(errs) <= bound
 
 
-def test_options_are_validated_and_numpy_backend_is_untouched(tiny_encoder, monkeypatch):
-    with pytest.raises(ValueError, match="gpu_path"):
-        gpu.use_fused_path("fast")
-    with pytest.raises(ValueError, match="precision"):
-        gpu.resolve_precision("fp8")
-    monkeypatch.delenv(gpu.PATH_ENV, raising=False)
-    assert gpu.use_fused_path(None) is True              # fused by default
-    assert gpu.use_fused_path("plain") is False
-    monkeypatch.setenv(gpu.PATH_ENV, "plain")
-    assert gpu.use_fused_path(None) is False             # the environment, when no argument
-    assert gpu.use_fused_path("fused") is True           # the argument wins over the environment
+def test_options_are_validated_and_numpy_backend_is_untouched(tiny_encoder):
+    """The GPU settings are checked at load (one line naming the setting), default to the fused
+    path in float32 without graphs, and the numpy backend gets no GPU twin whatever they say."""
+    from engine.core.settings import SettingError, Settings
+    with pytest.raises(SettingError, match="setting gpu_path = 'fast': choose one of fused, plain"):
+        Settings.resolve(gpu_path="fast")
+    with pytest.raises(SettingError, match="setting precision = 'fp8'"):
+        gpu.GpuForward(tiny_encoder, precision="fp8", ops="numpy")
+    with pytest.raises(SettingError, match="setting cuda_graphs = 'yes': True or False"):
+        engine.Encoder(TINY, random_tensors(TINY, seed=0), cuda_graphs="yes")
+    defaults = Settings()
+    assert (defaults.gpu_path, defaults.precision, defaults.cuda_graphs) == ("fused", "float32", False)
+    assert engine.Encoder(TINY, random_tensors(TINY, seed=0), gpu_path="fused", precision="tf32").fast_forward is None
     assert tiny_encoder.fast_forward is None
 
 
@@ -415,7 +418,7 @@ def test_gpu_matmul_layouts(precision, rng):
 def test_gpu_fused_forward_matches_twins_and_plain(precision, tiny_encoder):
     cupy = _cupy()
     enc_cpu = tiny_encoder
-    tensors = gpu.random_tensors(TINY, seed=0)
+    tensors = random_tensors(TINY, seed=0)
     fused = engine.Encoder(TINY, tensors, backend="cupy", precision=precision)
     plain = engine.Encoder(TINY, tensors, backend="cupy", gpu_path="plain")
     assert fused.fast_forward is not None and plain.fast_forward is None
@@ -438,7 +441,7 @@ def test_gpu_fused_forward_matches_twins_and_plain(precision, tiny_encoder):
 @pytest.mark.gpu
 def test_gpu_cuda_graphs_match_eager(tiny_encoder):
     _cupy()
-    tensors = gpu.random_tensors(TINY, seed=0)
+    tensors = random_tensors(TINY, seed=0)
     eager = engine.Encoder(TINY, tensors, backend="cupy")
     graphs = engine.Encoder(TINY, tensors, backend="cupy", cuda_graphs=True)
     for seed in range(4):        # call 1 eager, call 2 captures, calls 3-4 replay

@@ -1,4 +1,6 @@
-"""Each kernel against the TensorFlow / Model Garden layer it reimplements, with stated tolerances.
+"""Each kernel, and each sublayer of the model's forward (engine/core/tape.py: the block's attention
+and feed-forward, the MLM head), against the TensorFlow / Model Garden layer it reimplements, with
+stated tolerances.
 
 Tolerances are relative to the largest magnitude of the TF result: float32 kernels that follow the
 same order of operations agree to a few ulps, so 1e-6 (x max|TF|) is the bound unless stated.
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine.core import kernels as K
+from engine.core import tape as T
 from engine.core.model import AttentionWeights, FeedForwardWeights
 
 tf = pytest.importorskip("tensorflow")
@@ -105,7 +108,7 @@ def test_talking_heads_attention_matches_model_garden(rng, B, S, H, N):
     mask[:, 0] = 1
     mask3d = np.broadcast_to(mask[:, None, :], (B, S, S)).astype(np.float32)
     theirs = layer(query=x, value=x, attention_mask=mask3d).numpy()
-    ours = K.talking_heads_attention(x, K.attention_mask_adder(mask, np.float32), p)
+    ours = T.talking_heads_attention(x, K.attention_mask_adder(mask, np.float32), p)
     report_close(f"talking_heads_attention B{B} S{S} H{H} N{N}", ours, theirs, rtol=2e-6)
 
 
@@ -124,7 +127,7 @@ def test_geglu_feedforward_matches_gated_feedforward(rng):
         w[key] = value.astype(np.float32)
     p = FeedForwardWeights(w["intermediate_0/kernel"], w["intermediate_0/bias"], w["gate_0/kernel"], w["gate_0/bias"],
                            w["output_0/kernel"], w["output_0/bias"])
-    ours = K.layer_norm(K.geglu_feedforward(x, p) + x, w["output_layer_norm_0/gamma"], w["output_layer_norm_0/beta"], 1e-12)
+    ours = K.layer_norm(T.geglu_feedforward(x, p) + x, w["output_layer_norm_0/gamma"], w["output_layer_norm_0/beta"], 1e-12)
     report_close("geglu_feedforward+LN", ours, layer(tf.constant(x)).numpy(), rtol=2e-6)
 
 
@@ -145,8 +148,8 @@ def test_gather_and_mlm_head_match_masked_lm(rng):
     theirs = head(tf.constant(seq), masked_positions=tf.constant(pos)).numpy()
     gathered = K.gather_positions(seq, pos)
     np.testing.assert_array_equal(gathered, seq[np.arange(B)[:, None], pos])
-    ours = K.mlm_logits(gathered, kernel, bias, gamma, beta, table.numpy(), head.bias.numpy(), 1e-12)
-    report_close("mlm_logits", ours, theirs, rtol=2e-6)
+    ours = T.mlm_head(gathered, kernel, bias, gamma, beta, table.numpy(), head.bias.numpy(), 1e-12)
+    report_close("mlm_head", ours, theirs, rtol=2e-6)
 
 
 def test_talking_heads_mix_is_the_einsum(rng):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.tools import parity
+from engine.tools import parity, verdict
 from tests.judging import assert_pass, engines, judge, random_inputs, tf_outputs
 
 pytest.importorskip("tensorflow")
@@ -109,13 +109,13 @@ def test_all_padding_row_is_uniform_attention_in_both_precisions(tiny_savedmodel
     assert np.abs(exact - theirs).max() <= 1e-5 * np.abs(theirs).max()
 
 
-def test_fixed_tolerance_compare_still_available(tiny_savedmodel, tiny_h5):
-    """The plain threshold for people who port to other hardware: parity.compare at 1e-5 x max|TF|
-    holds on the tiny random model (measured maxima printed), and fails at 1e-12."""
+def test_the_fixed_tolerance_on_the_outputs(tiny_savedmodel, tiny_h5):
+    """The plain threshold for people who port to other hardware (the verdict's fixed tolerance, through
+    parity.compare): 1e-5 x max|TF| holds on the tiny random model (measured maxima printed), 1e-12 fails."""
     enc = engines(tiny_h5)["readable"]
     inputs = random_inputs(enc.config, dict(batch=3, seq_length=40, all_padding_row=True), seed=5)
     ours, theirs = engine.to_numpy(enc.mlm(inputs)), tf_outputs(tiny_savedmodel, inputs)
     diffs = parity.compare(ours, theirs, 1e-5)
-    print(parity.format_table(diffs))
+    print(verdict.format_table(diffs))
     assert all(d.ok for d in diffs)
     assert not all(d.ok for d in parity.compare(ours, theirs, 1e-12))

@@ -95,35 +95,30 @@ def test_twenty_steps_equal_model_gardens_training(task, size, tiny_savedmodel, 
     assert v.ok, "\n".join(v.failures())
 
 
-def test_fused_adamw_step_is_bit_for_bit_the_numpy_step(monkeypatch):
-    """The fused optimizer step (engine/fast/fused.py adamw_dense, one pass per tensor) against the
+def test_fused_adamw_step_is_bit_for_bit_the_numpy_step():
+    """The fused optimizer step (engine/fast/adamw.py adamw_dense, one pass per tensor) against the
     NumPy step it replaces: the same float32 arithmetic in the same order, so the same bits, over
     five steps with decayed and undecayed weights, warm-up and clipping (gradients of norm > 1).
-    Kernels in the fast path's transposed storage (a [H,N,D] view of a Fortran-order [H,3ND], an
-    [I,H] in Fortran order), with gradients in the same layout (engine.core.backward.dense_backward),
-    run the fused step too."""
-    from engine.fast import fused
-    if not fused.enabled():
-        pytest.skip(f"fused kernels {fused.status()}")
+    C-order tensors take the fused step; a strided view (a column slice) the NumPy one."""
+    from engine.fast import adamw
+    if not adamw.enabled():
+        pytest.skip("numba is not importable")
     rng = np.random.default_rng(0)
     shapes = {"layers/0/attention/query/kernel": (64, 4, 16), "layers/0/attention/query/bias": (4, 16),
               "pooler/kernel": (300_001,),   # longer than one thread block
               "layers/0/attention/key/kernel": (64, 4, 16), "layers/0/feedforward/output/kernel": (96, 64)}
-    transposed = {"layers/0/attention/key/kernel": lambda a: np.asfortranarray(np.concatenate(
-                      [a.reshape(64, 64), a.reshape(64, 64)], axis=1))[:, :64].reshape(64, 4, 16),
-                  "layers/0/feedforward/output/kernel": np.asfortranarray}
+    strided = {"layers/0/feedforward/output/kernel": lambda a: np.concatenate([a, a], axis=1)[:, :64]}
     names = {p: p.replace("/", "_") for p in shapes}
-    layout = lambda p, a: transposed.get(p, lambda x: x)(a)  # noqa: E731
+    layout = lambda p, a: strided.get(p, lambda x: x)(a)  # noqa: E731
     start = {p: layout(p, rng.standard_normal(s).astype(np.float32)) for p, s in shapes.items()}
-    grads = [{p: layout(p, rng.standard_normal(s).astype(np.float32)) for p, s in shapes.items()} for _ in range(5)]
-    for p in transposed:
-        assert not start[p].flags.c_contiguous and start[p].strides == grads[0][p].strides
-        assert AdamWeightDecay._fusable(start[p], grads[0][p], np.zeros_like(start[p]), np.zeros_like(start[p]))
+    grads = [{p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()} for _ in range(5)]
+    for p, a in start.items():
+        zeros = np.zeros_like(a)
+        assert AdamWeightDecay._fusable(a, grads[0][p], zeros, zeros) == (p not in strided), p
     results = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("TALKHEADS_FUSED", setting)
-        params = {p: np.copy(a, order="K") for p, a in start.items()}
-        opt = AdamWeightDecay(LinearSchedule(1e-3, 10, 2), names)
+    for fused in (True, False):
+        params = {p: np.copy(a, order="K") if p not in strided else layout(p, a) for p, a in start.items()}
+        opt = AdamWeightDecay(LinearSchedule(1e-3, 10, 2), names, fused=fused)
         for g in grads:
             opt.apply(params, g)
         results.append((params, opt.m, opt.v))
@@ -143,11 +138,62 @@ def test_trainer_kernel_choice(tiny_h5):
     schedule = LinearSchedule(**SCHEDULE)
     fast = Trainer(engine.load(tiny_h5), loaded.sources, schedule)
     assert fast.kernels is (tape_kernels.FUSED_KERNELS if fused.enabled() else tape_kernels.READABLE_KERNELS)
-    assert Trainer(engine.load(tiny_h5), loaded.sources, schedule, readable=True).kernels is None
+    assert Trainer(engine.load(tiny_h5, fast=True), loaded.sources, schedule,
+                   readable=True).kernels is tape_kernels.READABLE_KERNELS
     f64 = Trainer(engine.load(tiny_h5, dtype="float64"), loaded.sources, schedule)
     assert f64.kernels is tape_kernels.READABLE_KERNELS
-    from engine.cli.main import build_parser
-    for command in ("finetune", "pretrain"):
-        args = build_parser().parse_args([command, "--weights", tiny_h5, "--output", "x.h5", "--readable",
-                                          "--train" if command == "finetune" else "--input", "data"])
-        assert args.readable is True
+
+
+def test_readable_reaches_the_trainer_from_the_command_line(tiny_h5, tmp_path, monkeypatch):
+    """`finetune/pretrain --readable` builds the Trainer with the readable kernels; without it, the
+    fused ones when Numba is there (one step each, through engine.cli.main)."""
+    from engine.cli.main import main
+    from engine.fast import fused, tape_kernels
+    from engine.train import finetune, pretrain
+    built = []
+
+    class Recorded(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.kernels)
+    monkeypatch.setattr(finetune, "Trainer", Recorded)
+    monkeypatch.setattr(pretrain, "Trainer", Recorded)
+    train, corpus = tmp_path / "t.csv", tmp_path / "c.txt"
+    train.write_text("text,label\nthe cat sat,a\nstocks fell,b\n", encoding="utf-8")
+    corpus.write_text("the cat sat on the mat\n", encoding="utf-8")
+    default = tape_kernels.FUSED_KERNELS if fused.enabled() else tape_kernels.READABLE_KERNELS
+    for command, data in (("finetune", ["--train", str(train)]), ("pretrain", ["--input", str(corpus)])):
+        for flag, kernels in (([], default), (["--readable"], tape_kernels.READABLE_KERNELS)):
+            out = tmp_path / f"{command}{len(flag)}.h5"
+            assert main([command, "--weights", tiny_h5, *data, "--output", str(out), "--max-steps", "1", *flag]) == 0
+            assert built[-1] is kernels, (command, flag)
+    assert len(built) == 4
+
+
+def test_a_trained_fast_encoder_runs_its_trained_weights(tiny_trained_h5):
+    """Training works on the model's own arrays; the fast twin derives its arrays from them and is
+    rebuilt after each step (engine.Encoder.weights_changed, called by the Trainer). After three
+    MLM steps on an engine.load(..., fast=True) encoder, its fast forward passes the verdict against
+    the readable forward of the trained weights (float64 of them the truth), and the untrained
+    outputs fail it (the weights moved by far more than float32 noise: a stale twin would fail)."""
+    loaded = weights.load(tiny_trained_h5)
+    cfg = loaded.config
+    fast = engine.load(tiny_trained_h5, fast=True)
+    before_twin = fast.fast_forward
+    inputs = parity.random_inputs(np.random.default_rng(7), 4, 24, cfg.vocab_size, padding=True, num_positions=5)
+    untrained = engine.to_numpy(fast.mlm(inputs))
+    trainer = Trainer(fast, loaded.sources, LinearSchedule(init_lr=1e-3, num_train_steps=3))
+    for batch in _batches(cfg, mlm=True, seed=2)[:3]:
+        trainer.step(batch)
+    assert fast.fast_forward is not before_twin
+    trained = {p: np.array(a) for p, a in fast.parameters().items()}
+    readable = engine.Encoder(cfg, trained)
+    exact = engine.Encoder(cfg, {p: a.astype(np.float64) for p, a in trained.items()}, dtype="float64")
+    flat = parity.flatten_outputs
+    want, truth = flat(engine.to_numpy(readable.mlm(inputs))), flat(engine.to_numpy(exact.mlm(inputs)))
+    got = flat(engine.to_numpy(fast.mlm(inputs)))
+    judgements = verdict.judge_all(got, want, truth, others=[want])
+    print("\n" + verdict.format_table(judgements))
+    assert all(j.ok for j in judgements), [j.detail for j in judgements if not j.ok]
+    stale = verdict.judge_all(flat(untrained), want, truth, others=[want])
+    assert not any(j.ok for j in stale), "training moved the outputs by more than float32 noise"

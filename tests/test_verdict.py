@@ -1,7 +1,8 @@
 """The verdict of engine.tools.verdict: it passes a correct engine on realistic weights and fails
 small real changes.
 
-- the rules on synthetic noise (each rule can fail, the floor, masks, non-finite, missing);
+- the rules on synthetic noise (each rule can fail, the floor, masks, non-finite, missing), the
+  fixed tolerance and the one table, without TensorFlow;
 - teeth: weight files that differ from the SavedModel by a small shift FAIL (a 1e-4 shift of one
   LayerNorm beta deep in the model, at tiny and at base size), through the API and `verify`;
   a modelling bug shared by the engine's float32 and float64 runs FAILs (the trap of a float64
@@ -17,10 +18,9 @@ import pytest
 
 import engine
 from engine.core import kernels as K
-from engine.tools import verdict
-from tests.judging import assert_pass, engines, judge, random_inputs, tf_outputs
-
-pytest.importorskip("tensorflow")
+from engine.tools import compare, parity, verdict
+from tests import isolated
+from tests.judging import assert_pass, engines, judge, needs_tensorflow, random_inputs, tf_outputs
 
 
 # ------------------------------------------------------------------------------------------ the rules
@@ -71,6 +71,60 @@ def test_few_vectors_judge_their_rms_as_a_tail():
     assert verdict.noise_factors((8, 256)) == verdict.NOISE_FACTOR
 
 
+def test_the_fixed_tolerance_is_a_rule_of_the_verdict():
+    """max|candidate - reference| <= rtol x max|reference|, masked logits as a pattern; the same record."""
+    rng = np.random.default_rng(2)
+    ref = rng.normal(0, 1, (4, 6, 8)).astype(np.float32)
+    scale = float(np.abs(ref).max())
+    close = ref + np.float32(0.5e-5 * scale)
+    j = verdict.judge_tolerance("x", close, ref, rtol=1e-5)
+    assert j.ok and j.rule == verdict.TOLERANCE_RULE and j.tf is None
+    assert abs(j.max_abs - 0.5e-5 * scale) < 1e-7 * scale and j.max_ref == scale and 0.4e-5 < j.relative < 0.6e-5
+    far = ref.copy()
+    far[1, 2, 3] += np.float32(2e-5 * scale)
+    j = verdict.judge_tolerance("x", far, ref, rtol=1e-5)
+    assert j.status == "FAIL" and "largest at index (1, 2, 3)" in j.detail, j.detail
+    assert verdict.judge_tolerance("x", far, ref, rtol=1e-4).ok
+    assert verdict.judge_tolerance("x", ref.transpose(0, 2, 1), ref, transpose=[0, 2, 1]).max_abs == 0.0
+    assert verdict.judge_tolerance("x", ref.reshape(24, 8), ref).ok                   # any layout in C order
+    assert verdict.judge_tolerance("x", ref[:, :3], ref).status == "shape"
+    bad = ref.copy()
+    bad[0, 0, 1] = np.inf
+    assert verdict.judge_tolerance("x", bad, ref).status == "nonfinite"
+    masked = np.where(ref > 1, np.float32(-1e9), ref)
+    assert verdict.judge_tolerance("x", masked, masked).ok
+    assert verdict.judge_tolerance("x", ref, masked).status == "mask"
+
+
+def test_parity_and_compare_judge_by_the_fixed_tolerance():
+    ours = {"sequence_output": np.ones((2, 3, 4)), "pooled_output": np.ones((2, 4)) + 3e-5}
+    theirs = {"sequence_output": np.ones((2, 3, 4)), "pooled_output": np.ones((2, 4))}
+    judged = {j.name: j for j in parity.compare(ours, theirs, 1e-5)}
+    assert judged["sequence_output"].ok and not judged["pooled_output"].ok
+    assert all(j.ok for j in parity.compare(ours, theirs, 1e-5, pooled_rtol=1e-4))
+    with pytest.raises(ValueError, match="outputs differ"):
+        parity.compare({"sequence_output": ours["sequence_output"]}, theirs)
+    steps = compare.compare({"a": np.ones(3), "b": np.ones(3)}, {"a": np.ones(3)})
+    assert [j.status for j in steps] == ["ok", "missing"] and not compare.agree(steps)
+    assert verdict.first_failure(steps).name == "b" and "1 missing (first b)" in compare.summary(steps)
+    assert not compare.agree([])
+
+
+def test_one_table_for_both_rules():
+    truth = np.random.default_rng(3).normal(0, 1, (16, 32))
+    noise = verdict.judge_all({"a": truth, "b": truth + 1e-3}, {"a": truth, "b": truth}, {"a": truth, "b": truth})
+    table = verdict.format_table(noise)
+    assert "engine vs TF" in table and "b  " in table and table.count("<-- first") == 1
+    assert table.splitlines()[-1].rstrip().endswith("FAIL  <-- first")
+    fixed = [verdict.judge_tolerance("a", truth, truth), verdict.judge_tolerance("b", truth + 1.0, truth)]
+    table = verdict.format_table(fixed)
+    assert "max|diff|" in table and "tolerance" in table and table.splitlines()[-1].endswith("FAIL  <-- first")
+    assert table.splitlines()[1].split()[-1] == "PASS"
+    with pytest.raises(ValueError, match="one rule per table"):
+        verdict.format_table(noise + fixed)
+    assert fixed[1].as_dict()["tolerance"] == verdict.DEFAULT_RTOL and "engine_vs_tf" in noise[0].as_dict()
+
+
 # ------------------------------------------------------------------------------------------ teeth
 
 def _shifted_copy(h5, tmp_path, dataset, delta):
@@ -81,6 +135,7 @@ def _shifted_copy(h5, tmp_path, dataset, delta):
     return str(path)
 
 
+@needs_tensorflow
 @pytest.mark.parametrize("model", ["random", "trained"])
 def test_a_1e4_shift_of_one_layernorm_beta_fails_at_tiny(model, request, tmp_path):
     savedmodel = request.getfixturevalue("tiny_savedmodel" if model == "random" else "tiny_trained_savedmodel")
@@ -92,19 +147,23 @@ def test_a_1e4_shift_of_one_layernorm_beta_fails_at_tiny(model, request, tmp_pat
     assert "encoder_outputs[1]" in failed and "encoder_outputs[0]" not in failed, failed
 
 
+@needs_tensorflow
 @pytest.mark.slow
 def test_a_1e4_shift_of_one_layernorm_beta_fails_at_base(base_trained_savedmodel, base_trained_h5, tmp_path):
     """The acceptance case: base size, trained-like weights, block 6 of 12; through `verify`."""
     from engine.cli import main as cli
     bad = _shifted_copy(base_trained_h5, tmp_path, "layers/6/attention_layer_norm/beta", 1e-4)
-    assert cli.main(["verify", "--savedmodel", base_trained_savedmodel, "--weights", bad, "--batch", "4"]) == \
-        cli.EXIT_MISMATCH
+    # verify in a process of its own (tests/isolated.call): its encoders and TF model are gone before judge's
+    assert isolated.call(cli.main, ["verify", "--savedmodel", base_trained_savedmodel, "--weights", bad,
+                                    "--batch", "4"]) == cli.EXIT_MISMATCH
     inputs = random_inputs(engine.load(bad).config, dict(batch=4, seq_length=128), seed=3)
-    judgements = judge(base_trained_savedmodel, bad, inputs, path="fast", label="base trained-like, beta + 1e-4")
+    judgements = judge(base_trained_savedmodel, bad, inputs, path="fast", label="base trained-like, beta + 1e-4",
+                       theirs=isolated.call(tf_outputs, base_trained_savedmodel, inputs))   # TF apart, as verify
     failed = [j.name for j in judgements if not j.ok]
     assert "encoder_outputs[6]" in failed and not any(f"[{i}]" in f for f in failed for i in range(6)), failed
 
 
+@needs_tensorflow
 def test_a_modelling_bug_shared_by_float32_and_float64_fails(tiny_trained_savedmodel, tiny_trained_h5, monkeypatch):
     """The trap: a wrong formula in the engine is in its float64 truth too, so the engine's error
     stays at noise level; TF's distance to that 'truth' grows, and the noise rule fails it."""
@@ -118,6 +177,7 @@ def test_a_modelling_bug_shared_by_float32_and_float64_fails(tiny_trained_savedm
     assert_pass(judge(tiny_trained_savedmodel, tiny_trained_h5, inputs, label="GELU 0.044715", theirs=theirs))
 
 
+@needs_tensorflow
 def test_a_bug_in_the_float32_fast_path_alone_fails(tiny_trained_savedmodel, tiny_trained_h5):
     """The fast path folds the 1/sqrt(D) scale into its copy of W_pre; that copy off by 1e-4
     (relative) in block 1: only the float32 engine has it, its error against float64 grows, and the
@@ -138,6 +198,7 @@ def test_a_bug_in_the_float32_fast_path_alone_fails(tiny_trained_savedmodel, tin
 
 # ------------------------------------------------------------------------------------------ the factors
 
+@needs_tensorflow
 def test_verdict_factors_hold_with_margin_on_the_tiny_models(tiny_savedmodel, tiny_h5, tiny_trained_savedmodel,
                                                              tiny_trained_h5):
     """The worst measured ratios of the two errors over the tiny models, both paths and several

@@ -147,8 +147,8 @@ def build_model(weights, mlm: bool = False):
 
     layer_outputs = []
     for i in range(L):
-        p = f"layers/{i}"
-        w = lambda name: t[f"{p}/{name}"]  # noqa: E731
+        p = fmt.block_prefix(i).rstrip("/")                                           # node names
+        w = lambda name: t[fmt.block_path(i, name)]  # noqa: E731
         # attention
         qkv_kernel = np.concatenate([w(f"attention/{n}/kernel").reshape(H, ND) for n in ("query", "key", "value")], axis=1)
         qkv_bias = np.concatenate([w(f"attention/{n}/bias").reshape(ND) for n in ("query", "key", "value")])

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
 
@@ -169,6 +170,9 @@ MLM_TENSORS = {
 }
 
 
+_BLOCK_PATH = re.compile(r"layers/(\d+)/(.+)")
+
+
 def block_prefix(i: int) -> str:
     """The path prefix of block i's tensors (and of its trace steps): "layers/<i>/"."""
     return f"layers/{i}/"
@@ -179,6 +183,12 @@ def block_path(i: int, name: str) -> str:
     if name not in BLOCK_TENSORS:
         raise KeyError(f"{name!r} is not a block tensor; see weights.format.BLOCK_TENSORS")
     return block_prefix(i) + name
+
+
+def split_block_path(path: str) -> tuple[int, str] | None:
+    """(i, name) for the dataset path of block i's tensor `name`; None for any other path."""
+    m = _BLOCK_PATH.fullmatch(path)
+    return (int(m.group(1)), m.group(2)) if m and m.group(2) in BLOCK_TENSORS else None
 
 
 def dimension_sizes(config: ModelConfig) -> dict[str, int]:

@@ -26,7 +26,6 @@ def _shape_str(shape) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")"
 
 
-
 _TEMP_RE = r"\.{name}\.extract-(\d+)-[A-Za-z0-9_]+\.tmp"
 
 
@@ -65,7 +64,8 @@ def remove_stale_temps(out_path: str) -> list[str]:
     return removed
 
 
-def _write_dataset(f: h5py.File, path: str, array: np.ndarray, source: str) -> None:
+def write_dataset(f: h5py.File, path: str, array: np.ndarray, source: str) -> None:
+    """One float32 dataset with its `sha256` and `source` attributes (the one place datasets are written)."""
     ds = f.create_dataset(path, data=array, dtype="<f4")
     ds.attrs["sha256"] = fmt.tensor_checksum(array)
     ds.attrs["source"] = source
@@ -194,12 +194,12 @@ def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.
                 f.attrs[key] = value
             for path in expected:
                 array = np.ascontiguousarray(tensors[path], dtype=np.float32)
-                _write_dataset(f, path, array, (sources or {}).get(path, ""))
+                write_dataset(f, path, array, (sources or {}).get(path, ""))
                 if on_progress is not None:
                     on_progress(array.nbytes, path)
             if head is not None:
                 for name in ("kernel", "bias"):
-                    _write_dataset(f, f"head/{name}", np.ascontiguousarray(head[name], dtype=np.float32),
+                    write_dataset(f, f"head/{name}", np.ascontiguousarray(head[name], dtype=np.float32),
                                    head.get("sources", {}).get(name, ""))
                 f.create_dataset("head/labels", data=np.array(list(head["labels"]), dtype=object),
                                  dtype=h5py.string_dtype("utf-8"))
@@ -209,7 +209,3 @@ def write_weights(out_path: str, config: fmt.ModelConfig, tensors: dict[str, np.
                 ds.attrs["sha256"] = fmt.vocab_checksum(vocab)
                 ds.attrs["source"] = vocab_source or ""
     return os.path.abspath(out_path)
-
-
-# ----------------------------------------------------------------------------------------------
-

@@ -1,33 +1,27 @@
 """The backend switch: one array module `xp`, NumPy on the CPU or CuPy on the GPU.
 
-Every kernel is written once against `xp`. Pick the backend with `engine.load(..., backend=...)` or
-the environment variable TALKHEADS_BACKEND ("numpy", the default, or "cupy"). CuPy is optional and
-imported only when asked for.
+Every kernel is written once against `xp`. Pick the backend with `engine.load(..., backend=...)`,
+else the environment variable TALKHEADS_BACKEND ("numpy", the default, or "cupy"; read by
+engine.core.settings). CuPy is optional and imported only when asked for.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy
 
-BACKENDS = ("numpy", "cupy")
-ENV_VAR = "TALKHEADS_BACKEND"
+from engine.core.settings import resolve_setting
+
 DTYPES = ("float32", "float64")
 
 
 class BackendError(RuntimeError):
-    """The requested backend cannot be used here (unknown name, CuPy or a GPU missing)."""
+    """The requested backend cannot be used here (CuPy or a GPU missing)."""
 
 
 def resolve_name(name: str | None) -> str:
-    """The backend's name: the argument, else $TALKHEADS_BACKEND, else "numpy"."""
-    name = name or os.environ.get(ENV_VAR) or "numpy"
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} "
-                           f"(argument backend= or ${ENV_VAR})")
-    return name
+    """The backend's name: the argument, else $TALKHEADS_BACKEND, else "numpy" (an unknown name
+    fails with engine.core.settings.SettingError)."""
+    return resolve_setting("backend", name)
 
 
 def get_xp(name: str | None = None):
@@ -73,14 +67,14 @@ def check_dtype(dtype) -> str:
     return name
 
 
-MALLOC_ENV_VAR = "TALKHEADS_MALLOC_TUNING"
 _MALLOC_TUNED = False
 
 
 def reuse_freed_memory() -> bool:
     """Asks glibc's malloc to keep freed large blocks for reuse instead of returning them to the OS
-    (mallopt: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 4 GiB), once per process. Returns whether it
-    did.
+    (mallopt: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 2 GiB - 1, the largest value mallopt's int
+    takes), once per process. Returns whether it did. Called only when asked for: the Settings field
+    malloc_tuning (engine.load(...) / the Encoder's tape), or by a caller that owns the process.
 
     Why: by default every array over 32 MiB is a fresh mmap, and its first touch page-faults (slow
     on virtual machines). The backward pass keeps gigabytes of activations alive and allocates
@@ -88,21 +82,18 @@ def reuse_freed_memory() -> bool:
     measured on the base model at 8x128, the tape's step went from 6.4 s to 5.3 s, the GELU
     backward from 0.46 s to 0.13 s. TensorFlow's and PyTorch's caching allocators avoid the same
     cost. The price: memory freed by the process is kept for reuse (the resident size stays near
-    its peak). Set $TALKHEADS_MALLOC_TUNING=0 to leave malloc alone; elsewhere than Linux/glibc it is
-    a no-op.
+    its peak), for the whole process and every library in it. Elsewhere than Linux/glibc a no-op.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return True
-    if os.environ.get(MALLOC_ENV_VAR, "1").strip() in ("0", "false", "no", "off"):
-        return False
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        four_gib = 4 * 1024 ** 3 - 1
-        ok = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(min(four_gib, 2 ** 31 - 1))) == 1
-        ok = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)) == 1 and ok
+        largest = ctypes.c_int(2 ** 31 - 1)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, largest) == 1
+        ok = libc.mallopt(M_TRIM_THRESHOLD, largest) == 1 and ok
     except (OSError, AttributeError):
         return False
     _MALLOC_TUNED = ok

@@ -14,6 +14,7 @@ see apply_attention_mask_backward.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy
@@ -51,35 +52,38 @@ def scatter_add_rows(num_rows, ids, rows):
     return table
 
 
+@dataclasses.dataclass
+class RowGradient:
+    """The gradient of an embedding table as the rows that were looked up (tf.gather's
+    IndexedSlices): values[j] belongs to row ids[j]; repeated ids are separate entries until
+    summed. A few thousand rows instead of a [V,H] table."""
+    ids: object                   # [M] ints
+    values: object                # [M,H]
+    num_rows: int                 # V
+
+    def summed(self):
+        """(unique ids [U], their summed rows [U,H])."""
+        xp = array_module(self.values)
+        unique, inverse = xp.unique(self.ids, return_inverse=True)
+        return unique, scatter_add_rows(int(unique.shape[0]), inverse.reshape(-1), self.values)
+
+    def dense(self):
+        """The [V,H] table."""
+        return scatter_add_rows(self.num_rows, self.ids, self.values)
+
+    def scaled(self, factor) -> "RowGradient":
+        return RowGradient(self.ids, self.values * factor, self.num_rows)
+
+
 # ---------------------------------------------------------------------------- elementwise & norms
 
 def gelu_tanh_backward(x, dy):
     """y = 0.5x(1+t), t = tanh(u), u = k(x + c x^3):
-        dy/dx = 0.5(1+t) + 0.5x(1-t^2) k(1 + 3c x^2).                          [...] -> [...]
-
-    Computed in place on two [...] temporaries: this runs over the GEGLU width, the widest
-    elementwise work of the backward pass."""
+        dy/dx = 0.5(1+t) + 0.5x(1-t^2) k(1 + 3c x^2).                          [...] -> [...]"""
     xp = array_module(x)
-    c = x.dtype.type(GELU_TANH_COEFF)
-    k = x.dtype.type(SQRT_2_OVER_PI)
-    half, one = x.dtype.type(0.5), x.dtype.type(1.0)
-    x2 = x * x                                                                   # x^2
-    t = x2 * c                                                                   # t = tanh(k(x + c x^3))
-    t += one
-    t *= x
-    t *= k
-    xp.tanh(t, out=t)
-    x2 *= x.dtype.type(3.0) * c                                                  # k(1 + 3c x^2) * 0.5x(1 - t^2)
-    x2 += one
-    x2 *= k
-    x2 *= x
-    x2 *= half
-    x2 *= one - t * t
-    t += one                                                                     # + 0.5(1 + t)
-    t *= half
-    x2 += t
-    x2 *= dy
-    return x2
+    c, k, half, one, three = (x.dtype.type(v) for v in (GELU_TANH_COEFF, SQRT_2_OVER_PI, 0.5, 1.0, 3.0))
+    t = xp.tanh(k * (x + c * (x * x * x)))
+    return dy * (half * (one + t) + half * x * (one - t * t) * k * (one + three * c * (x * x)))
 
 
 def geglu_backward(x, gate, dy):
@@ -111,13 +115,7 @@ def dense_backward(x, kernel, bias, dy):
     [...,C] @ [C,F] -> ([...,C], [C,F], [F])"""
     C, F = kernel.shape
     dx = K.matmul_2d(dy, kernel.T)                                               # [...,F] @ [F,C] -> [...,C]
-    x2, dy2 = x.reshape(-1, C), dy.reshape(-1, F)
-    if kernel.strides[0] < kernel.strides[1]:
-        # a kernel stored transposed (the fast path's layout) gets its gradient in the same memory
-        # order, so that the optimizer updates both in one pass: the same numbers, transposed GEMM
-        dkernel = (dy2.T @ x2).T                                                 # ([F,M] @ [M,C])^T -> [C,F]
-    else:
-        dkernel = x2.T @ dy2                                                     # [C,M] @ [M,F] -> [C,F]
+    dkernel = x.reshape(-1, C).T @ dy.reshape(-1, F)                             # [C,M] @ [M,F] -> [C,F]
     return dx, dkernel, _sum_leading(dy)
 
 
@@ -241,24 +239,3 @@ def gather_positions_backward(sequence_output, positions, dgathered):
     B, S, H = sequence_output.shape
     flat = (xp.arange(B)[:, None] * S + positions).reshape(-1)                  # [B*P] rows of [B*S,H]
     return scatter_add_rows(B * S, flat, dgathered.reshape(-1, H)).reshape(B, S, H)
-
-
-def mlm_logits_backward(gathered, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias,
-                        eps, dlogits):
-    """logits = LN(gelu(g·Wd + bd))·word^T + bias, recomputing the forward's intermediates:
-        dbias = sum dlogits,  dword = dlogits^T·t (the tied decoder's share of the word table's gradient),
-        dt = dlogits·word, then layer_norm_backward, gelu_tanh_backward, dense_backward.
-    [B,P,V] -> dict of dgathered [B,P,H], dtransform_kernel, dtransform_bias, dln_gamma, dln_beta,
-               dword_table [V,H], doutput_bias [V]"""
-    V, H = word_table.shape
-    pre = K.dense(gathered, transform_kernel, transform_bias)                   # [B,P,H]
-    act = K.gelu_tanh(pre)                                                       # [B,P,H]
-    t = K.layer_norm(act, ln_gamma, ln_beta, eps)                                # [B,P,H]
-    doutput_bias = _sum_leading(dlogits)                                         # [V]
-    dword = dlogits.reshape(-1, V).T @ t.reshape(-1, H)                          # [V,M] @ [M,H] -> [V,H]
-    dt = K.matmul_2d(dlogits, word_table)                                        # [B,P,V] @ [V,H] -> [B,P,H]
-    dact, dgamma, dbeta = layer_norm_backward(act, ln_gamma, ln_beta, eps, dt)
-    dpre = gelu_tanh_backward(pre, dact)
-    dg, dkernel, dbias = dense_backward(gathered, transform_kernel, transform_bias, dpre)
-    return {"gathered": dg, "transform_kernel": dkernel, "transform_bias": dbias, "ln_gamma": dgamma,
-            "ln_beta": dbeta, "word_table": dword, "output_bias": doutput_bias}

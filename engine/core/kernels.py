@@ -10,8 +10,9 @@ Each function takes arrays of one backend and returns arrays of the same backend
 array module is taken from the arguments, so the same code runs on NumPy and on CuPy.
 
 These are the readable reference. They follow Model Garden's order of operations (which is what
-makes float32 results agree with TensorFlow to a few ulps); `engine.fast` and `engine.gpu` hold faster variants
-that the tests keep equal to these.
+makes float32 results agree with TensorFlow to a few ulps). engine/core/tape.py composes them into
+the model (the block, the MLM head), once; engine/core/backward.py holds each one's backward.
+`engine.fast` and `engine.gpu` hold faster variants that the tests keep equal to these.
 """
 
 from __future__ import annotations
@@ -105,12 +106,6 @@ def scale_scores(raw, head_size):
     return raw * raw.dtype.type(1.0 / math.sqrt(float(head_size)))
 
 
-def attention_scores(q, k):
-    """Scaled dot products, the scale applied after q·k as TalkingHeadsAttention does.
-    [B,S,N,D], [B,T,N,D] -> [B,N,S,T]"""
-    return scale_scores(raw_attention_scores(q, k), q.shape[-1])
-
-
 def talking_heads_mix(x, weight):
     """Mixes the heads: out[b,m,s,t] = sum_n x[b,n,s,t] * weight[n,m]. [B,N,S,T] x [N,N] -> [B,N,S,T]
 
@@ -177,51 +172,6 @@ def attention_output(ctx, kernel, bias):
     return dense(ctx.reshape(B, S, N * D), kernel.reshape(N * D, -1), bias)
 
 
-def talking_heads_attention(x, mask_adder, p, record=None):
-    """The talking-heads self-attention of one block, before the residual. [B,S,H] -> [B,S,H]
-
-    `p` holds the block's attention weights (see engine.core.model.AttentionWeights). `record(name, array)`,
-    when given, receives every intermediate (used by the trace).
-    """
-    rec = record or (lambda name, value: None)
-    q = qkv_projection(x, p.query_kernel, p.query_bias)              # [B,S,N,D]
-    k = qkv_projection(x, p.key_kernel, p.key_bias)                  # [B,T,N,D]
-    v = qkv_projection(x, p.value_kernel, p.value_bias)              # [B,T,N,D]
-    rec("q", q), rec("k", k), rec("v", v)
-    raw = raw_attention_scores(q, k)                                 # [B,N,S,T]
-    rec("raw_scores", raw)
-    scores = scale_scores(raw, q.shape[-1])                          # [B,N,S,T]
-    rec("scaled_scores", scores)
-    mixed = talking_heads_mix(scores, p.pre_softmax_weight)          # [B,N,S,T]
-    rec("mixed_scores", mixed)
-    masked = apply_attention_mask(mixed, mask_adder)                 # [B,N,S,T]
-    rec("masked_scores", masked)
-    probs = softmax(masked)                                          # [B,N,S,T]
-    rec("probs", probs)
-    mixed_probs = talking_heads_mix(probs, p.post_softmax_weight)    # [B,N,S,T]
-    rec("mixed_probs", mixed_probs)
-    ctx = attention_context(mixed_probs, v)                          # [B,S,N,D]
-    rec("context", ctx)
-    out = attention_output(ctx, p.output_kernel, p.output_bias)      # [B,S,H]
-    rec("attention_output", out)
-    return out
-
-
-# ---------------------------------------------------------------------------- feed-forward
-
-def geglu_feedforward(x, p, record=None):
-    """Gated GELU feed-forward, before the residual: (gelu(x·Wi+bi) * (x·Wg+bg))·Wo + bo.
-    [B,S,H] -> [B,S,I] -> [B,S,H]"""
-    rec = record or (lambda name, value: None)
-    gelu_branch = gelu_tanh(dense(x, p.intermediate_kernel, p.intermediate_bias))  # [B,S,I]
-    gate_branch = dense(x, p.gate_kernel, p.gate_bias)                               # [B,S,I]
-    hidden = gelu_branch * gate_branch                                               # [B,S,I]
-    rec("gelu_branch", gelu_branch), rec("gate_branch", gate_branch), rec("geglu", hidden)
-    out = dense(hidden, p.output_kernel, p.output_bias)                              # [B,S,H]
-    rec("feedforward_output", out)
-    return out
-
-
 # ---------------------------------------------------------------------------- heads
 
 def pooler(sequence_output, kernel, bias):
@@ -235,18 +185,3 @@ def gather_positions(sequence_output, positions):
     xp = array_module(sequence_output)
     batch = xp.arange(sequence_output.shape[0])[:, None]             # [B,1]
     return sequence_output[batch, positions]
-
-
-def mlm_logits(gathered, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias,
-               eps, record=None):
-    """MLM head on gathered vectors only: LN(gelu(g·Wd+bd)) · word^T + bias. [B,P,H] -> [B,P,V]
-
-    The output matrix is the word-embedding table (tied weights). Gathering first means logits are
-    computed for the P masked positions, never for all S.
-    """
-    rec = record or (lambda name, value: None)
-    t = gelu_tanh(dense(gathered, transform_kernel, transform_bias))               # [B,P,H]
-    rec("mlm_dense", t)
-    t = layer_norm(t, ln_gamma, ln_beta, eps)                                        # [B,P,H]
-    rec("mlm_transform", t)
-    return dense(t, word_table.T, output_bias)                                       # [B,P,H] @ [H,V] -> [B,P,V]

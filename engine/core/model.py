@@ -1,4 +1,4 @@
-"""The encoder and the MLM model, assembled from `engine.core.kernels`.
+"""The readable model: its weights, and the calls of the Hub model on them.
 
     E   = word[ids] + position[:S] + type[type_ids]          [B,S,H]
     x   = LN(E)
@@ -8,7 +8,10 @@
     pooled = tanh(x[:,0]·Wp + bp)                            [B,H]
     mlm    = LN(gelu(x[b,pos]·Wd + bd)) · word^T + bias      [B,P,V]
 
-Letters: see engine.core.kernels. The API mirrors the Hub model: `enc(inputs)` and `enc.mlm(inputs)`.
+The forward pass is written once, in engine/core/tape.py (encoder_forward, block_forward,
+mlm_forward): `model(inputs)` and `model.mlm(inputs)` run it keeping nothing, `model.tape` keeping
+what the backward needs, `model.trace` recording every intermediate. Letters: see
+engine.core.kernels. engine.Encoder (engine/api.py) is this model plus the choice of a faster path.
 """
 
 from __future__ import annotations
@@ -18,16 +21,15 @@ import dataclasses
 import numpy as np
 
 from engine.core import backend as backend_mod
-from engine.core import kernels as K
 from engine.core import tape as tape_mod
 from engine.core import trace as trace_mod
 from engine.core.inputs import validate
-from weights.format import ModelConfig, expected_shapes
+from weights.format import BLOCK_TENSORS, ModelConfig, block_path, expected_shapes
 
 
 @dataclasses.dataclass
 class AttentionWeights:
-    """Talking-heads attention weights of one block (arrays of the engine's backend and dtype)."""
+    """Talking-heads attention weights of one block (arrays of the model's backend and dtype)."""
     query_kernel: object          # [H,N,D]
     query_bias: object            # [N,D]
     key_kernel: object            # [H,N,D]
@@ -59,50 +61,82 @@ class BlockWeights:
     feedforward_ln: tuple         # (gamma [H], beta [H])
 
 
-def _block_weights(tensors, i, put) -> BlockWeights:
-    """Reads block i from the HDF5 paths of weights/format.py."""
-    t = lambda name: put(tensors[f"layers/{i}/{name}"])  # noqa: E731
-    attention = AttentionWeights(
-        query_kernel=t("attention/query/kernel"), query_bias=t("attention/query/bias"),
-        key_kernel=t("attention/key/kernel"), key_bias=t("attention/key/bias"),
-        value_kernel=t("attention/value/kernel"), value_bias=t("attention/value/bias"),
-        output_kernel=t("attention/output/kernel"), output_bias=t("attention/output/bias"),
-        pre_softmax_weight=t("attention/pre_softmax_weight"), post_softmax_weight=t("attention/post_softmax_weight"))
-    feedforward = FeedForwardWeights(
-        intermediate_kernel=t("feedforward/intermediate/kernel"), intermediate_bias=t("feedforward/intermediate/bias"),
-        gate_kernel=t("feedforward/gate/kernel"), gate_bias=t("feedforward/gate/bias"),
-        output_kernel=t("feedforward/output/kernel"), output_bias=t("feedforward/output/bias"))
-    return BlockWeights(attention, (t("attention_layer_norm/gamma"), t("attention_layer_norm/beta")),
-                        feedforward, (t("feedforward_layer_norm/gamma"), t("feedforward_layer_norm/beta")))
+# Where each block tensor of weights.format.BLOCK_TENSORS lives in BlockWeights: (part, field or index).
+BLOCK_FIELDS = {
+    "attention/query/kernel": ("attention", "query_kernel"), "attention/query/bias": ("attention", "query_bias"),
+    "attention/key/kernel": ("attention", "key_kernel"), "attention/key/bias": ("attention", "key_bias"),
+    "attention/value/kernel": ("attention", "value_kernel"), "attention/value/bias": ("attention", "value_bias"),
+    "attention/output/kernel": ("attention", "output_kernel"), "attention/output/bias": ("attention", "output_bias"),
+    "attention/pre_softmax_weight": ("attention", "pre_softmax_weight"),
+    "attention/post_softmax_weight": ("attention", "post_softmax_weight"),
+    "attention_layer_norm/gamma": ("attention_ln", 0), "attention_layer_norm/beta": ("attention_ln", 1),
+    "feedforward/intermediate/kernel": ("feedforward", "intermediate_kernel"),
+    "feedforward/intermediate/bias": ("feedforward", "intermediate_bias"),
+    "feedforward/gate/kernel": ("feedforward", "gate_kernel"), "feedforward/gate/bias": ("feedforward", "gate_bias"),
+    "feedforward/output/kernel": ("feedforward", "output_kernel"),
+    "feedforward/output/bias": ("feedforward", "output_bias"),
+    "feedforward_layer_norm/gamma": ("feedforward_ln", 0), "feedforward_layer_norm/beta": ("feedforward_ln", 1),
+}
+assert set(BLOCK_FIELDS) == set(BLOCK_TENSORS), "BLOCK_FIELDS covers weights.format.BLOCK_TENSORS"
+# The other tensors: HDF5 path -> (attribute of Model, None or the key of the entry in that attribute).
+TOP_FIELDS = {
+    "embeddings/word": ("word_table", None), "embeddings/position": ("position_table", None),
+    "embeddings/type": ("type_table", None),
+    "embeddings/layer_norm/gamma": ("embedding_ln", 0), "embeddings/layer_norm/beta": ("embedding_ln", 1),
+    "pooler/kernel": ("pooler_kernel", None), "pooler/bias": ("pooler_bias", None),
+    "mlm/transform/kernel": ("mlm_weights", "transform_kernel"),
+    "mlm/transform/bias": ("mlm_weights", "transform_bias"),
+    "mlm/layer_norm/gamma": ("mlm_weights", "ln_gamma"), "mlm/layer_norm/beta": ("mlm_weights", "ln_beta"),
+    "mlm/output_bias": ("mlm_weights", "output_bias"),
+}
 
 
-def transformer_block(x, mask_adder, w: BlockWeights, config: ModelConfig, record=None):
-    """One post-LN block: attention, residual, LN; GEGLU, residual, LN. [B,S,H] -> [B,S,H]"""
-    rec = record or (lambda name, value: None)
-    a = K.talking_heads_attention(x, mask_adder, w.attention, record=record)        # [B,S,H]
-    x = K.layer_norm(x + a, *w.attention_ln, config.layer_norm_epsilon)              # [B,S,H]
-    rec("attention_layer_norm", x)
-    f = K.geglu_feedforward(x, w.feedforward, record=record)            # [B,S,H]
-    x = K.layer_norm(f + x, *w.feedforward_ln, config.layer_norm_epsilon)            # [B,S,H]
-    rec("feedforward_layer_norm", x)
-    return x
+def block_weights(i: int, tensor) -> BlockWeights:
+    """Block i's weights, each read as tensor(HDF5 dataset path)."""
+    parts = {"attention": {}, "feedforward": {}, "attention_ln": [None, None], "feedforward_ln": [None, None]}
+    for name, (part, key) in BLOCK_FIELDS.items():
+        parts[part][key] = tensor(block_path(i, name))
+    return BlockWeights(AttentionWeights(**parts["attention"]), tuple(parts["attention_ln"]),
+                        FeedForwardWeights(**parts["feedforward"]), tuple(parts["feedforward_ln"]))
+
+
+def block_parameters(i: int, w: BlockWeights) -> dict:
+    """{HDF5 dataset path: array} of block i's weights."""
+    return {block_path(i, name): (getattr(w, part)[key] if isinstance(key, int) else getattr(getattr(w, part), key))
+            for name, (part, key) in BLOCK_FIELDS.items()}
 
 
 OUTPUT_NAMES = ("pooled_output", "sequence_output", "encoder_outputs", "default")
 
 
-class Encoder:
+def output_names(outputs) -> tuple:
+    """The names asked for (None: all four, as the Hub model), checked."""
+    names = OUTPUT_NAMES if outputs is None else tuple(outputs)
+    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs: unknown {unknown}; choose from {list(OUTPUT_NAMES)}")
+    return names
+
+
+def named_outputs(layers, pooled, names) -> dict:
+    """The Hub model's output dict, restricted to `names`."""
+    result = {"pooled_output": pooled, "sequence_output": layers[-1] if layers else None,
+              "encoder_outputs": layers, "default": pooled}
+    return {n: result[n] for n in OUTPUT_NAMES if n in names}
+
+
+class Model:
     """Talking-heads GEGLU BERT on NumPy or CuPy, called like the TF Hub SavedModel.
 
-        enc = engine.load("model.h5")
-        out = enc({"input_word_ids": ids, "input_mask": mask, "input_type_ids": types})
+        out = model({"input_word_ids": ids, "input_mask": mask, "input_type_ids": types})
         out["pooled_output"]    # [B,H]    (also out["default"])
         out["sequence_output"]  # [B,S,H]
         out["encoder_outputs"]  # L arrays [B,S,H], the last equal to sequence_output
-        enc.mlm({**inputs, "masked_lm_positions": pos})["mlm_logits"]   # [B,P,V]
+        model.mlm({**inputs, "masked_lm_positions": pos})["mlm_logits"]   # [B,P,V]
 
     Outputs are arrays of the chosen backend (CuPy arrays on "cupy"); `engine.to_numpy(out)` or
-    `enc.to_numpy(out)` brings any output (or the whole dict) back to NumPy.
+    `model.to_numpy(out)` brings any output (or the whole dict) back to NumPy. Its arrays are its
+    own, C order, as the file has them (np.asarray: no copy when the dtype matches).
     """
 
     def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
@@ -119,121 +153,69 @@ class Encoder:
         bad = [f"{k} {tuple(tensors[k].shape)} != {s}" for k, s in shapes.items() if tuple(tensors[k].shape) != s]
         if bad:
             raise ValueError(f"weights: mis-shaped tensors: {'; '.join(bad[:5])}")
-        put = lambda a: self.xp.asarray(np.asarray(a), dtype=self.dtype)  # noqa: E731
-        self.word_table = put(tensors["embeddings/word"])                  # [V,H]
-        self.position_table = put(tensors["embeddings/position"])          # [P,H]
-        self.type_table = put(tensors["embeddings/type"])                  # [T,H]
-        self.embedding_ln = (put(tensors["embeddings/layer_norm/gamma"]), put(tensors["embeddings/layer_norm/beta"]))
-        self.blocks = [_block_weights(tensors, i, put) for i in range(config.num_layers)]
-        self.pooler_kernel, self.pooler_bias = put(tensors["pooler/kernel"]), put(tensors["pooler/bias"])
+        put = lambda path: self.xp.asarray(np.ascontiguousarray(tensors[path]), dtype=self.dtype)  # noqa: E731
         self.has_mlm = config.has_mlm
-        if self.has_mlm:
-            self.mlm_weights = dict(
-                transform_kernel=put(tensors["mlm/transform/kernel"]), transform_bias=put(tensors["mlm/transform/bias"]),
-                ln_gamma=put(tensors["mlm/layer_norm/gamma"]), ln_beta=put(tensors["mlm/layer_norm/beta"]),
-                output_bias=put(tensors["mlm/output_bias"]))
-        # A faster forward of the same encoder (engine.fast or engine.gpu), attached by engine.Encoder:
-        # its encode(ids, mask, types, skip_padding) replaces the readable one below when nothing is
-        # recorded. The core itself never imports them.
-        self.fast_forward = None
-        # The tape's element-wise kernels when enc.tape(kernels=None): None is the readable set;
-        # engine.Encoder(..., fast=True) attaches the fused set of engine/fast/tape_kernels.py.
-        self.tape_kernels = None
+        parts = {"embedding_ln": [None, None], "mlm_weights": {}}
+        for path, (attr, key) in TOP_FIELDS.items():
+            if path in shapes:
+                if key is None:
+                    setattr(self, attr, put(path))
+                else:
+                    parts[attr][key] = put(path)
+        self.embedding_ln, self.mlm_weights = tuple(parts["embedding_ln"]), parts["mlm_weights"]
+        self.blocks = [block_weights(i, put) for i in range(config.num_layers)]
 
     # -------------------------------------------------------------------------------- forward
 
-    def _device_inputs(self, inputs, with_positions):
+    def device_inputs(self, inputs, with_positions):
+        """(ids, mask, types, positions or None) checked (engine.core.inputs) and on the backend."""
         ids, mask, types, positions = validate(inputs, self.config, with_positions)
         xp = self.xp
         return (xp.asarray(ids), xp.asarray(mask), xp.asarray(types),
                 None if positions is None else xp.asarray(positions))
 
-    def _encode(self, ids, mask, types, record=None, skip_padding=False, keep="all"):
-        """Embeddings, the L blocks and the pooler. Returns (encoder_outputs, pooled). keep: "all"
-        block outputs, the "last" one only, or none ("pooled"): a faster path may then skip
-        materializing them (the readable path computes them all the same)."""
-        if skip_padding and not getattr(self.fast_forward, "skips_padding", False):
-            raise ValueError("skip_padding=True needs the fast path: engine.load(..., fast=True)")
-        if self.fast_forward is not None and record is None:
-            return self.fast_forward.encode(ids, mask, types, skip_padding=skip_padding, keep=keep)
-        cfg = self.config
-        rec = record or (lambda name, value: None)
-        e = K.embed(ids, types, self.word_table, self.position_table, self.type_table)   # [B,S,H]
-        rec("embeddings/sum", e)
-        x = K.layer_norm(e, *self.embedding_ln, cfg.layer_norm_epsilon)                  # [B,S,H]
-        rec("embeddings/layer_norm", x)
-        mask_adder = K.attention_mask_adder(mask, self.dtype, cfg.attention_mask_constant)  # [B,1,1,T]
-        outputs = []
-        for i, w in enumerate(self.blocks):
-            block_rec = (lambda name, value, i=i: rec(f"layers/{i}/{name}", value)) if record else None
-            x = transformer_block(x, mask_adder, w, cfg, record=block_rec)               # [B,S,H]
-            outputs.append(x)
-        pooled = K.pooler(x, self.pooler_kernel, self.pooler_bias)                       # [B,H]
-        rec("pooled_output", pooled)
-        return outputs, pooled
+    def encode(self, ids, mask, types, record=None):
+        """Embeddings, the L blocks and the pooler on device int arrays [B,S], by the readable
+        forward (engine.core.tape.encoder_forward). -> (encoder_outputs [L x [B,S,H]], pooled [B,H])"""
+        return tape_mod.encoder_forward(self, ids, mask, types, record=record)
 
-    def __call__(self, inputs, skip_padding=False, outputs=None):
+    def __call__(self, inputs, outputs=None):
         """Encoder outputs for a dict of input_word_ids, input_mask, input_type_ids ([B,S] ints).
-        skip_padding=True (fast path only): padded positions are not computed (zeros); see
-        engine/fast/forward.py. outputs: the names to return (default: all four, as the Hub model);
-        asking for fewer lets the fast path skip materializing the others, e.g.
-        outputs=("pooled_output",) keeps no [B,S,H] array at all."""
-        names = OUTPUT_NAMES if outputs is None else tuple(outputs)
-        unknown = [n for n in names if n not in OUTPUT_NAMES]
-        if unknown:
-            raise ValueError(f"outputs: unknown {unknown}; choose from {list(OUTPUT_NAMES)}")
-        keep = "all" if "encoder_outputs" in names else "last" if "sequence_output" in names else "pooled"
-        ids, mask, types, _ = self._device_inputs(inputs, with_positions=False)
-        layers, pooled = self._encode(ids, mask, types, skip_padding=skip_padding, keep=keep)
-        result = {"pooled_output": pooled, "sequence_output": layers[-1] if layers else None,
-                  "encoder_outputs": layers, "default": pooled}
-        return {n: result[n] for n in OUTPUT_NAMES if n in names}
+        outputs: the names to return (default: all four, as the Hub model)."""
+        names = output_names(outputs)
+        ids, mask, types, _ = self.device_inputs(inputs, with_positions=False)
+        return named_outputs(*self.encode(ids, mask, types), names)
 
-    def mlm(self, inputs, record=None, skip_padding=False):
-        """The `.mlm` call: the encoder outputs plus mlm_logits [B,P,V] at masked_lm_positions [B,P]."""
+    def mlm(self, inputs, record=None):
+        """The `.mlm` call: the encoder outputs plus mlm_logits [B,P,V] at masked_lm_positions [B,P].
+        record(name, array), when given, receives every intermediate (engine/core/trace.py)."""
+        self._check_mlm()
+        ids, mask, types, positions = self.device_inputs(inputs, with_positions=True)
+        return self.with_mlm_logits(*self.encode(ids, mask, types, record=record), positions, record=record)
+
+    def _check_mlm(self):
         if not self.has_mlm:
             raise ValueError("this weights file is encoder-only (has_mlm false): no .mlm head")
-        ids, mask, types, positions = self._device_inputs(inputs, with_positions=True)
-        outputs, pooled = self._encode(ids, mask, types, record=record, skip_padding=skip_padding)
-        gathered = K.gather_positions(outputs[-1], positions)                            # [B,P,H]
-        if record:
-            record("mlm/gathered", gathered)
-        m = self.mlm_weights
-        logits = K.mlm_logits(gathered, m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"],
-                              self.word_table, m["output_bias"], self.config.layer_norm_epsilon,
-                              record=(lambda n, v: record(f"mlm/{n}", v)) if record else None)
-        if record:
-            record("mlm/logits", logits)
-        return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": outputs[-1],
-                "encoder_outputs": outputs}
+
+    def with_mlm_logits(self, layers, pooled, positions, record=None) -> dict:
+        """The .mlm call's outputs from the encoder's: mlm_logits by the readable head
+        (engine.core.tape.mlm_forward) at positions [B,P] (device ints)."""
+        logits = tape_mod.mlm_forward(self, layers[-1], positions, record=record)
+        return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": layers[-1],
+                "encoder_outputs": layers}
 
     def parameters(self) -> dict:
         """{HDF5 dataset path: the live array} of every weight, in the order of
         weights.format.expected_shapes. Updating these arrays in place (an optimizer does) changes
-        the readable model; a fast or GPU path attached at load keeps its own derived copies, so
-        reload the saved weights to use it afterwards."""
-        out = {"embeddings/word": self.word_table, "embeddings/position": self.position_table,
-               "embeddings/type": self.type_table, "embeddings/layer_norm/gamma": self.embedding_ln[0],
-               "embeddings/layer_norm/beta": self.embedding_ln[1]}
+        the model."""
+        shapes = expected_shapes(self.config)
+        out = {}
+        for path, (attr, key) in TOP_FIELDS.items():
+            if path in shapes:
+                out[path] = getattr(self, attr) if key is None else getattr(self, attr)[key]
         for i, w in enumerate(self.blocks):
-            a, f = w.attention, w.feedforward
-            for name in ("query", "key", "value", "output"):
-                out[f"layers/{i}/attention/{name}/kernel"] = getattr(a, f"{name}_kernel")
-                out[f"layers/{i}/attention/{name}/bias"] = getattr(a, f"{name}_bias")
-            out[f"layers/{i}/attention/pre_softmax_weight"] = a.pre_softmax_weight
-            out[f"layers/{i}/attention/post_softmax_weight"] = a.post_softmax_weight
-            out[f"layers/{i}/attention_layer_norm/gamma"], out[f"layers/{i}/attention_layer_norm/beta"] = w.attention_ln
-            for name in ("intermediate", "gate", "output"):
-                out[f"layers/{i}/feedforward/{name}/kernel"] = getattr(f, f"{name}_kernel")
-                out[f"layers/{i}/feedforward/{name}/bias"] = getattr(f, f"{name}_bias")
-            out[f"layers/{i}/feedforward_layer_norm/gamma"], out[f"layers/{i}/feedforward_layer_norm/beta"] = w.feedforward_ln
-        out["pooler/kernel"], out["pooler/bias"] = self.pooler_kernel, self.pooler_bias
-        if self.has_mlm:
-            m = self.mlm_weights
-            out.update({"mlm/transform/kernel": m["transform_kernel"], "mlm/transform/bias": m["transform_bias"],
-                        "mlm/layer_norm/gamma": m["ln_gamma"], "mlm/layer_norm/beta": m["ln_beta"],
-                        "mlm/output_bias": m["output_bias"]})
-        return {path: out[path] for path in expected_shapes(self.config)}
+            out.update(block_parameters(i, w))
+        return {path: out[path] for path in shapes}
 
     # -------------------------------------------------------------------------------- backward
 
@@ -244,10 +226,9 @@ class Encoder:
         it in a `with` block). With masked_lm_positions in the inputs, mlm_logits is recorded too.
         dropout: None (off, the default), a rate for both, or {"hidden": r, "attention": r}; the masks
         are drawn from `seed` (or taken from dropout_masks, e.g. another tape's .dropout_masks).
-        Runs the readable kernels, whatever path the encoder's forward uses, unless `kernels` (a
-        engine.core.tape.TapeKernels, e.g. engine.fast.tape_kernels.for_encoder(enc)) says otherwise."""
-        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks,
-                             kernels=kernels if kernels is not None else self.tape_kernels)
+        kernels: an engine.core.tape.TapeKernels for the element-wise stages and attention (None:
+        the readable ones)."""
+        return tape_mod.Tape(self, inputs, dropout=dropout, seed=seed, dropout_masks=dropout_masks, kernels=kernels)
 
     def vjp(self, inputs, cotangents: dict, dropout=None, seed: int = 0):
         """(outputs, grads): the outputs for `inputs` and, for every weight's HDF5 dataset path, the

@@ -1,5 +1,6 @@
-"""The backward pass of the whole model: a tape that records the forward pass once and returns the
-gradient of every weight for any cotangent of its outputs, NumPy or CuPy, float32 or float64.
+"""The model's forward pass, written once, and its backward: a tape that records the forward pass
+and returns the gradient of every weight for any cotangent of its outputs, NumPy or CuPy, float32
+or float64.
 
     tape = enc.tape(inputs)                           # the forward pass, activations kept
     tape.outputs["sequence_output"]                    # the same outputs as enc(inputs) / enc.mlm(inputs)
@@ -9,19 +10,24 @@ gradient of every weight for any cotangent of its outputs, NumPy or CuPy, float3
 
     outputs, grads = enc.vjp(inputs, cotangents)       # the one-shot form
 
+The forward (encoder_forward: embeddings, block_forward for each block, the pooler; mlm_forward:
+the MLM head) is the model's one definition. The plain call (engine.core.model.Model) runs it
+keeping nothing; the tape runs it with `saved`, a dict that each step fills with what its backward
+needs (llm.c's activations); the trace runs it with `record(name, array)`, which receives every
+intermediate (engine/core/trace.py names them). So with dropout off tape.outputs equals the plain
+forward bit for bit (tested).
+
 A cotangent is the gradient of some scalar loss with respect to an output, of that output's shape:
 sequence_output [B,S,H], pooled_output (or default) [B,H], encoder_outputs (a list of L [B,S,H],
 None for a block with none) and mlm_logits [B,P,V] (the inputs then include masked_lm_positions).
 The gradients are those of sum(cotangent * output) over every given output, which is what
 tf.GradientTape.gradient(outputs, variables, output_gradients=cotangents) computes.
 
-Each block's forward keeps what its backward needs (llm.c's activations) and nothing more; the
-forward is written with the same kernels in the same order as engine.core.model, so with dropout
-off tape.outputs equals the readable forward bit for bit (tested). Dropout, off by default, is
-Model Garden's: rate `hidden` after the embedding LayerNorm, on the attention output and on the
-feed-forward output (before each residual), rate `attention` on the mixed attention probabilities;
-its masks come from a seed (NumPy's generator, so the CPU and the GPU draw the same ones), are kept
-in tape.dropout_masks and are reused by the backward pass.
+Dropout, off by default, is Model Garden's: rate `hidden` after the embedding LayerNorm, on the
+attention output and on the feed-forward output (before each residual), rate `attention` on the
+mixed attention probabilities; its masks come from a seed (NumPy's generator, so the CPU and the GPU
+draw the same ones), are kept in tape.dropout_masks and are reused by the backward pass.
+Letters as in engine.core.kernels.
 """
 
 from __future__ import annotations
@@ -31,10 +37,17 @@ from typing import Callable
 
 import numpy as np
 
-from engine.core import backend as backend_mod
 from engine.core import backward as KB
 from engine.core import kernels as K
-from weights.format import expected_shapes
+from weights.format import block_prefix, expected_shapes
+
+
+def _ignore(name, value):
+    """The recorder when nobody records."""
+
+
+def _prefixed(record, prefix: str):
+    return None if record is None else (lambda name, value: record(prefix + name, value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,69 +78,17 @@ class Dropout:
         return out
 
 
-def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate):
-    """Talking-heads attention from the projections to the context, with dropout on the mixed
-    probabilities, as engine.core.kernels.talking_heads_attention computes it, keeping what its
-    backward needs. [B,S,N,D] x3 -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T])"""
-    raw = K.raw_attention_scores(q, k)                                           # [B,N,S,T]
-    scores = K.scale_scores(raw, q.shape[-1])
-    mixed = K.talking_heads_mix(scores, pre_softmax_weight)
-    probs = K.softmax(K.apply_attention_mask(mixed, mask_adder))                 # [B,N,S,T]
-    mixed_probs = K.talking_heads_mix(probs, post_softmax_weight)                # [B,N,S,T]
-    dropped_probs = K.dropout(mixed_probs, keep_probs, rate)
-    return K.attention_context(dropped_probs, v), probs, dropped_probs           # [B,S,N,D]
-
-
-def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate,
-                       probs, dropped_probs, dctx, record=None):
-    """The VJP of attention(), its steps in reverse; the scores are recomputed (one batched GEMM)
-    rather than kept. record(name, array) as in block_backward (mixed_probs, probs, masked_scores,
-    scaled_scores). -> (dq, dk, dv [B,S,N,D], dpre_softmax_weight, dpost_softmax_weight [N,N])"""
-    rec = record or (lambda name, value: None)
-    ddropped, dv = KB.attention_context_backward(dropped_probs, v, dctx)
-    dmixed_probs = KB.dropout_backward(None, keep_probs, rate, ddropped)
-    rec("mixed_probs", dmixed_probs)
-    dprobs, dpost = KB.talking_heads_mix_backward(probs, post_softmax_weight, dmixed_probs)
-    rec("probs", dprobs)
-    dmasked = KB.softmax_backward(probs, dprobs)
-    rec("masked_scores", dmasked)
-    dmixed = KB.apply_attention_mask_backward(None, mask_adder, dmasked)
-    scores = K.scale_scores(K.raw_attention_scores(q, k), q.shape[-1])          # recomputed
-    dscores, dpre = KB.talking_heads_mix_backward(scores, pre_softmax_weight, dmixed)
-    rec("scaled_scores", dscores)
-    draw = KB.scale_scores_backward(None, q.shape[-1], dscores)
-    dq, dk = KB.raw_attention_scores_backward(q, k, draw)
-    return dq, dk, dv, dpre, dpost
-
-
-@dataclasses.dataclass(frozen=True)
-class TapeKernels:
-    """The kernels the tape runs for its element-wise stages and its attention (projections to
-    context), the readable ones by default (looked up in engine.core.kernels / backward at each
-    call). A set with the same signatures can be handed
-    to Encoder.tape(kernels=...): the trainer hands in the fused set of engine/fast/tape_kernels.py
-    (the core never imports it)."""
-    layer_norm: Callable = lambda x, gamma, beta, eps: K.layer_norm(x, gamma, beta, eps)              # noqa: E731
-    geglu: Callable = lambda x, gate: K.geglu(x, gate)                                              # noqa: E731
-    layer_norm_backward: Callable = lambda x, gamma, beta, eps, dy: KB.layer_norm_backward(x, gamma, beta, eps, dy)  # noqa: E731
-    geglu_backward: Callable = lambda x, gate, dy: KB.geglu_backward(x, gate, dy)                   # noqa: E731
-    attention: Callable = attention
-    attention_backward: Callable = attention_backward
-
-
-READABLE_KERNELS = TapeKernels()
-
-
-class _Masks:
+class DropoutMasks:
     """The dropout masks of one forward pass, drawn in forward order from a seed, or given."""
 
-    def __init__(self, xp, dtype, rates: Dropout, seed, given):
+    def __init__(self, xp, dtype, rates: Dropout, seed=0, given=None):
         self.xp, self.dtype, self.rates = xp, dtype, rates
         self.rng = np.random.default_rng(seed)
         self.given = given or {}
         self.drawn = {}
 
     def keep(self, name: str, shape, rate: float):
+        """The 0/1 keep mask `name` of `shape`, or None when the rate is 0."""
         if rate == 0.0:
             return None
         if name in self.given:
@@ -140,62 +101,188 @@ class _Masks:
         return mask
 
 
-@dataclasses.dataclass
-class RowGradient:
-    """The gradient of an embedding table as the rows that were looked up (tf.gather's
-    IndexedSlices): values[j] belongs to row ids[j]; repeated ids are separate entries until
-    summed. A few thousand rows instead of a [V,H] table."""
-    ids: object                   # [M] ints
-    values: object                # [M,H]
-    num_rows: int                 # V
-
-    def summed(self):
-        """(unique ids [U], their summed rows [U,H])."""
-        xp = KB.array_module(self.values)
-        unique, inverse = xp.unique(self.ids, return_inverse=True)
-        return unique, KB.scatter_add_rows(int(unique.shape[0]), inverse.reshape(-1), self.values)
-
-    def dense(self):
-        """The [V,H] table."""
-        return KB.scatter_add_rows(self.num_rows, self.ids, self.values)
-
-    def scaled(self, factor) -> "RowGradient":
-        return RowGradient(self.ids, self.values * factor, self.num_rows)
+NO_DROPOUT = DropoutMasks(np, None, Dropout())   # every keep() None: nothing drawn, nothing kept
 
 
-def _attention_weight_grads(g: dict) -> dict:
-    return {f"attention/{k}": v for k, v in g.items()}
+# ---------------------------------------------------------------------------- attention, scores to context
+
+def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate, record=None):
+    """Talking-heads attention from the projections to the context, with dropout on the mixed
+    probabilities. [B,S,N,D] x3 -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T]):
+    the context and what the backward needs."""
+    rec = record or _ignore
+    raw = K.raw_attention_scores(q, k)                                           # [B,N,S,T]
+    rec("raw_scores", raw)
+    scores = K.scale_scores(raw, q.shape[-1])                                    # [B,N,S,T]
+    rec("scaled_scores", scores)
+    mixed = K.talking_heads_mix(scores, pre_softmax_weight)                      # [B,N,S,T]
+    rec("mixed_scores", mixed)
+    masked = K.apply_attention_mask(mixed, mask_adder)                           # [B,N,S,T]
+    rec("masked_scores", masked)
+    probs = K.softmax(masked)                                                    # [B,N,S,T]
+    rec("probs", probs)
+    mixed_probs = K.talking_heads_mix(probs, post_softmax_weight)                # [B,N,S,T]
+    rec("mixed_probs", mixed_probs)
+    dropped_probs = K.dropout(mixed_probs, keep_probs, rate)                     # [B,N,S,T]
+    return K.attention_context(dropped_probs, v), probs, dropped_probs           # [B,S,N,D]
 
 
-# ---------------------------------------------------------------------------- one block
+def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate,
+                       probs, dropped_probs, dctx, record=None):
+    """The VJP of attention(), its steps in reverse; the scores are recomputed (one batched GEMM)
+    rather than kept. record(name, array) as in block_backward (mixed_probs, probs, masked_scores,
+    scaled_scores). -> (dq, dk, dv [B,S,N,D], dpre_softmax_weight, dpost_softmax_weight [N,N])"""
+    rec = record or _ignore
+    ddropped, dv = KB.attention_context_backward(dropped_probs, v, dctx)         # [B,N,S,T], [B,T,N,D]
+    dmixed_probs = KB.dropout_backward(None, keep_probs, rate, ddropped)
+    rec("mixed_probs", dmixed_probs)
+    dprobs, dpost = KB.talking_heads_mix_backward(probs, post_softmax_weight, dmixed_probs)
+    rec("probs", dprobs)
+    dmasked = KB.softmax_backward(probs, dprobs)                                 # [B,N,S,T]
+    rec("masked_scores", dmasked)
+    dmixed = KB.apply_attention_mask_backward(None, mask_adder, dmasked)
+    scores = K.scale_scores(K.raw_attention_scores(q, k), q.shape[-1])          # recomputed
+    dscores, dpre = KB.talking_heads_mix_backward(scores, pre_softmax_weight, dmixed)
+    rec("scaled_scores", dscores)
+    draw = KB.scale_scores_backward(None, q.shape[-1], dscores)
+    dq, dk = KB.raw_attention_scores_backward(q, k, draw)                        # [B,S,N,D], [B,T,N,D]
+    return dq, dk, dv, dpre, dpost
 
-def block_forward(x, mask_adder, w, eps, masks: _Masks, prefix: str, kernels: TapeKernels = READABLE_KERNELS):
-    """engine.core.model.transformer_block with dropout, keeping its activations. [B,S,H] -> [B,S,H]"""
-    a, r = w.attention, masks.rates
+
+@dataclasses.dataclass(frozen=True)
+class TapeKernels:
+    """The kernels the forward runs for its element-wise stages and its attention (projections to
+    context), the readable ones by default (looked up in engine.core.kernels / backward at each
+    call). A set with the same signatures can be handed to Model.tape(kernels=...):
+    engine/fast/tape_kernels.py holds the fused set (the core never imports it)."""
+    layer_norm: Callable = lambda x, gamma, beta, eps: K.layer_norm(x, gamma, beta, eps)              # noqa: E731
+    geglu: Callable = lambda x, gate: K.geglu(x, gate)                                              # noqa: E731
+    layer_norm_backward: Callable = lambda x, gamma, beta, eps, dy: KB.layer_norm_backward(x, gamma, beta, eps, dy)  # noqa: E731
+    geglu_backward: Callable = lambda x, gate, dy: KB.geglu_backward(x, gate, dy)                   # noqa: E731
+    attention: Callable = attention
+    attention_backward: Callable = attention_backward
+
+
+READABLE_KERNELS = TapeKernels()
+
+
+# ---------------------------------------------------------------------------- the forward, written once
+
+def talking_heads_attention(x, mask_adder, a, *, kernels=READABLE_KERNELS, masks=None, prefix="", saved=None,
+                            record=None):
+    """The block's self-attention, before the residual: q, k, v projections, talking-heads
+    attention, output projection. `a`: engine.core.model.AttentionWeights. [B,S,H] -> [B,S,H]"""
+    rec, masks = record or _ignore, masks or NO_DROPOUT
+    rate = masks.rates.attention
     q = K.qkv_projection(x, a.query_kernel, a.query_bias)                        # [B,S,N,D]
     k = K.qkv_projection(x, a.key_kernel, a.key_bias)                            # [B,T,N,D]
     v = K.qkv_projection(x, a.value_kernel, a.value_bias)                        # [B,T,N,D]
+    rec("q", q), rec("k", k), rec("v", v)
     B, S, N, _ = q.shape
-    keep_probs = masks.keep(prefix + "attention_probs", (B, N, S, k.shape[1]), r.attention)
+    keep_probs = masks.keep(prefix + "attention_probs", (B, N, S, k.shape[1]), rate)
     ctx, probs, dropped_probs = kernels.attention(q, k, v, a.pre_softmax_weight, a.post_softmax_weight,
-                                                  mask_adder, keep_probs, r.attention)  # [B,S,N,D]
-    attn = K.attention_output(ctx, a.output_kernel, a.output_bias)               # [B,S,H]
-    keep_attn = masks.keep(prefix + "attention_output", attn.shape, r.hidden)
-    h1 = x + K.dropout(attn, keep_attn, r.hidden)                                # [B,S,H]
-    x1 = kernels.layer_norm(h1, *w.attention_ln, eps)
-    f = w.feedforward
-    pre_gelu = K.dense(x1, f.intermediate_kernel, f.intermediate_bias)           # [B,S,I]
-    gate = K.dense(x1, f.gate_kernel, f.gate_bias)                               # [B,S,I]
-    hidden = kernels.geglu(pre_gelu, gate)                                       # [B,S,I]
-    out = K.dense(hidden, f.output_kernel, f.output_bias)                        # [B,S,H]
-    keep_out = masks.keep(prefix + "feedforward_output", out.shape, r.hidden)
-    h2 = K.dropout(out, keep_out, r.hidden) + x1
-    y = kernels.layer_norm(h2, *w.feedforward_ln, eps)                           # [B,S,H]
-    cache = dict(x=x, q=q, k=k, v=v, probs=probs, dropped_probs=dropped_probs, keep_probs=keep_probs,
-                 ctx=ctx, keep_attn=keep_attn, h1=h1, x1=x1, pre_gelu=pre_gelu, gate=gate, hidden=hidden,
-                 keep_out=keep_out, h2=h2)
-    return y, cache
+                                                  mask_adder, keep_probs, rate, record=record)  # [B,S,N,D]
+    rec("context", ctx)
+    out = K.attention_output(ctx, a.output_kernel, a.output_bias)                # [B,S,H]
+    rec("attention_output", out)
+    if saved is not None:
+        saved.update(q=q, k=k, v=v, keep_probs=keep_probs, probs=probs, dropped_probs=dropped_probs, ctx=ctx)
+    return out
 
+
+def geglu_feedforward(x, f, *, kernels=READABLE_KERNELS, saved=None, record=None):
+    """The gated GELU feed-forward, before the residual: (gelu(x·Wi+bi) * (x·Wg+bg))·Wo + bo.
+    `f`: engine.core.model.FeedForwardWeights. [B,S,H] -> [B,S,I] -> [B,S,H]"""
+    pre_gelu = K.dense(x, f.intermediate_kernel, f.intermediate_bias)            # [B,S,I]
+    gate = K.dense(x, f.gate_kernel, f.gate_bias)                                # [B,S,I]
+    hidden = kernels.geglu(pre_gelu, gate)                                       # [B,S,I]
+    if record is not None:   # the GELU branch alone exists only for the trace
+        record("gelu_branch", K.gelu_tanh(pre_gelu)), record("gate_branch", gate), record("geglu", hidden)
+    out = K.dense(hidden, f.output_kernel, f.output_bias)                        # [B,S,H]
+    (record or _ignore)("feedforward_output", out)
+    if saved is not None:
+        saved.update(pre_gelu=pre_gelu, gate=gate, hidden=hidden)
+    return out
+
+
+def block_forward(x, mask_adder, w, eps, *, kernels=READABLE_KERNELS, masks=None, prefix="", saved=None,
+                  record=None):
+    """One post-LN block: x1 = LN_attn(x + attention(x)), y = LN_ffn(GEGLU(x1) + x1), with dropout
+    before each residual. `w`: engine.core.model.BlockWeights. `saved`: a dict to fill with what
+    block_backward needs (None: nothing is kept); `record(name, array)`: every intermediate.
+    [B,S,H] -> [B,S,H]"""
+    rec, masks = record or _ignore, masks or NO_DROPOUT
+    rate = masks.rates.hidden
+    attn = talking_heads_attention(x, mask_adder, w.attention, kernels=kernels, masks=masks, prefix=prefix,
+                                   saved=saved, record=record)                   # [B,S,H]
+    keep_attn = masks.keep(prefix + "attention_output", attn.shape, rate)
+    h1 = x + K.dropout(attn, keep_attn, rate)                                    # [B,S,H]
+    x1 = kernels.layer_norm(h1, *w.attention_ln, eps)                            # [B,S,H]
+    rec("attention_layer_norm", x1)
+    out = geglu_feedforward(x1, w.feedforward, kernels=kernels, saved=saved, record=record)  # [B,S,H]
+    keep_out = masks.keep(prefix + "feedforward_output", out.shape, rate)
+    h2 = K.dropout(out, keep_out, rate) + x1                                     # [B,S,H]
+    y = kernels.layer_norm(h2, *w.feedforward_ln, eps)                           # [B,S,H]
+    rec("feedforward_layer_norm", y)
+    if saved is not None:
+        saved.update(x=x, keep_attn=keep_attn, h1=h1, x1=x1, keep_out=keep_out, h2=h2)
+    return y
+
+
+def encoder_forward(model, ids, mask, types, *, kernels=READABLE_KERNELS, masks=None, saved=None, record=None):
+    """Embeddings, the L blocks, the pooler of `model` (engine.core.model.Model) on device int
+    arrays [B,S]. -> (encoder_outputs: L arrays [B,S,H], pooled [B,H])"""
+    cfg, rec, masks = model.config, record or _ignore, masks or NO_DROPOUT
+    eps = cfg.layer_norm_epsilon
+    e = K.embed(ids, types, model.word_table, model.position_table, model.type_table)  # [B,S,H]
+    rec("embeddings/sum", e)
+    x = kernels.layer_norm(e, *model.embedding_ln, eps)                          # [B,S,H]
+    rec("embeddings/layer_norm", x)
+    keep_emb = masks.keep("embeddings", x.shape, masks.rates.hidden)
+    x = K.dropout(x, keep_emb, masks.rates.hidden)
+    mask_adder = K.attention_mask_adder(mask, model.dtype, cfg.attention_mask_constant)  # [B,1,1,T]
+    layers, caches = [], []
+    for i, w in enumerate(model.blocks):
+        cache = None if saved is None else {}
+        x = block_forward(x, mask_adder, w, eps, kernels=kernels, masks=masks, prefix=block_prefix(i),
+                          saved=cache, record=_prefixed(record, block_prefix(i)))   # [B,S,H]
+        layers.append(x)
+        caches.append(cache)
+    pooled = K.pooler(x, model.pooler_kernel, model.pooler_bias)                # [B,H]
+    rec("pooled_output", pooled)
+    if saved is not None:
+        saved.update(ids=ids, types=types, e=e, keep_emb=keep_emb, mask_adder=mask_adder, caches=caches)
+    return layers, pooled
+
+
+def mlm_head(gathered, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias, eps,
+             saved=None, record=None):
+    """The MLM head on the gathered vectors only: LN(gelu(g·Wd+bd)) · word^T + bias, the output
+    matrix the word-embedding table (tied weights). [B,P,H] -> [B,P,V]"""
+    rec = record or _ignore
+    pre = K.dense(gathered, transform_kernel, transform_bias)                    # [B,P,H]
+    act = K.gelu_tanh(pre)                                                       # [B,P,H]
+    rec("mlm_dense", act)
+    t = K.layer_norm(act, ln_gamma, ln_beta, eps)                                # [B,P,H]
+    rec("mlm_transform", t)
+    logits = K.dense(t, word_table.T, output_bias)                               # [B,P,H] @ [H,V] -> [B,P,V]
+    rec("logits", logits)
+    if saved is not None:
+        saved.update(gathered=gathered, pre=pre, act=act, t=t)
+    return logits
+
+
+def mlm_forward(model, sequence_output, positions, *, saved=None, record=None):
+    """mlm_logits at masked_lm_positions: gather, then mlm_head. [B,S,H], [B,P] -> [B,P,V]"""
+    gathered = K.gather_positions(sequence_output, positions)                   # [B,P,H]
+    (record or _ignore)("mlm/gathered", gathered)
+    m = model.mlm_weights
+    return mlm_head(gathered, m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"],
+                    model.word_table, m["output_bias"], model.config.layer_norm_epsilon, saved=saved,
+                    record=_prefixed(record, "mlm/"))
+
+
+# ---------------------------------------------------------------------------- the backward
 
 def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
                    kernels: TapeKernels = READABLE_KERNELS):
@@ -203,7 +290,7 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
     record(name, array), when given, receives the gradient with respect to the trace's intermediates
     (engine/core/trace.py names): feedforward_layer_norm, attention_layer_norm, context, mixed_probs,
     probs, masked_scores, scaled_scores, q, k, v."""
-    rec = record or (lambda name, value: None)
+    rec = record or _ignore
     c, a, f = cache, w.attention, w.feedforward
     grads = {}
     rec("feedforward_layer_norm", dy)
@@ -238,56 +325,56 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
                                       ("value", dv, a.value_kernel, a.value_bias)):
         dx_part, g[f"{name}/kernel"], g[f"{name}/bias"] = KB.qkv_projection_backward(c["x"], kernel, bias, dproj)
         dx = dx + dx_part
-    grads.update(_attention_weight_grads(g))
+    grads.update({f"attention/{k}": v for k, v in g.items()})
     return dx, grads
 
 
-# ---------------------------------------------------------------------------- the model
+def mlm_head_backward(saved, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias, eps,
+                      dlogits):
+    """The VJP of mlm_head, its steps in reverse: doutput_bias = sum dlogits, dword = dlogits^T·t (the
+    tied decoder's share of the word table's gradient), dt = dlogits·word, then layer_norm_backward,
+    gelu_tanh_backward, dense_backward. [B,P,V] -> (dgathered [B,P,H], dword [V,H], {mlm path: gradient})"""
+    V, H = word_table.shape
+    dword = dlogits.reshape(-1, V).T @ saved["t"].reshape(-1, H)                 # [V,M] @ [M,H] -> [V,H]
+    dt = K.matmul_2d(dlogits, word_table)                                        # [B,P,V] @ [V,H] -> [B,P,H]
+    dact, dgamma, dbeta = KB.layer_norm_backward(saved["act"], ln_gamma, ln_beta, eps, dt)
+    dpre = KB.gelu_tanh_backward(saved["pre"], dact)                             # [B,P,H]
+    dgathered, dkernel, dbias = KB.dense_backward(saved["gathered"], transform_kernel, transform_bias, dpre)
+    return dgathered, dword, {"mlm/transform/kernel": dkernel, "mlm/transform/bias": dbias,
+                              "mlm/layer_norm/gamma": dgamma, "mlm/layer_norm/beta": dbeta,
+                              "mlm/output_bias": dlogits.reshape(-1, V).sum(axis=0)}
+
+
+# ---------------------------------------------------------------------------- the tape
 
 OUTPUT_COTANGENTS = ("sequence_output", "pooled_output", "default", "encoder_outputs", "mlm_logits")
 
 
 class Tape:
     """The recorded forward pass of one batch; `gradient(cotangents)` as often as needed, then
-    `release()`. Built by engine.core.model.Encoder.tape (see the module docstring)."""
+    `release()`. Built by engine.core.model.Model.tape (see the module docstring)."""
 
-    def __init__(self, enc, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None,
+    def __init__(self, model, inputs, dropout=None, seed: int = 0, dropout_masks: dict | None = None,
                  kernels: TapeKernels | None = None):
-        self.enc = enc
-        self.kernels = kernels = kernels or READABLE_KERNELS
+        self.enc = model
+        self.kernels = kernels or READABLE_KERNELS
         self.rates = Dropout.of(dropout)
-        if enc.xp is np:
-            backend_mod.reuse_freed_memory()   # big activations: reuse freed blocks, no page faults
         with_positions = "masked_lm_positions" in inputs
-        if with_positions and not enc.has_mlm:
+        if with_positions and not model.has_mlm:
             raise ValueError("masked_lm_positions given, but this weights file is encoder-only (no .mlm head)")
-        ids, mask, types, positions = enc._device_inputs(inputs, with_positions=with_positions)
-        cfg, xp = enc.config, enc.xp
-        eps = cfg.layer_norm_epsilon
-        masks = _Masks(xp, enc.dtype, self.rates, seed, dropout_masks)
-        e = K.embed(ids, types, enc.word_table, enc.position_table, enc.type_table)  # [B,S,H]
-        x = kernels.layer_norm(e, *enc.embedding_ln, eps)
-        keep_emb = masks.keep("embeddings", x.shape, self.rates.hidden)
-        x = K.dropout(x, keep_emb, self.rates.hidden)
-        mask_adder = K.attention_mask_adder(mask, enc.dtype, cfg.attention_mask_constant)  # [B,1,1,T]
-        caches, layers = [], []
-        for i, w in enumerate(enc.blocks):
-            x, cache = block_forward(x, mask_adder, w, eps, masks, f"layers/{i}/", kernels)
-            caches.append(cache)
-            layers.append(x)
-        pooled = K.pooler(x, enc.pooler_kernel, enc.pooler_bias)                # [B,H]
-        self.outputs = {"pooled_output": pooled, "sequence_output": x, "encoder_outputs": layers,
+        ids, mask, types, positions = model.device_inputs(inputs, with_positions=with_positions)
+        masks = DropoutMasks(model.xp, model.dtype, self.rates, seed, dropout_masks)
+        saved = {}
+        layers, pooled = encoder_forward(model, ids, mask, types, kernels=self.kernels, masks=masks, saved=saved)
+        self.outputs = {"pooled_output": pooled, "sequence_output": layers[-1], "encoder_outputs": layers,
                         "default": pooled}
-        gathered = None
+        saved["mlm"] = None
         if positions is not None:
-            gathered = K.gather_positions(x, positions)                        # [B,P,H]
-            m = enc.mlm_weights
-            self.outputs["mlm_logits"] = K.mlm_logits(
-                gathered, m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"],
-                enc.word_table, m["output_bias"], eps)
+            saved["mlm"] = {}
+            self.outputs["mlm_logits"] = mlm_forward(model, layers[-1], positions, saved=saved["mlm"])
+        saved["positions"] = positions
         self.dropout_masks = masks.drawn
-        self._saved = dict(ids=ids, types=types, e=e, keep_emb=keep_emb, mask_adder=mask_adder,
-                           caches=caches, positions=positions, gathered=gathered)
+        self._saved = saved
 
     # ---------------------------------------------------------------------------- backward
 
@@ -339,22 +426,19 @@ class Tape:
         dlogits = self._cotangent("mlm_logits", cotangents.get("mlm_logits"), out.get("mlm_logits", x))
         if dlogits is not None:
             m = enc.mlm_weights
-            g = KB.mlm_logits_backward(s["gathered"], m["transform_kernel"], m["transform_bias"], m["ln_gamma"],
-                                       m["ln_beta"], enc.word_table, m["output_bias"], eps, dlogits)
-            dx = dx + KB.gather_positions_backward(x, s["positions"], g["gathered"])
-            grads.update({"mlm/transform/kernel": g["transform_kernel"], "mlm/transform/bias": g["transform_bias"],
-                          "mlm/layer_norm/gamma": g["ln_gamma"], "mlm/layer_norm/beta": g["ln_beta"],
-                          "mlm/output_bias": g["output_bias"]})
-            dword_decoder = g["word_table"]
+            dgathered, dword_decoder, head_grads = mlm_head_backward(
+                s["mlm"], m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"], enc.word_table,
+                m["output_bias"], eps, dlogits)
+            dx = dx + KB.gather_positions_backward(x, s["positions"], dgathered)
+            grads.update(head_grads)
         for i in reversed(range(L)):
             if per_layer is not None:
                 extra = self._cotangent(f"encoder_outputs[{i}]", per_layer[i], out["encoder_outputs"][i])
                 if extra is not None:
                     dx = dx + extra
-            block_rec = (lambda name, value, i=i: record(f"layers/{i}/{name}", value)) if record else None
             dx, block_grads = block_backward(dx, s["caches"][i], enc.blocks[i], eps, self.rates, s["mask_adder"],
-                                             record=block_rec, kernels=self.kernels)
-            grads.update({f"layers/{i}/{k}": v for k, v in block_grads.items()})
+                                             record=_prefixed(record, block_prefix(i)), kernels=self.kernels)
+            grads.update({block_prefix(i) + k: v for k, v in block_grads.items()})
         dx = KB.dropout_backward(None, s["keep_emb"], self.rates.hidden, dx)
         de, grads["embeddings/layer_norm/gamma"], grads["embeddings/layer_norm/beta"] = \
             self.kernels.layer_norm_backward(s["e"], *enc.embedding_ln, eps, dx)
@@ -364,7 +448,7 @@ class Tape:
             grads["embeddings/word"] += dword_decoder                            # the tied decoder's share
         elif word_rows:
             H = de.shape[-1]
-            grads["embeddings/word"] = RowGradient(s["ids"].reshape(-1), de.reshape(-1, H), enc.word_table.shape[0])
+            grads["embeddings/word"] = KB.RowGradient(s["ids"].reshape(-1), de.reshape(-1, H), enc.word_table.shape[0])
         return self._complete(grads)
 
     def _complete(self, grads: dict) -> dict:
@@ -373,6 +457,13 @@ class Tape:
         xp, dtype = self.enc.xp, self.enc.dtype
         return {path: grads[path] if path in grads else xp.zeros(shape, dtype=dtype)
                 for path, shape in expected_shapes(self.enc.config).items()}
+
+    def saved_bytes(self) -> int:
+        """The bytes of the activations kept for the backward pass (0 once released)."""
+        if self._saved is None:
+            return 0
+        parts = [*self._saved["caches"], self._saved["mlm"] or {}]
+        return sum(a.nbytes for part in parts for a in part.values() if hasattr(a, "nbytes"))
 
     def release(self) -> None:
         """Drops the recorded activations (the outputs stay); gradient() then raises."""

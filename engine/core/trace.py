@@ -174,8 +174,8 @@ def run(enc, inputs: dict, sink) -> dict:
     if enc.has_mlm:
         enc.mlm(inputs, record=record)
     else:
-        ids, mask, types, _ = enc._device_inputs(inputs, with_positions=False)
-        enc._encode(ids, mask, types, record=record)
+        ids, mask, types, _ = enc.device_inputs(inputs, with_positions=False)
+        enc.encode(ids, mask, types, record=record)
     if seen != expected:
         raise RuntimeError(f"trace: recorded {len(seen)} intermediates, expected {len(expected)}; "
                            f"first missing {expected[len(seen)]!r}")

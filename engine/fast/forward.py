@@ -6,27 +6,28 @@
 
 What differs from the readable path (engine.core.kernels), and why the numbers stay the same:
 - Q, K and V are one product x·[Wq|Wk|Wv] ([T,H] @ [H,3*N*D]); the GEGLU's two input products are
-  one product x·[Wi|Wg] ([T,H] @ [H,2*I]). The readable path's kernels are rebound to views of
-  these fused arrays. The four dense products of a block run the packed-weight kernel of
-  engine/fast/gemm.py (float32 with Numba; TALKHEADS_PACKED_GEMM=0 turns it off): each weight is
-  packed once, here, into column panels, and the panels are split over the threads; the q/k/v
-  bias is added as the tile is stored. That packed copy is the one second copy of the weights the
-  fast path holds (about the encoder blocks' size again: +430 MB peak RSS at base size), for 0.79x the
-  time at 1x128 and 0.89x at 8x128 (measured, see the README). Otherwise every product is
-  np.matmul with `out=` into preallocated buffers, split over the threads (nothing is allocated
-  per layer). Like the other derived arrays (qkv_bias, the scaled W_pre), the packed copy does not
-  follow in-place changes of the readable weights: reload the weights after training them.
+  one product x·[Wi|Wg] ([T,H] @ [H,2*I]). These fused matrices are this twin's own, derived from
+  the readable model's weights at load (which it never rebinds). The four dense products of a
+  block run the packed-weight kernel of engine/fast/gemm.py (float32 with Numba, unless packed
+  products are turned off): each weight is packed once, here, into column panels, and the panels
+  are split over the threads; the q/k/v bias is added as the tile is stored. The panels are then
+  the one copy of the block matrices the twin holds (about the encoder blocks' size again beside
+  the model's: +430 MB peak RSS at base size), for 0.79x the time at 1x128 and 0.89x at 8x128
+  (measured, see the README). Unpacked, the twin holds the fused matrices in Fortran order and
+  every product is np.matmul with `out=` into preallocated buffers, split over the threads
+  (nothing is allocated per layer). engine.Encoder rebuilds the twin from the model's arrays
+  after they change (weights_changed(), which the Trainer calls after each step).
 - Attention runs per sequence on strided views of the fused QKV output (no transposes, no copies):
   scores [N,S,T] = q·k^T; talking-heads mixing is one [N,N] @ [N,S*T] product on that contiguous
   layout; the 1/sqrt(D) scale is folded into W_pre (exact for D a power of two); the masked softmax
   is two fused passes around NumPy's exp; the context is written straight into a [S,N,D] buffer
   that is the input of the output projection. Sequences are spread over the threads; with fewer
   sequences than threads (one long text) each sequence's queries are cut into one part per thread.
-- Element-wise work (biases, GELU, gate, residuals, layer norms) runs on row blocks small enough
-  to stay in cache, spread over a small thread pool (BLAS is idle at those moments): as the fused
-  Numba kernels of engine/fast/fused.py (add + layer norm in one pass with float64 statistics; the
+- Element-wise work (biases, GELU, gate, residuals, layer norms; engine/fast/elementwise.py) runs
+  on row blocks small enough to stay in cache, spread over the thread pool (BLAS is idle at those
+  moments): as the fused Numba kernels of engine/fast/fused.py (add + layer norm in one pass with float64 statistics; the
   GEGLU around NumPy's tanh; the softmax around NumPy's exp, its row sums in float64) when Numba is
-  there and TALKHEADS_FUSED is not 0, else as in-place NumPy ufuncs (which release the GIL) in the
+  there and the Settings' fused is on, else as in-place NumPy ufuncs (which release the GIL) in the
   readable kernels' order of operations.
 - float32 (or float64) throughout, as the Encoder's dtype.
 
@@ -39,163 +40,29 @@ of a row whose position 0 is padding (an all-padding row, or left padding) is ta
 zero vector, unlike TensorFlow's. Only real tokens (and pooled_output of rows whose position 0 is
 real, which is every row the Hub preprocessor makes) match the reference.
 
-Threads: with more than one CPU ($TALKHEADS_THREADS, else the affinity count) the fast path sets
-NumPy's OpenBLAS to one thread during a call (restoring it after) and runs the products' row halves,
-the sequences' attention and the element-wise blocks on its own pool; TALKHEADS_FAST_BLAS_THREADS=native
-keeps OpenBLAS's threading instead. Not thread-safe: one Encoder, one call at a time (the workspace
-is reused between calls), and other threads' NumPy products run single-threaded meanwhile.
+Settings (engine.core.settings, resolved once at load, kept as .settings): threads, fused, packed,
+blas. With threads > 1 and blas "pool" (the defaults on a multi-core machine) a call sets NumPy's
+OpenBLAS to one thread, restoring the previous count after it, and runs the products' row or column
+parts, the sequences' attention and the element-wise blocks on the pool of engine/fast/threads.py;
+blas "native" leaves OpenBLAS's threading alone (the element-wise blocks still use the pool). Not
+thread-safe: one Encoder, one call at a time (the workspace is reused between calls), and other
+threads' NumPy products run single-threaded during a call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
+import mmap
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from engine.core import kernels as K
-from engine.fast import fused, gemm
+from engine.core.settings import Settings
+from engine.fast import elementwise, fused, gemm
+from engine.fast.elementwise import masked_softmax_in_place
+from engine.fast.threads import blas_thread_setter, packed_product, parallel_rows, single_threaded_blas, thread_pool
 
-_POOL = None
-_POOL_LOCK = threading.Lock()
-_BLAS_LOCK = threading.Lock()
-_NO_ADDER = np.zeros(0, np.float32)   # the fused softmax's adder argument when there is no mask
-
-
-def _find_blas_threads():
-    """A function n -> previous thread count of the OpenBLAS that NumPy uses, or None.
-
-    The fast path does its own threading: it sets OpenBLAS to one thread for the duration of a call
-    and splits the products' rows and the sequences' attention over its own thread pool. OpenBLAS's
-    own threads busy-wait between calls, which collapses when the CPU is shared with other
-    processes (10-20x slower on a loaded 2-core machine); Python threads waiting on futures don't.
-    """
-    import ctypes
-    import glob
-    libs = sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*.so*")))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for setter, getter in (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-                               ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-                               ("openblas_set_num_threads", "openblas_get_num_threads")):
-            if hasattr(lib, setter) and hasattr(lib, getter):
-                set_fn, get_fn = getattr(lib, setter), getattr(lib, getter)
-                set_fn.argtypes, set_fn.restype, get_fn.restype = [ctypes.c_int], None, ctypes.c_int
-
-                def threads(n, set_fn=set_fn, get_fn=get_fn):
-                    previous = get_fn()
-                    set_fn(int(n))
-                    return previous
-                return threads
-    return None
-
-
-_blas_threads = None if os.environ.get("TALKHEADS_FAST_BLAS_THREADS") == "native" else _find_blas_threads()
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """OpenBLAS at one thread for the block, the previous count restored after (one caller at a
-    time): the caller splits the work over the fast path's own threads. A no-op where NumPy's
-    OpenBLAS setter was not found or TALKHEADS_FAST_BLAS_THREADS=native."""
-    if _blas_threads is None:
-        yield
-        return
-    with _BLAS_LOCK:
-        previous = _blas_threads(1)
-        try:
-            yield
-        finally:
-            _blas_threads(previous)
-
-
-def num_threads() -> int:
-    """Threads for element-wise work: $TALKHEADS_THREADS, else the CPU count."""
-    value = os.environ.get("TALKHEADS_THREADS")
-    if value:
-        return max(1, int(value))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
-
-
-def _pool():
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None and num_threads() > 1:
-            _POOL = ThreadPoolExecutor(max_workers=num_threads(), thread_name_prefix="talkheads-fast")
-    return _POOL
-
-
-def parallel_rows(fn, rows: int, block: int) -> None:
-    """Calls fn(start, stop, worker) on row blocks of at most `block` rows covering [0, rows), spread
-    over the threads; `worker` (0 .. num_threads()-1) indexes per-thread scratch space."""
-    pool = _pool()
-    if pool is None or rows <= block:
-        for s in range(0, rows, block):
-            fn(s, min(rows, s + block), 0)
-        return
-    n = num_threads()
-    bounds = [rows * i // n for i in range(n + 1)]
-
-    def run(lo, hi, w):
-        for s in range(lo, hi, block):
-            fn(s, min(hi, s + block), w)
-
-    futures = [pool.submit(run, bounds[i], bounds[i + 1], i) for i in range(n) if bounds[i + 1] > bounds[i]]
-    for f in futures:
-        f.result()
-
-
-def _return_freed_memory():
-    """Hands the heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op): the
-    weights the fast layout replaced were freed, but glibc keeps freed heap memory for reuse, which
-    left the process ~430 MB larger than its live arrays at base size (measured)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc
-        pass
-
-
-def packed_product(packed, a, out, bias=None):
-    """out = a @ W (+ bias [N]) for W packed by engine/fast/gemm.py: the panels spread over the
-    threads (disjoint columns of out; no BLAS runs), then the columns past the last panel."""
-    P = packed.num_panels
-    if P:                                  # none when N < one panel: the tail is the whole product
-        parallel_rows(lambda s, e, w: packed.matmul(a, out, s, e, bias), P, -(-P // num_threads()))
-    packed.matmul_tail(a, out, bias)
-
-
-def masked_softmax_in_place(logits, adder, use_fused):
-    """logits <- softmax(logits + adder) over the last axis, in place. [N,S,T] (+ [T] or None)
-
-    use_fused (float32 with Numba): two passes around NumPy's exp, mask + max-subtract and normalize
-    with the row sum in float64, where NumPy's way is six passes (add, max, subtract, exp, sum,
-    divide; benchmarks/bench_fused.py). Without it: engine.core.kernels.masked_softmax's operations
-    in its order (the tape's attention relies on that: bit for bit the readable kernel)."""
-    if use_fused:
-        rows = logits.reshape(-1, logits.shape[-1])
-        fused.softmax_shift_rows(rows, _NO_ADDER if adder is None else adder, adder is not None)
-        np.exp(rows, out=rows)
-        fused.softmax_normalize_rows(rows)
-        return
-    if adder is not None:
-        np.add(logits, adder, out=logits)                                      # + [T] mask adder
-        if logits.dtype.itemsize > 4:   # float64: masked logits as float32 has them (see
-            cols = adder != 0           # engine.core.kernels.apply_attention_mask)
-            logits[:, :, cols] = logits[:, :, cols].astype(np.float32)
-    np.subtract(logits, logits.max(axis=-1, keepdims=True), out=logits)
-    np.exp(logits, out=logits)
-    np.divide(logits, logits.sum(axis=-1, keepdims=True), out=logits)
 
 
 def _touched_empty(shape, dtype):
@@ -208,80 +75,95 @@ def _touched_empty(shape, dtype):
     return out
 
 
-def _transposed_copy(w):
-    """w's values as the transpose of a C-order array (Fortran order): the layout the fast path's
-    products take their weights in (see _FastBlock)."""
-    return np.ascontiguousarray(w.T).T
+def _side_by_side(parts, dtype, fortran, scratch=None):
+    """The matrices [K,n_1], [K,n_2], ... as one [K,n_1+n_2+...] product matrix, in Fortran order
+    (the transpose of a C-order array: what OpenBLAS multiplies fastest for few rows) or C order
+    (what engine/fast/gemm.py packs from: one C-order part is itself, no copy; several are copied
+    into `scratch` when given, a buffer reused from block to block)."""
+    if len(parts) == 1 and not fortran:
+        return np.ascontiguousarray(parts[0], dtype)
+    K, N = parts[0].shape[0], sum(p.shape[1] for p in parts)
+    if fortran:
+        out = np.empty((N, K), dtype).T
+    else:
+        out = np.empty((K, N), dtype) if scratch is None else scratch[:K * N].reshape(K, N)
+    start = 0
+    for p in parts:
+        out[:, start:start + p.shape[1]] = p
+        start += p.shape[1]
+    return out
 
 
 class _FastBlock:
-    """One block's weights in the fast layout."""
+    """One block's weights in the fast layout, derived from the readable block (whose arrays are
+    read, never rebound or re-laid). The four product matrices are held either packed for
+    engine/fast/gemm.py (`packed`, float32 with Numba; then no other copy of them) or in Fortran
+    order for np.matmul (qkv_kernel, output_kernel, ff_kernel, out_kernel); the fused q/k/v bias
+    and the scaled W_pre^T are its own; biases and layer norms are the readable block's arrays."""
 
-    def __init__(self, block, config, dtype):
+    MATRICES = ("qkv_kernel", "output_kernel", "ff_kernel", "out_kernel")
+
+    def __init__(self, block, config, dtype, packed: bool, scratch=None):
         a, f = block.attention, block.feedforward
-        H, N, D, I = config.hidden_size, config.num_heads, config.head_size, config.intermediate_size
+        H, N, D = config.hidden_size, config.num_heads, config.head_size
         ND = N * D
-        # Every weight matrix is stored transposed ([out,in] in C order, used as its [in,out] view):
-        # OpenBLAS multiplies x @ W^T-stored faster for few rows (measured at 128 rows, one thread:
-        # 92 vs 75 GFLOP/s for [128,768]x[768,2304], 87 vs 77 for [768,6144]) and as fast for many.
-        self.qkv_kernel = np.empty((3 * ND, H), dtype).T                               # [H,3ND] view
-        for j, kern in enumerate((a.query_kernel, a.key_kernel, a.value_kernel)):
-            self.qkv_kernel[:, j * ND:(j + 1) * ND] = np.asarray(kern).reshape(H, ND)
-        self.qkv_bias = np.concatenate([np.asarray(b).reshape(ND) for b in (a.query_bias, a.key_bias, a.value_bias)])
-        # rebind the readable weights to views of the fused ones (values unchanged, no copy kept)
-        a.query_kernel = self.qkv_kernel[:, :ND].reshape(H, N, D)
-        a.key_kernel = self.qkv_kernel[:, ND:2 * ND].reshape(H, N, D)
-        a.value_kernel = self.qkv_kernel[:, 2 * ND:].reshape(H, N, D)
-        self.output_kernel = _transposed_copy(np.asarray(a.output_kernel).reshape(ND, H))     # [ND,H] view
-        a.output_kernel = self.output_kernel.reshape(N, D, H)
-        self.output_bias = np.asarray(a.output_bias)
-        scale = 1.0 / math.sqrt(float(D))
+        # Unpacked, every matrix is stored transposed ([out,in] in C order, used as its [in,out]
+        # view): OpenBLAS multiplies x @ W^T-stored faster for few rows (measured at 128 rows, one
+        # thread: 92 vs 75 GFLOP/s for [128,768]x[768,2304], 87 vs 77 for [768,6144]) and as fast
+        # for many. Q, K and V are one product x·[Wq|Wk|Wv]; the GEGLU's inputs one x·[Wi|Wg].
+        sources = {"qkv_kernel": [a.query_kernel.reshape(H, ND), a.key_kernel.reshape(H, ND),
+                                  a.value_kernel.reshape(H, ND)],                  # [H,3ND]
+                   "output_kernel": [a.output_kernel.reshape(ND, H)],              # [ND,H]
+                   "ff_kernel": [f.intermediate_kernel, f.gate_kernel],            # [H,2I]
+                   "out_kernel": [f.output_kernel]}                                # [I,H]
+        self.packed = {} if packed else None
+        for name, parts in sources.items():   # packed, the panels are the one derived copy
+            matrix = _side_by_side(parts, dtype, fortran=not packed, scratch=scratch)
+            if packed:
+                self.packed[name] = p = gemm.PackedMatrix(matrix)
+                if p.tail is not None and scratch is not None and np.shares_memory(p.tail, scratch):
+                    p.tail = p.tail.copy()          # the whole matrix when narrower than a panel
+            setattr(self, name, None if packed else matrix)
+        self.qkv_bias = np.concatenate([b.reshape(ND) for b in (a.query_bias, a.key_bias, a.value_bias)])  # [3ND]
+        self.output_bias = a.output_bias
         # out = W^T @ x over the head axis; the score scale folded into W_pre (exact when D = 4^k).
         # W^T is kept in Fortran order (the transpose of a C-order W): OpenBLAS runs [N,N] @ [N,S*T]
         # about 100x faster with 2 threads that way than with a C-order W^T.
+        scale = 1.0 / math.sqrt(float(D))
         self.pre_t = np.ascontiguousarray(np.asarray(a.pre_softmax_weight, np.float64) * scale, dtype).T
-        self.post_t = np.ascontiguousarray(np.asarray(a.post_softmax_weight), dtype).T
-        self.attention_ln = tuple(np.asarray(v) for v in block.attention_ln)
-        self.ff_kernel = np.empty((2 * I, H), dtype).T                                 # [H,2I] view
-        self.ff_kernel[:, :I] = np.asarray(f.intermediate_kernel)
-        self.ff_kernel[:, I:] = np.asarray(f.gate_kernel)
-        f.intermediate_kernel = self.ff_kernel[:, :I]
-        f.gate_kernel = self.ff_kernel[:, I:]
-        self.intermediate_bias = np.asarray(f.intermediate_bias)
-        self.gate_bias = np.asarray(f.gate_bias)
-        self.out_kernel = f.output_kernel = _transposed_copy(np.asarray(f.output_kernel))    # [I,H] view
-        self.out_bias = np.asarray(f.output_bias)
-        self.feedforward_ln = tuple(np.asarray(v) for v in block.feedforward_ln)
-        # The same four matrices packed for engine/fast/gemm.py (float32 with Numba): a second copy,
-        # derived once, like pre_t and qkv_bias (engine.core.model.Encoder.parameters says so).
-        self.packed = None
-        if dtype == np.float32 and gemm.enabled():
-            self.packed = {name: gemm.PackedMatrix(getattr(self, name))
-                           for name in ("qkv_kernel", "output_kernel", "ff_kernel", "out_kernel")}
+        self.post_t = np.ascontiguousarray(a.post_softmax_weight, dtype).T
+        self.attention_ln, self.feedforward_ln = block.attention_ln, block.feedforward_ln
+        self.intermediate_bias, self.gate_bias = f.intermediate_bias, f.gate_bias
+        self.out_bias = f.output_bias
 
 
 class FastEncoder:
-    """The fast forward pass of an engine.core.model.Encoder (NumPy backend). Built by
-    engine.Encoder(..., fast=True) / engine.load(..., fast=True)."""
+    """The fast forward pass of an engine.core.model.Model (NumPy backend), a twin that owns the
+    arrays it derives from the model's weights (see _FastBlock) and reads the rest (embedding tables,
+    layer norms, biases, pooler) from the model. Built by engine.Encoder(..., fast=True) /
+    engine.load(..., fast=True), rebuilt by the Encoder after its weights change."""
 
     skips_padding = True     # encode(..., skip_padding=True) packs the real tokens
 
-    # rows per element-wise block (kept in L2: 16 x 2I floats for the GEGLU)
-    GEGLU_BLOCK = 16
-    LN_BLOCK = 64
-    FUSED_BLOCK = 64   # the fused kernels keep no temporaries: any block size; 64 rows balance the threads
-
-    def __init__(self, encoder):
-        self.config = cfg = encoder.config
-        self.dtype = np.dtype(encoder.dtype)
-        self.encoder = encoder
-        self.blocks = [_FastBlock(b, cfg, self.dtype) for b in encoder.blocks]
+    def __init__(self, model, settings=None):
+        self.config = cfg = model.config
+        self.dtype = np.dtype(model.dtype)
+        self.encoder = model                       # the readable model whose twin this is
+        self.settings = settings if settings is not None else Settings.resolve()
+        packed = self.dtype == np.float32 and gemm.enabled() and self.settings.packed
+        # packing reads each fused matrix from one scratch buffer, reused block after block, an
+        # anonymous mapping unmapped when the last view of it goes (a freed malloc block of this
+        # size would stay in the process's heap: +19 MB resident at base size, measured)
+        H, ND, I = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.intermediate_size
+        size = H * max(3 * ND, 2 * I)
+        scratch = np.frombuffer(mmap.mmap(-1, size * self.dtype.itemsize), self.dtype, size) if packed else None
+        self.blocks = [_FastBlock(b, cfg, self.dtype, packed, scratch) for b in model.blocks]
+        del scratch
         t = self.dtype.type
         self._c = {"half": t(0.5), "one": t(1.0), "coeff": t(K.GELU_TANH_COEFF), "k": t(K.SQRT_2_OVER_PI), "minus_2k": t(-2.0 * K.SQRT_2_OVER_PI),
                    "eps": t(cfg.layer_norm_epsilon), "mask": t(cfg.attention_mask_constant)}
         self._work = {}
         self._split = False
-        _return_freed_memory()
         self.profile = None      # a dict to fill with seconds per kernel class (benchmarks); None: off
         self._last = 0.0
 
@@ -306,73 +188,26 @@ class FastEncoder:
     # ------------------------------------------------------------------------ element-wise stages
 
     def _fused(self) -> bool:
-        """The Numba kernels of engine/fast/fused.py run the element-wise stages (float32)."""
-        return self.dtype == np.float32 and fused.enabled()
+        """The Numba kernels of engine/fast/fused.py run the element-wise stages: float32, the
+        Settings' fused, and Numba there."""
+        return self.dtype == np.float32 and self.settings.fused and fused.enabled()
+
+    def _threads(self) -> int:
+        """The thread count of this encoder's pool: the Settings' threads."""
+        return self.settings.threads
+
+    def _rows(self, fn, rows, block):
+        """engine.fast.threads.parallel_rows on this encoder's threads."""
+        parallel_rows(fn, rows, block, self._threads())
 
     def _add_layer_norm(self, a, bias, residual, gamma, beta, out):
         """out = LN(a + bias + residual) row-wise (a is scratch: overwritten or not); a [T,H], out [T,H]."""
-        eps = self._c["eps"]
-        H = a.shape[1]
-        if self._fused():
-            eps64 = float(eps)
-            parallel_rows(lambda s, e, w: fused.add_layer_norm_rows(a, bias, residual, gamma, beta, eps64, out, s, e),
-                          a.shape[0], self.FUSED_BLOCK)
-            return
-        tmp = self._buffer("ln_tmp", (num_threads(), self.LN_BLOCK, H))
-
-        def run(s, e, w):
-            x = a[s:e]
-            np.add(x, bias, out=x)
-            np.add(x, residual[s:e], out=x)
-            mean = x.mean(axis=-1, keepdims=True)
-            np.subtract(x, mean, out=x)
-            t = tmp[w][:e - s]
-            np.multiply(x, x, out=t)
-            var = t.mean(axis=-1, keepdims=True)
-            np.add(var, eps, out=var)
-            np.sqrt(var, out=var)
-            inv = np.divide(self._c["one"], var, out=var)
-            o = out[s:e]
-            np.multiply(x, inv, out=o)
-            np.multiply(o, gamma, out=o)
-            np.add(o, beta, out=o)
-
-        parallel_rows(run, a.shape[0], self.LN_BLOCK)
+        elementwise.add_layer_norm(a, bias, residual, gamma, beta, self._c["eps"], out, self._threads(),
+                                   self._fused(), self._buffer)
 
     def _geglu(self, hg, bi, bg, out):
         """out = gelu(h + bi) * (g + bg) with [h|g] = hg [T,2I]; out [T,I]."""
-        I = out.shape[1]
-        c = self._c
-        if self._fused():
-            scratch = self._buffer("geglu_tanh", (num_threads(), self.GEGLU_BLOCK, I))
-            k, coeff = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
-
-            def fused_block(s, e, w):
-                u = scratch[w][:e - s]
-                fused.geglu_argument_rows(hg, bi, u, s, e, k, coeff)   # k(x + c x^3)
-                np.tanh(u, out=u)                              # NumPy's SIMD tanh (see fused.py)
-                fused.geglu_finish_rows(hg, bi, bg, u, out, s, e)
-            parallel_rows(fused_block, hg.shape[0], self.GEGLU_BLOCK)
-            return
-
-        def run(s, e, w):
-            h, g, t = hg[s:e, :I], hg[s:e, I:], out[s:e]
-            np.add(h, bi, out=h)
-            np.add(g, bg, out=g)
-            # 0.5*x*(1 + tanh(z)) = x / (1 + exp(-2z)), z = k*(x + c*x^3): the same function, a few
-            # ulps apart; NumPy's float32 exp is ~3x faster than its tanh.
-            np.multiply(h, h, out=t)            # x*x
-            np.multiply(t, h, out=t)            # x*x*x
-            np.multiply(t, c["coeff"], out=t)   # c*x^3
-            np.add(h, t, out=t)                 # x + c*x^3
-            np.multiply(t, c["minus_2k"], out=t)  # -2z
-            with np.errstate(over="ignore"):    # inf for very negative x is intended: x/inf = -0, no NaN
-                np.exp(t, out=t)                # exp(-2z)
-            np.add(t, c["one"], out=t)          # 1 + exp(-2z)
-            np.divide(h, t, out=t)              # gelu(x)
-            np.multiply(t, g, out=t)            # gelu * gate
-
-        parallel_rows(run, hg.shape[0], self.GEGLU_BLOCK)
+        elementwise.geglu(hg, bi, bg, out, self._threads(), self._fused(), self._buffer)
 
     # ------------------------------------------------------------------------ attention
 
@@ -387,7 +222,7 @@ class FastEncoder:
         own row of logits and on all keys and values: the parts are independent)."""
         N, D = self.config.num_heads, self.config.head_size
         ND = N * D
-        n = num_threads() if self._split else 1
+        n = self._threads() if self._split else 1
         lengths = [(i, e - s) for i, (s, e) in enumerate(spans) if e > s]
         if first_query_only:
             units = [(i, 0, 1, L) for i, L in lengths]                          # (seq, q0, q1, cost)
@@ -447,7 +282,7 @@ class FastEncoder:
         t0 = time.perf_counter()
         busy = [w for w in range(n) if groups[w]]
         if len(busy) > 1:
-            for f in [_pool().submit(run, w) for w in busy]:
+            for f in [thread_pool(n).submit(run, w) for w in busy]:
                 f.result()
         elif busy:
             run(busy[0])
@@ -465,19 +300,18 @@ class FastEncoder:
     def _product(self, a, blk, name, out, bias=None):
         """out = a @ blk.<name> (+ bias [N], when given): the packed kernel of engine/fast/gemm.py
         when the block has its packed copy, else np.matmul (_matmul) and a bias add."""
-        packed = blk.packed[name] if blk.packed is not None and gemm.enabled() else None
-        if packed is None:
+        if blk.packed is None:
             self._matmul(a, getattr(blk, name), out)
             if bias is not None:
-                parallel_rows(lambda s, e, w: np.add(out[s:e], bias, out=out[s:e]), out.shape[0], 256)
+                self._rows(lambda s, e, w: np.add(out[s:e], bias, out=out[s:e]), out.shape[0], 256)
             return
-        packed_product(packed, a, out, bias)
+        packed_product(blk.packed[name], a, out, bias, self._threads())
 
     def _matmul(self, a, b, out):
         """out = a @ b split over the threads (BLAS single-threaded in each) when splitting: by rows of
         a for many rows, else by columns of b (each thread then packs only its half of the weights)."""
         rows, cols = a.shape[0], b.shape[1]
-        n = num_threads()
+        n = self._threads()
         if not self._split or rows < 2 * n or cols < 2 * n:
             np.matmul(a, b, out=out)
             return
@@ -487,16 +321,17 @@ class FastEncoder:
         else:
             bounds = [cols * i // n for i in range(n + 1)]
             parts = [(a, b[:, bounds[i]:bounds[i + 1]], out[:, bounds[i]:bounds[i + 1]]) for i in range(n)]
-        futures = [_pool().submit(np.matmul, x, w, out=o) for x, w, o in parts]
+        futures = [thread_pool(n).submit(np.matmul, x, w, out=o) for x, w, o in parts]
         for f in futures:
             f.result()
 
     # ------------------------------------------------------------------------ forward
 
     def encode(self, ids, mask, types, skip_padding=False, keep="all"):
-        """Returns (encoder_outputs, pooled [B,H]), like Encoder._encode: encoder_outputs holds the L
+        """Returns (encoder_outputs, pooled [B,H]), like Model.encode: encoder_outputs holds the L
         block outputs [B,S,H] (keep="all"), the last one only ("last"), or none ("pooled")."""
-        self._split = num_threads() > 1 and _blas_threads is not None
+        self._split = (self._threads() > 1 and self.settings.blas == "pool"
+                       and blas_thread_setter() is not None)
         if not self._split:
             return self._encode(ids, mask, types, skip_padding, keep)
         with single_threaded_blas():
@@ -612,14 +447,17 @@ class FastEncoder:
         ctx = np.empty((len(which), self.config.num_heads * self.config.head_size), self.dtype)   # [B',ND]
         self._attention(blk, qkv, ctx, [spans[b] for b in which], [adders[b] for b in which], first_query_only=True)
         self._mark("softmax")
-        a = ctx @ blk.output_kernel                                            # [B',H]
-        x1 = np.empty_like(a)
+        rows, H, I = len(which), self.config.hidden_size, self.config.intermediate_size
+        a, x1 = np.empty((rows, H), self.dtype), np.empty((rows, H), self.dtype)
+        self._product(ctx, blk, "output_kernel", a)                            # [B',H]
         self._mark("products")
         self._add_layer_norm(a, blk.output_bias, x[first], *blk.attention_ln, out=x1)
-        hg = x1 @ blk.ff_kernel                                                # [B',2I]
-        hid = np.empty((len(which), self.config.intermediate_size), self.dtype)
+        hg = np.empty((rows, 2 * I), self.dtype)
+        self._product(x1, blk, "ff_kernel", hg)                                # [B',2I]
+        hid = np.empty((rows, I), self.dtype)
         self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)
-        f = hid @ blk.out_kernel                                               # [B',H]
+        f = np.empty((rows, H), self.dtype)
+        self._product(hid, blk, "out_kernel", f)                               # [B',H]
         self._mark("products")
         y = np.empty_like(f)
         self._add_layer_norm(f, blk.out_bias, x1, *blk.feedforward_ln, out=y)

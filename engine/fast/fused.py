@@ -3,13 +3,15 @@
 NumPy runs `LN(a + bias + residual)` as ten passes over memory and the GEGLU as eleven; each
 kernel here makes one pass (two for layer norm's statistics), vectorized by LLVM, without
 temporaries, and releases the GIL so the fast path's thread pool runs row blocks side by side.
-Measured on the base model (benchmarks/bench_fused.py): see the README's "CPU floor" section.
+Measured on the base model: benchmarks/bench_fused.py, benchmarks/results/fused.md.
 
-    fused.enabled()          # True when Numba imported and TALKHEADS_FUSED is not "0"
+    fused.enabled()          # True when Numba imports (the kernels can run)
     fused.status()           # one line for benchmark records: version, or why the fallback runs
 
-Without Numba (or with TALKHEADS_FUSED=0) engine/fast/forward.py runs its NumPy element-wise code
-instead; tests hold the two to each other and both to TensorFlow.
+Whether they run is the Settings field `fused` (engine.core.settings; engine.load(..., fused=False)).
+Without Numba, or with fused=False, engine/fast/forward.py runs its NumPy element-wise code
+instead; tests hold the two to each other and both to TensorFlow. (The optimizer's fused AdamW step
+is engine/fast/adamw.py.)
 
 Numerics (float32 only; a float64 fast path uses NumPy):
 - layer norm accumulates the mean and the variance in float64 and rounds once at the end: more
@@ -30,8 +32,6 @@ Numerics (float32 only; a float64 fast path uses NumPy):
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 try:
@@ -43,15 +43,14 @@ except Exception as e:   # ImportError, or a Numba built for another NumPy
 
 
 def enabled() -> bool:
-    return numba is not None and os.environ.get("TALKHEADS_FUSED", "1") != "0"
+    """Numba imports: the kernels here can run (the Settings field `fused` says whether they do)."""
+    return numba is not None
 
 
 def status() -> str:
     if numba is None:
         return f"off: numba not importable ({_IMPORT_ERROR}); NumPy element-wise code runs"
-    if not enabled():
-        return "off: TALKHEADS_FUSED=0; NumPy element-wise code runs"
-    return f"on: numba {numba.__version__} (float32 layer norm, GEGLU, softmax, AdamW fused)"
+    return f"available: numba {numba.__version__} (float32 layer norm, GEGLU, softmax, AdamW fused)"
 
 
 if numba is not None:
@@ -77,22 +76,6 @@ if numba is not None:
                 d = np.float64(a[r, j]) + np.float64(bias[j]) + np.float64(residual[r, j]) - mean
                 out[r, j] = d * inv * np.float64(gamma[j]) + np.float64(beta[j])
 
-
-    @numba.njit(nogil=True, cache=True, error_model="numpy")   # no fastmath: NumPy's rounding, op for op
-    def adamw_dense(var, grad, m, v, scale, lr_t, decay_rate, alpha, one_minus_b1, one_minus_b2, eps, start, stop):
-        """One AdamW step on flat float32 arrays over [start, stop), in place, in one pass: the
-        arithmetic of engine/train/optimizer.py's dense path in its order (so the same bits). The
-        decoupled decay var - (lr_t * var) * decay_rate comes first unless decay_rate is 0. [n] -> [n]"""
-        for i in range(start, stop):
-            x = var[i]
-            if decay_rate != 0:
-                x = x - lr_t * x * decay_rate
-            g = grad[i] * scale
-            mi = m[i] + (g - m[i]) * one_minus_b1
-            vi = v[i] + (g * g - v[i]) * one_minus_b2
-            m[i] = mi
-            v[i] = vi
-            var[i] = x - (mi * alpha) / (np.sqrt(vi) + eps)
 
     # ---- the fast forward's softmax in two passes around NumPy's exp (SIMD, about 1 ulp) on one
     # sequence's [N*S,T] logits, where NumPy takes six (add mask, max, subtract, exp, sum, divide)

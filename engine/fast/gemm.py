@@ -2,7 +2,7 @@
 
 Why: with the weights cold in memory and few rows (one 128-token text is T = 128), OpenBLAS spends a
 large share of each product re-packing W, every call. MLAS (ONNX Runtime) packs constant weights
-once; this does the same. Each weight is packed once, at FastEncoder construction, into column
+once; this does the same. Each weight is packed once, when the fast path is built, into column
 panels [N/NR, K, NR] (one panel's K x NR floats contiguous), and a register-tiled kernel computes an
 MR x NR block of `out` per call: for k in 0..K-1, MR broadcasts of x[i, k] times the panel's row k
 (NR/VL vectors), fused multiply-adds into MR*NR/VL vector accumulators that stay in registers;
@@ -13,11 +13,14 @@ to find the vectors itself (measured: 2.5 and 6 GFLOP/s for two plain-Numba vers
 Measured on the benchmark machine (2-core AVX-512 EPYC; the base model's four products over 12
 layers, weights cold; two threads each taking half of the panels; benchmarks/bench_gemm.py):
 187-197 GFLOP/s with 128 rows where OpenBLAS runs 153-156, 213 with 1024 rows where it runs 194-195;
-warm in L2 one thread runs 113 (the README's "Packed-weight products").
+warm in L2 one thread runs 113 (benchmarks/results/gemm.md).
 
-Geometry: with AVX-512, VL = 16 floats, MR = 8 rows, NR = 32 columns (16 accumulators); otherwise
-VL = 8, MR = 6, NR = 16 (12 accumulators, the AVX2 register file). N % NR trailing columns and
-products the kernel does not take (float64, Numba missing, TALKHEADS_PACKED_GEMM=0) run np.matmul.
+Geometry, an argument (`wide`) of PackedMatrix: 512-bit, VL = 16 floats, MR = 8 rows, NR = 32
+columns (16 accumulators); 256-bit, VL = 8, MR = 6, NR = 16 (12 accumulators, the AVX2 register
+file). By default the CPU's: 512-bit where it has AVX-512 (host_is_wide()); LLVM splits vectors
+wider than the CPU's, so either is correct anywhere (tests run both). N % NR trailing columns, and
+the products the fast path does not pack (float64, Numba missing, the Settings' packed off), run
+np.matmul.
 
 Numerics: each output sums k = 0..K-1 in order in blocks of 256, one float32 accumulator per block
 with fused multiply-adds, the block sums added in order (as a blocked BLAS adds its K blocks into
@@ -25,16 +28,16 @@ C), then + bias rounded once: the arithmetic of a BLAS sgemm followed by a bias 
 accurate as OpenBLAS's (tests/test_gemm.py), and the same bits in either geometry. An inf or NaN
 propagates as in NumPy (no fast-math flags).
 
-    packed = PackedMatrix(w)                 # w [K,N] float32, any layout
+    packed = PackedMatrix(w, wide=None)      # w [K,N] float32, any layout; wide: the geometry (None: the CPU's)
     packed(x, bias)                          # x @ w + bias as a new array (bias optional)
     packed.matmul(x, out, p0, p1, bias)      # out[:, panels p0..p1) = x @ w (+ bias [N]); releases the
-                                             # GIL: engine.fast.forward.packed_product splits panels over threads
+                                             # GIL: engine.fast.threads.packed_product splits panels over threads
     packed.matmul_tail(x, out, bias)         # the columns past the last full panel (np.matmul)
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import numpy as np
 
@@ -43,37 +46,27 @@ from engine.fast import fused
 numba = fused.numba
 
 
-def _vector_geometry():
-    """(VL, MR, NR) for this CPU: 512-bit vectors when it has AVX-512, else 256-bit;
-    TALKHEADS_GEMM_VECTOR_BITS=256 or 512 chooses (tests run both; LLVM splits vectors wider than
-    the CPU's, so either is correct anywhere)."""
-    bits = os.environ.get("TALKHEADS_GEMM_VECTOR_BITS", "")
-    if bits not in ("", "256", "512"):
-        raise ValueError(f"TALKHEADS_GEMM_VECTOR_BITS={bits!r}: 256 or 512")
-    if bits:
-        wide = bits == "512"
-    else:
-        try:
-            from llvmlite import binding
-            wide = bool(binding.get_host_cpu_features().get("avx512f", False))
-        except Exception:   # no llvmlite, or a host it cannot describe: the portable geometry
-            wide = False
-    return (16, 8, 32) if wide else (8, 6, 16)
-
-
-VL, MR, NR = _vector_geometry()
+@functools.lru_cache(maxsize=None)
+def host_is_wide() -> bool:
+    """The CPU has AVX-512 (llvmlite's view of the host): the 512-bit geometry is its default."""
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:   # no llvmlite, or a host it cannot describe: the portable geometry
+        return False
 
 
 def enabled() -> bool:
-    """The packed kernel runs the fast path's float32 products: Numba is there, TALKHEADS_FUSED and
-    TALKHEADS_PACKED_GEMM are not "0"."""
-    return fused.enabled() and os.environ.get("TALKHEADS_PACKED_GEMM", "1") != "0"
+    """Numba imports: the packed kernel can run (the Settings' packed says whether the fast path
+    packs its weights)."""
+    return numba is not None
 
 
-def status() -> str:
+def status(wide: bool | None = None) -> str:
     if not enabled():
-        return "off: np.matmul (OpenBLAS) runs every product"
-    return f"on: packed weights, {MR}x{NR} tile of {VL}-float vectors"
+        return "off: numba not importable; np.matmul (OpenBLAS) runs every product"
+    wide = host_is_wide() if wide is None else wide
+    return f"available: packed weights, {'8x32 tile of 16' if wide else '6x16 tile of 8'}-float vectors"
 
 
 def _aligned_empty(shape, dtype=np.float32, align=64):
@@ -220,12 +213,13 @@ if numba is not None:
 
 class PackedMatrix:
     """W [K,N] (float32) packed once into [N//NR, K, NR] panels, plus the N % NR columns left over.
-    wide: the geometry (None: this CPU's, see _vector_geometry); tests pack both."""
+    wide: the geometry, True for 512-bit vectors, False for 256-bit (None: host_is_wide()); tests
+    pack both."""
 
     def __init__(self, w, wide: bool | None = None):
         w = np.asarray(w, np.float32)
         K, N = w.shape
-        self.wide = (VL == 16) if wide is None else bool(wide)
+        self.wide = host_is_wide() if wide is None else bool(wide)
         self.nr = NR = 32 if self.wide else 16
         self.shape = (K, N)
         self.num_panels = P = N // NR

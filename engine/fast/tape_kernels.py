@@ -8,7 +8,8 @@ time on those threads. What the trainer uses by default:
 
 Each falls back to the readable kernel for anything but float32 NumPy arrays (float64, CuPy), the
 attention backward also when the caller records the intermediates' gradients, and for_encoder()
-returns the readable set when Numba is missing or TALKHEADS_FUSED=0.
+returns the readable set when Numba is missing or the encoder's Settings have fused off. Threads:
+engine.fast.threads.default_threads() (the Settings' default thread count, read once).
 Numerics: layer norm and its backward in float64 inside (more accurate than the float32
 reference); the GEGLU and its backward around NumPy's tanh (engine/fast/fused.py; one tanh per
 element: the backward recomputes gelu(x) from the tanh its derivative needs anyway); attention
@@ -27,7 +28,8 @@ from engine.core import kernels as K
 from engine.core import tape as tape_mod
 from engine.core.tape import READABLE_KERNELS, TapeKernels
 from engine.fast import fused
-from engine.fast.forward import masked_softmax_in_place, num_threads, parallel_rows, single_threaded_blas
+from engine.fast.elementwise import masked_softmax_in_place
+from engine.fast.threads import default_threads, parallel_rows, single_threaded_blas
 
 _ROWS = 64          # rows per block of the row kernels
 _FLAT = 1 << 15     # elements per block of the flat kernels
@@ -54,7 +56,7 @@ def layer_norm_backward(x, gamma, beta, eps, dy):
     H = x.shape[-1]
     rows, drows = np.ascontiguousarray(x).reshape(-1, H), np.ascontiguousarray(dy).reshape(-1, H)
     dx = np.empty_like(rows)
-    partial_gamma, partial_beta = np.zeros((num_threads(), H)), np.zeros((num_threads(), H))   # float64
+    partial_gamma, partial_beta = np.zeros((default_threads(), H)), np.zeros((default_threads(), H))   # float64
     parallel_rows(lambda s, e, w: fused.layer_norm_backward_rows(rows, gamma, float(eps), drows, dx, partial_gamma[w],
                                                                  partial_beta[w], s, e), rows.shape[0], _ROWS)
     return (dx.reshape(x.shape), partial_gamma.sum(axis=0).astype(np.float32),
@@ -65,7 +67,7 @@ def _gelu_blocks(flat, finish):
     """Runs finish(start, stop, t, k, c) with t = tanh(k(x + c x^3)) of the block (k, c float32, from
     engine.core.kernels at each call), over cache-sized blocks of the contiguous 1-D `flat`, on the
     threads."""
-    scratch = np.empty((num_threads(), _FLAT), np.float32)
+    scratch = np.empty((default_threads(), _FLAT), np.float32)
     k, c = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
 
     def block(s, e, w):
@@ -115,18 +117,20 @@ def _attention_sizes(q, k, keep_probs, rate):
     return B, S, N, D, k.shape[1], np.float32(1.0 / math.sqrt(float(D))), keep_scale
 
 
-def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate):
+def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate, record=None):
     """engine.core.tape.attention one sequence at a time on the fast path's threads (BLAS at one
     thread meanwhile), so that each sequence's [N,S,T] logits stay in cache from the scores to the
-    context; the readable kernels' operations in their order. Float32 NumPy only (else the readable
-    kernel). -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T])"""
-    if not _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs):
-        return tape_mod.attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate)
+    context; the readable kernels' operations in their order. Float32 NumPy only, and nothing
+    recorded (else the readable kernel). -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T])"""
+    if record is not None or not _attention_fits(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder,
+                                                  keep_probs):
+        return tape_mod.attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate,
+                                  record)
     B, S, N, D, T, scale, keep_scale = _attention_sizes(q, k, keep_probs, rate)
     f32 = np.float32
     pre_t, post_t = pre_softmax_weight.T, post_softmax_weight.T                   # [N,N] (F order)
     ctx, probs, dropped = np.empty((B, S, N, D), f32), np.empty((B, N, S, T), f32), np.empty((B, N, S, T), f32)
-    scratch = np.empty((num_threads(), N, S, T), f32)
+    scratch = np.empty((default_threads(), N, S, T), f32)
 
     def sequences(lo, hi, w):
         scores = scratch[w]
@@ -161,7 +165,7 @@ def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_ad
     B, S, N, D, T, scale, keep_scale = _attention_sizes(q, k, keep_probs, rate)
     f32 = np.float32
     dq, dk, dv = np.empty((B, S, N, D), f32), np.empty((B, T, N, D), f32), np.empty((B, T, N, D), f32)
-    threads = num_threads()
+    threads = default_threads()
     dpre, dpost = np.zeros((threads, N, N), f32), np.zeros((threads, N, N), f32)
     scratch = np.empty((threads, 3, N, S, T), f32)
 
@@ -200,7 +204,10 @@ FUSED_KERNELS = TapeKernels(layer_norm=layer_norm, geglu=geglu, layer_norm_backw
 
 
 def for_encoder(enc) -> TapeKernels:
-    """The fused set for a float32 NumPy encoder when Numba runs; the readable set otherwise."""
-    if fused.enabled() and enc.xp is np and np.dtype(enc.dtype) == np.float32:
+    """The fused set for a float32 NumPy encoder when Numba runs and its Settings (enc.settings,
+    when it has them) have fused on; the readable set otherwise."""
+    settings = getattr(enc, "settings", None)
+    wanted = settings is None or settings.fused
+    if wanted and fused.enabled() and enc.xp is np and np.dtype(enc.dtype) == np.float32:
         return FUSED_KERNELS
     return READABLE_KERNELS

@@ -1,7 +1,9 @@
-"""The fused GPU forward pass: the encoder of engine.core.model in 12 launches per block.
+"""The fused GPU forward pass: the encoder of engine.core.model in 12 launches per block, a twin
+that derives its own arrays from the model's weights at load (never changing the model's).
 
 `engine.Encoder(..., backend="cupy")` uses it for its float32 encoder (float64, the MLM head and
-traced calls take the plain path); `gpu_path="plain"` or TALKHEADS_GPU_PATH=plain forces the plain path. Per block:
+traced calls take the plain path); the setting gpu_path="plain" (engine.core.settings) forces the
+plain path. Per block:
 
     qkv   = x_c · [Wq|Wk|Wv]                                  cuBLAS   [B*S,3H] f32   (merged product)
     q,k,v = split_heads(qkv + [bq|bk|bv])                     kernel   [B,N,S,D] c
@@ -22,7 +24,7 @@ float16, bfloat16). The residual stream, every layer norm and softmax, and all a
 float32; only the products' inputs are rounded. With precision "float32" there is no separate "c"
 copy and no TF32 anywhere (explicit CUBLAS_COMPUTE_32F, whatever CUPY_TF32 says).
 
-CUDA graphs (`cuda_graphs=True` or TALKHEADS_CUDA_GRAPHS=1, opt-in): the first call of each input
+CUDA graphs (the setting `cuda_graphs=True`, opt-in): the first call of each input
 shape runs eagerly, then captures the whole forward into a graph on a private stream; later calls of
 that shape copy the inputs into the graph's buffers, launch the graph once and copy the outputs out.
 If capture fails, that shape falls back to eager launches (and says so once, as a warning).
@@ -34,38 +36,15 @@ forward runs on the CPU with the NumPy twins: that is how it is tested without a
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import numpy as np
 
 from engine.gpu import kernels as G
 
-PATH_ENV = "TALKHEADS_GPU_PATH"            # "fused" (default) or "plain"
-PRECISION_ENV = "TALKHEADS_GPU_PRECISION"  # float32 (default), tf32, float16, bfloat16
-GRAPHS_ENV = "TALKHEADS_CUDA_GRAPHS"       # "1" to capture CUDA graphs
-
-
-def use_fused_path(gpu_path: str | None) -> bool:
-    """True for "fused" (the default), False for "plain": the argument, else $TALKHEADS_GPU_PATH."""
-    value = (gpu_path or os.environ.get(PATH_ENV) or "fused").strip().lower()
-    if value not in ("fused", "plain"):
-        raise ValueError(f"gpu_path / ${PATH_ENV} = {value!r}: choose fused or plain")
-    return value == "fused"
-
-
-def resolve_precision(precision: str | None) -> str:
-    return G.check_precision((precision or os.environ.get(PRECISION_ENV) or "float32").strip().lower())
-
-
-def resolve_graphs(cuda_graphs: bool | None) -> bool:
-    if cuda_graphs is not None:
-        return bool(cuda_graphs)
-    return os.environ.get(GRAPHS_ENV, "0").strip() not in ("", "0", "false", "no")
-
 
 class _Block:
-    """One block's weights, merged for the fused path."""
+    """One block's weights, merged for the fused path (its own arrays; the readable block is read)."""
 
     def __init__(self, w, ops, xp):
         a, f = w.attention, w.feedforward
@@ -110,9 +89,10 @@ class _Workspace:
 
 
 class GpuForward:
-    """The fused encoder forward over an Encoder's weights, with CudaOps (GPU) or NumpyOps (CPU).
+    """The fused encoder forward over a model's weights (an engine.core.model.Model), with CudaOps
+    (GPU) or NumpyOps (CPU).
 
-        fwd = GpuForward(encoder, precision="float32", ops="cuda", cuda_graphs=False)
+        fwd = GpuForward(model, precision="float32", ops="cuda", cuda_graphs=False)
         outputs, pooled = fwd.encode(ids, mask, types)     # device int arrays [B,S]
     `outputs` is the list of the L block outputs [B,S,H] float32, `pooled` [B,H] float32.
     """
@@ -120,24 +100,24 @@ class GpuForward:
     MAX_WORKSPACES = 4
     skips_padding = False
 
-    def __init__(self, encoder, precision: str | None = None, ops: str = "cuda", cuda_graphs: bool | None = None):
-        self.precision = resolve_precision(precision)
+    def __init__(self, model, precision: str = "float32", ops: str = "cuda", cuda_graphs: bool = False):
+        self.precision = G.check_precision(precision)
         self.ops = G.CudaOps(self.precision) if ops == "cuda" else G.NumpyOps(self.precision)
         xp = self.ops.xp
-        cfg = encoder.config
+        cfg = model.config
         self.config = cfg
         self.H, self.N, self.I = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
         self.eps = float(cfg.layer_norm_epsilon)
         self.mask_constant = float(cfg.attention_mask_constant)
         self.scale = float(np.float32(1.0 / math.sqrt(float(cfg.head_size))))
         f32 = lambda x: xp.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
-        self.word, self.position, self.type_table = f32(encoder.word_table), f32(encoder.position_table), f32(encoder.type_table)
-        self.embedding_ln = tuple(f32(t) for t in encoder.embedding_ln)
-        self.blocks = [_Block(w, self.ops, xp) for w in encoder.blocks]
-        self.pooler_kernel = self.ops.to_compute(encoder.pooler_kernel)
-        self.pooler_bias = f32(encoder.pooler_bias)
+        self.word, self.position, self.type_table = f32(model.word_table), f32(model.position_table), f32(model.type_table)
+        self.embedding_ln = tuple(f32(t) for t in model.embedding_ln)
+        self.blocks = [_Block(w, self.ops, xp) for w in model.blocks]
+        self.pooler_kernel = self.ops.to_compute(model.pooler_kernel)
+        self.pooler_bias = f32(model.pooler_bias)
         self.compute_copy = self.precision in ("float16", "bfloat16")
-        self.cuda_graphs = resolve_graphs(cuda_graphs) and ops == "cuda"
+        self.cuda_graphs = bool(cuda_graphs) and ops == "cuda"
         self._workspaces = {}    # (B, S) -> _Workspace
         self._graphs = {}        # (B, S) -> (graph, stream, outputs, pooled) or None when capture failed
 
@@ -214,7 +194,7 @@ class GpuForward:
 
     def encode(self, ids, mask, types, skip_padding=False, keep="all"):
         """(encoder_outputs, pooled) for int arrays [B,S] of the ops' backend. Every position is
-        computed (skips_padding is False: engine.core.model refuses skip_padding=True before this);
+        computed (skips_padding is False: engine.Encoder refuses skip_padding=True before this);
         every block output is returned whatever `keep` says."""
         xp = self.ops.xp
         B, S = ids.shape
@@ -268,29 +248,3 @@ class GpuForward:
         current.wait_event(done)
         # copies, so that the next call (which overwrites the graph's buffers) leaves these alone
         return [o.copy() for o in outputs], pooled.copy()
-
-
-# ---------------------------------------------------------------------------------- random weights
-
-def random_tensors(config, seed: int = 0) -> dict:
-    """Random float32 tensors of every shape of weights.format.expected_shapes(config), at scales
-    that keep activations O(1) and attention far from uniform (for benchmarks and tests that must
-    run without TensorFlow; not a trained model)."""
-    from weights.format import expected_shapes
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in expected_shapes(config).items():
-        leaf = name.rsplit("/", 1)[-1]
-        if leaf == "gamma":
-            t = rng.uniform(0.8, 1.2, shape)
-        elif leaf in ("beta", "bias") or name.endswith("output_bias"):
-            t = rng.normal(0.0, 0.05, shape)
-        elif name.endswith("softmax_weight"):
-            t = np.eye(shape[0]) + rng.normal(0.0, 0.3, shape)
-        elif name.startswith("embeddings/"):
-            t = rng.normal(0.0, 0.5, shape)
-        else:                                   # kernels: fan-in is every axis but the last
-            fan_in = int(np.prod(shape[:-1])) if name.endswith("attention/output/kernel") else shape[0]
-            t = rng.normal(0.0, 1.5 / np.sqrt(fan_in), shape)
-        tensors[name] = t.astype(np.float32)
-    return tensors

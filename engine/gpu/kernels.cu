@@ -12,7 +12,7 @@
 // float16 and bfloat16 values travel as their 16-bit patterns (unsigned short): CuPy has no
 // bfloat16 dtype, and this keeps the source free of cuda_fp16.h / cuda_bf16.h.
 //
-// Letters as in engine/kernels.py: B batch, S query positions, T key positions (= S), H hidden,
+// Letters as in engine/core/kernels.py: B batch, S query positions, T key positions (= S), H hidden,
 // N heads, D head size (H = N*D), I intermediate.
 
 #define MAX_HEADS 16   // talking-heads mixing keeps one column of N logits in registers

@@ -38,11 +38,11 @@ import os
 import numpy as np
 
 from engine.core import kernels as K
+from engine.core.settings import PRECISIONS, check_setting
 
 CU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
 NVRTC_OPTIONS = ("--fmad=false", "--std=c++14")
 MAX_HEADS = 16               # as in kernels.cu
-PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
 SUFFIX = {"float32": "f32", "tf32": "f32", "float16": "f16", "bfloat16": "bf16"}
 LN_THREADS = 256             # threads per row of the layer norms
 SOFTMAX_THREADS = 128        # threads per query row of the talking-heads softmax
@@ -51,9 +51,8 @@ SHARED_MEMORY_LIMIT = 48 * 1024   # bytes of dynamic shared memory a kernel may 
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return precision
+    """One of PRECISIONS (engine.core.settings), else SettingError naming the setting precision."""
+    return check_setting("precision", precision)
 
 
 def read_source() -> str:

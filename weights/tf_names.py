@@ -1,0 +1,320 @@
+"""The SavedModel's variable names and how they match the HDF5 layout: TensorFlow-free.
+
+A TF Hub talking-heads GGELU BERT names its variables after Model Garden's layers; this module
+holds the one table from each dataset of `weights.format` to the variable it comes from, and the
+matching of a list of variables (names and shapes, as `engine.tf.extract.read_savedmodel` lists
+them) to the datasets of a file:
+
+    plan = match_variables(SourceModel(path, variables, ...))   # ExtractionError lists every problem
+    plan.config, plan.mapping                                    # {dataset path: SourceVariable}
+
+Variables are matched by structure, not by exact full names: transformer blocks are whatever prefix
+precedes a known block-variable name (`transformer_scaffold`, `transformer_scaffold_7`, ...), sorted
+by the prefix's numeric suffix (none = 0); the MLM scope may or may not start with `bert/`; the `:0`
+suffix is ignored. Every expected tensor must be found with its expected shape and dtype float32,
+and nothing may be left over. The config is inferred from the shapes (a majority vote over every
+tensor that shows a dimension, then every shape is checked against it); the activation, the
+LayerNorm epsilon and the mask constant cannot be seen in any shape and take `ModelConfig`'s
+defaults (the Hub model's values).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+from weights import format as fmt
+
+
+class ExtractionError(ValueError):
+    """The SavedModel cannot be extracted (wrong layout, missing pieces, bad values, bad output path)."""
+
+
+# ---------------------------------------------------------------------------- the name table
+# Dataset name (a key of the weights.format tables) -> the TF variable it is read from. Block names
+# are relative to the block's prefix; MLM names follow an optional "bert/" scope.
+
+TF_EMBEDDING_NAMES = {
+    "embeddings/word": "word_embeddings/embeddings",
+    "embeddings/position": "position_embedding/embeddings",
+    "embeddings/type": "type_embeddings/embeddings",
+    "embeddings/layer_norm/gamma": "embeddings/layer_norm/gamma",
+    "embeddings/layer_norm/beta": "embeddings/layer_norm/beta",
+}
+TF_BLOCK_NAMES = {
+    "attention/query/kernel": "self_attention/query/kernel",
+    "attention/query/bias": "self_attention/query/bias",
+    "attention/key/kernel": "self_attention/key/kernel",
+    "attention/key/bias": "self_attention/key/bias",
+    "attention/value/kernel": "self_attention/value/kernel",
+    "attention/value/bias": "self_attention/value/bias",
+    "attention/output/kernel": "self_attention/attention_output/kernel",
+    "attention/output/bias": "self_attention/attention_output/bias",
+    "attention/pre_softmax_weight": "self_attention/pre_softmax_weight",
+    "attention/post_softmax_weight": "self_attention/post_softmax_weight",
+    "attention_layer_norm/gamma": "self_attention_layer_norm/gamma",
+    "attention_layer_norm/beta": "self_attention_layer_norm/beta",
+    "feedforward/intermediate/kernel": "feedforward/intermediate_0/kernel",
+    "feedforward/intermediate/bias": "feedforward/intermediate_0/bias",
+    "feedforward/gate/kernel": "feedforward/gate_0/kernel",
+    "feedforward/gate/bias": "feedforward/gate_0/bias",
+    "feedforward/output/kernel": "feedforward/output_0/kernel",
+    "feedforward/output/bias": "feedforward/output_0/bias",
+    "feedforward_layer_norm/gamma": "feedforward/output_layer_norm_0/gamma",
+    "feedforward_layer_norm/beta": "feedforward/output_layer_norm_0/beta",
+}
+TF_POOLER_NAMES = {
+    "pooler/kernel": "cls_transform/kernel",
+    "pooler/bias": "cls_transform/bias",
+}
+TF_MLM_NAMES = {
+    "mlm/transform/kernel": "cls/predictions/transform/dense/kernel",
+    "mlm/transform/bias": "cls/predictions/transform/dense/bias",
+    "mlm/layer_norm/gamma": "cls/predictions/transform/LayerNorm/gamma",
+    "mlm/layer_norm/beta": "cls/predictions/transform/LayerNorm/beta",
+    "mlm/output_bias": "cls/predictions/output_bias/bias",
+}
+
+# The reverse tables the matching reads: TF name -> dataset name.
+_TF_TOP_NAMES = {**TF_EMBEDDING_NAMES, **TF_POOLER_NAMES}
+_TOP = {tf: path for path, tf in _TF_TOP_NAMES.items()}
+_BLOCK = {tf: name for name, tf in TF_BLOCK_NAMES.items()}
+_MLM = {tf: path for path, tf in TF_MLM_NAMES.items()}
+_BLOCK_SUFFIXES = sorted(_BLOCK, key=len, reverse=True)
+_MLM_RE = re.compile(r"(?:bert/)?(cls/predictions/.+)")
+_MAX_LISTED = 40  # per category in an error message
+
+# Which axis of which dataset shows which config size: format.expected_shapes with distinct
+# stand-in sizes, so it follows the format.
+_SYMBOLIC_SIZES = dict(hidden_size=15, num_heads=3, head_size=5, intermediate_size=7, vocab_size=11,
+                       max_position_embeddings=13, type_vocab_size=17)
+_SIZE_OF_VALUE = {v: k for k, v in _SYMBOLIC_SIZES.items()}
+_SYMBOLIC_SHAPES = fmt.expected_shapes(fmt.ModelConfig(num_layers=1, **_SYMBOLIC_SIZES))
+
+
+def _normalize(name: str) -> str:
+    """`transformer_scaffold/x/kernel:0` -> `transformer_scaffold/x/kernel`."""
+    return re.sub(r":\d+$", "", name)
+
+
+def _shape_str(shape) -> str:
+    return str(tuple(int(d) for d in shape))
+
+
+@dataclasses.dataclass
+class SourceVariable:
+    """One float variable of the SavedModel, read lazily."""
+    name: str                                   # as TF reports it, e.g. "transformer_scaffold/...:0"
+    shape: tuple[int, ...]
+    dtype: str                                  # numpy-style name, e.g. "float32"
+    read: Callable[[], np.ndarray] = dataclasses.field(repr=False, default=None)
+
+
+@dataclasses.dataclass
+class SourceModel:
+    """What a SavedModel holds, before any matching."""
+    path: str
+    variables: list[SourceVariable]             # float variables, deduplicated
+    other_variables: list[tuple[str, str]]      # non-float (name, dtype) that are not do_lower_case
+    has_mlm_object: bool
+    do_lower_case: bool | None                  # None: no do_lower_case variable found
+    do_lower_case_source: str | None
+    vocab: list[str] | None
+    vocab_source: str | None
+    tensorflow_version: str = ""
+    source_tensorflow_version: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    """The matching result: the inferred config and which variable goes to which dataset."""
+    config: fmt.ModelConfig
+    mapping: dict[str, SourceVariable]          # dataset path -> variable, in canonical order
+    warnings: list[str]
+
+
+class Problems:
+    """Collects everything wrong, to raise it as ONE ExtractionError."""
+
+    def __init__(self):
+        self.items: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, category: str, text: str) -> None:
+        self.items[category].append(text)
+
+    def __bool__(self) -> bool:
+        return any(self.items.values())
+
+    def raise_if_any(self, where: str, headline: str, hints=()) -> None:
+        if not self:
+            return
+        count = sum(len(v) for v in self.items.values())
+        lines = [f"{where}: {headline} ({count} problem{'s' if count != 1 else ''}):"]
+        lines += [f"  note: {hint}" for hint in hints]
+        for category, entries in self.items.items():
+            for text in entries[:_MAX_LISTED]:
+                lines.append(f"  {category}: {text}")
+            if len(entries) > _MAX_LISTED:
+                lines.append(f"  {category}: ... and {len(entries) - _MAX_LISTED} more")
+        raise ExtractionError("\n".join(lines))
+
+
+def _block_key(prefix: str) -> tuple[str, int]:
+    """`transformer_scaffold_7` -> ("transformer_scaffold", 7); no numeric suffix -> number 0."""
+    m = re.fullmatch(r"(.*?)(?:_(\d+))?", prefix)
+    return m.group(1), int(m.group(2) or 0)
+
+
+def _infer_sizes(found: dict[str, tuple[int, ...]]) -> dict[str, collections.Counter]:
+    votes = collections.defaultdict(collections.Counter)
+    for path, shape in found.items():
+        block = fmt.split_block_path(path)
+        symbolic = _SYMBOLIC_SHAPES.get(fmt.block_path(0, block[1]) if block else path)
+        if symbolic is None or len(symbolic) != len(shape):
+            continue
+        for size, value in zip(symbolic, shape):
+            votes[_SIZE_OF_VALUE[size]][int(value)] += 1
+    return votes
+
+
+def _sort_variables(source: SourceModel, problems: Problems):
+    """(top-level, MLM, {block prefix: {block name: variable}}, leftovers) by the name table."""
+    top: dict[str, SourceVariable] = {}
+    mlm: dict[str, SourceVariable] = {}
+    blocks: dict[str, dict[str, SourceVariable]] = {}
+    leftovers: list[SourceVariable] = []
+
+    def claim(table: dict, key: str, var: SourceVariable) -> None:
+        if key in table:
+            problems.add("duplicate", f"{var.name} and {table[key].name} both match {key}")
+        else:
+            table[key] = var
+
+    for var in source.variables:
+        name = _normalize(var.name)
+        if name in _TOP:
+            claim(top, _TOP[name], var)
+            continue
+        m = _MLM_RE.fullmatch(name)
+        if m and m.group(1) in _MLM:
+            claim(mlm, _MLM[m.group(1)], var)
+            continue
+        for suffix in _BLOCK_SUFFIXES:
+            if name.endswith("/" + suffix) and len(name) > len(suffix) + 1:
+                claim(blocks.setdefault(name[: -len(suffix) - 1], {}), _BLOCK[suffix], var)
+                break
+        else:
+            leftovers.append(var)
+    return top, mlm, blocks, leftovers
+
+
+def _order_blocks(blocks: dict, problems: Problems) -> list[str]:
+    """The block prefixes in order of their numeric suffix; mixed bases and equal numbers are problems."""
+    keyed = {prefix: _block_key(prefix) for prefix in blocks}
+    if len({base for base, _ in keyed.values()}) > 1:
+        problems.add("unexpected", "transformer blocks under different prefixes: " + ", ".join(sorted(blocks)))
+    numbers = collections.Counter(n for _, n in keyed.values())
+    for prefix, (_, n) in sorted(keyed.items()):
+        if numbers[n] > 1:
+            problems.add("duplicate", f"block prefix {prefix} has the same number ({n}) as another block")
+    return sorted(blocks, key=lambda p: (keyed[p][1], p))
+
+
+def _hints(source: SourceModel) -> list[str]:
+    names = [_normalize(v.name) for v in source.variables]
+    hints = []
+    if not any(n.endswith(TF_BLOCK_NAMES["attention/pre_softmax_weight"]) for n in names):
+        hints.append("no */self_attention/pre_softmax_weight variable: this does not look like a "
+                     "talking-heads attention model (plain BERT?)")
+    if not any(n.endswith(TF_BLOCK_NAMES["feedforward/gate/kernel"]) for n in names):
+        hints.append("no */feedforward/gate_0/kernel variable: this does not look like a gated-GELU "
+                     "feedforward model")
+    return hints
+
+
+def tf_name(path: str, block_prefixes: list[str]) -> str:
+    """The TF variable name a dataset path is read from (the MLM scope shown as `[bert/]`)."""
+    block = fmt.split_block_path(path)
+    if block:
+        i, name = block
+        return f"{block_prefixes[i] if i < len(block_prefixes) else '<block>'}/{TF_BLOCK_NAMES[name]}"
+    if path in _TF_TOP_NAMES:
+        return _TF_TOP_NAMES[path]
+    return "[bert/]" + TF_MLM_NAMES[path]
+
+
+def match_variables(source: SourceModel) -> Plan:
+    """Matches the SavedModel's variables to the HDF5 layout; raises one ExtractionError listing all problems."""
+    problems = Problems()
+    warnings: list[str] = []
+    top, mlm, blocks, leftovers = _sort_variables(source, problems)
+    ordered = _order_blocks(blocks, problems)
+
+    mapping: dict[str, SourceVariable] = dict(top)
+    for i, prefix in enumerate(ordered):
+        mapping.update({fmt.block_path(i, name): var for name, var in blocks[prefix].items()})
+    has_mlm = bool(mlm) or source.has_mlm_object
+    if has_mlm:
+        mapping.update(mlm)
+    else:
+        warnings.append("the SavedModel has no .mlm sub-object and no MLM variables: "
+                        "extracting the encoder only (has_mlm=False, no /mlm group)")
+    hints = _hints(source)
+    if not ordered:
+        problems.add("missing", "no transformer blocks (no variable named */" +
+                     "self_attention/query/kernel or any other block variable)")
+
+    votes = _infer_sizes({p: v.shape for p, v in mapping.items()})
+    sizes = {}
+    for size in _SYMBOLIC_SIZES:
+        if votes.get(size):
+            sizes[size] = votes[size].most_common(1)[0][0]
+        else:
+            problems.add("missing", f"cannot infer {size}: no tensor shows it")
+    do_lower_case = source.do_lower_case
+    if do_lower_case is None:
+        do_lower_case = True
+        warnings.append("the SavedModel has no do_lower_case variable: assuming do_lower_case=True "
+                        "(the Hub model is uncased)")
+    config = None
+    if len(sizes) == len(_SYMBOLIC_SIZES) and ordered:
+        try:
+            config = fmt.ModelConfig(num_layers=len(ordered), do_lower_case=bool(do_lower_case),
+                                     has_mlm=has_mlm, **sizes)
+        except ValueError as e:
+            problems.add("inconsistent", f"{e} (sizes inferred from the shapes: {sizes})")
+
+    if config is not None:
+        expected = fmt.expected_shapes(config)
+        for path, shape in expected.items():
+            var = mapping.get(path)
+            if var is None:
+                problems.add("missing", f"{tf_name(path, ordered)} {_shape_str(shape)} (for {path})")
+            elif tuple(var.shape) != tuple(shape):
+                problems.add("mis-shaped", f"{var.name} has shape {_shape_str(var.shape)}, "
+                                           f"expected {_shape_str(shape)} (for {path})")
+        mapping = {p: mapping[p] for p in expected if p in mapping}
+        if source.vocab is not None and len(source.vocab) != config.vocab_size:
+            problems.add("mis-shaped", f"vocab asset {source.vocab_source} has {len(source.vocab)} "
+                                       f"tokens, the word embeddings have {config.vocab_size} rows")
+    elif ordered:  # sizes unknown: still name every tensor that is missing, without shapes
+        placeholder = fmt.ModelConfig(num_layers=len(ordered), hidden_size=1, num_heads=1, head_size=1,
+                                      intermediate_size=1, vocab_size=1, max_position_embeddings=1,
+                                      type_vocab_size=1, has_mlm=has_mlm)
+        for path in fmt.expected_shapes(placeholder):
+            if path not in mapping:
+                problems.add("missing", f"{tf_name(path, ordered)} (for {path})")
+    for path, var in mapping.items():
+        if var.dtype != "float32":
+            problems.add("wrong dtype", f"{var.name} has dtype {var.dtype}, expected float32 (for {path})")
+    for var in sorted(leftovers, key=lambda v: v.name):
+        problems.add("unexpected", f"{var.name} {_shape_str(var.shape)} {var.dtype}")
+    for name, dtype in source.other_variables:
+        problems.add("unexpected", f"{name} ({dtype}, not float)")
+    problems.raise_if_any(source.path, "the SavedModel does not match the talking-heads GGELU BERT layout",
+                          hints if problems else ())
+    return Plan(config=config, mapping=mapping, warnings=warnings)
