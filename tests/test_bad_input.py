@@ -1,6 +1,6 @@
-"""Bad input, broken files (issue 10): every public entry point either works exactly as TensorFlow
+"""Bad input, broken files: every public entry point either works exactly as TensorFlow
 does or raises one clear error naming the input (or file and dataset) and the problem; never a NaN,
-never a traceback from deep inside NumPy. README "Bad input" lists what each case gets.
+never a traceback from deep inside NumPy. docs/bad-input.md lists what each case gets.
 
 Entry points: Encoder.__call__, .mlm, .trace, the fast path, the Preprocessor, engine.load and the
 CLI. Streaming/resume of `encode` is in tests/test_stream.py; the loader's own cases (truncated,
@@ -259,8 +259,8 @@ GATE = "layers/0/feedforward/gate/kernel"
 
 
 def _write_weights(path):
-    from engine.tf import extract
-    extract.write_weights(str(path), CFG, _tensors(CFG), vocab=VOCAB, progress=False)
+    from weights.write import write_weights
+    write_weights(str(path), CFG, _tensors(CFG), vocab=VOCAB)
     return path
 
 
@@ -375,7 +375,7 @@ def test_unreadable_weights_through_the_cli(tmp_path):
                                os.path.join(folder, "o.npy")], cwd=REPO, capture_output=True, text=True,
                               timeout=300, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
         line = _one_error_line(proc)
-        assert line == f"error: WeightsFileError: {path}: permission denied (cannot read the file)", line
+        assert line == f"error: --weights {path}: permission denied (cannot read the file)", line
     finally:
         shutil.rmtree(folder)
 
@@ -429,7 +429,7 @@ def test_bad_encode_arguments(tmp_path, args, needle, capsys):
 def test_bad_trace_ids_through_the_cli(tmp_path, ids, needle, capsys):
     from engine.cli import main as cli
     weights = _write_weights(tmp_path / "model.h5")
-    assert cli.main(["trace", "--weights", str(weights), "--ids", ids, "--out", str(tmp_path / "t.h5")]) == 2
+    assert cli.main(["trace", "--weights", str(weights), "--ids", ids, "--output", str(tmp_path / "t.h5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "t.h5").exists()

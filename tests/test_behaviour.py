@@ -1,4 +1,4 @@
-"""Behaviour of the command line and the fast path that nothing else covers (issue 15, item 6), and
+"""Behaviour of the command line and the fast path that nothing else covers, and
 that every command is fast and fitting by default: help texts, examples, lengths fitted to the model."""
 
 import argparse
@@ -89,7 +89,7 @@ def test_compare_json_and_trace_input(tiny_h5, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("The quick brown fox.\nTalking heads mix attention.\n", encoding="utf-8")
     ours = tmp_path / "ours.h5"
-    proc = run("trace", "--weights", tiny_h5, "--input", str(texts), "--out", str(ours))
+    proc = run("trace", "--weights", tiny_h5, "--input", str(texts), "--output", str(ours))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with h5py.File(ours, "r") as f:
         assert f["layers/0/q"].shape[:2] == (2, 7)             # fitted: 5 tokens + [CLS] + [SEP]
@@ -116,33 +116,25 @@ def test_encode_batch_size_cap_and_resuming_a_complete_run(tiny_h5, tmp_path):
     assert out.read_bytes() == before
 
 
-def _encoder_outputs(env_extra, h5, tmp_path, name):
-    """The fast path's outputs in a fresh process with extra environment (thread modes are read at import)."""
-    out = tmp_path / f"{name}.npz"
-    code = ("import sys, numpy as np, engine; from engine.tools import parity\n"
-            "enc = engine.load(sys.argv[1], fast=True)\n"
-            "inputs = parity.random_inputs(np.random.default_rng(0), 4, 48, enc.config.vocab_size)\n"
-            "out = enc({k: v for k, v in inputs.items() if k != 'masked_lm_positions'})\n"
-            "np.savez(sys.argv[2], pooled=out['pooled_output'], seq=out['sequence_output'])\n")
-    proc = subprocess.run([sys.executable, "-c", code, h5, str(out)], cwd=REPO, env=dict(ENV, **env_extra),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return np.load(out)
-
-
-def test_fast_path_thread_modes_agree(tiny_h5, tmp_path):
-    """The split mode (OpenBLAS single-threaded, rows over our pool: the default), OpenBLAS's own
-    threading (TALKHEADS_FAST_BLAS_THREADS=native) and one thread (TALKHEADS_THREADS=1), forced
-    explicitly: the same outputs within float32 noise of the float64 truth."""
-    inputs = parity.random_inputs(np.random.default_rng(0), 4, 48, engine.load(tiny_h5).config.vocab_size)
+def test_fast_path_thread_modes_agree(tiny_h5):
+    """The split mode (OpenBLAS single-threaded, the work over our pool of 2: the default on a
+    multi-core machine), OpenBLAS's own threading (blas="native") and one thread (threads=1), each
+    an encoder's own settings in one process: the same outputs within float32 noise of the float64
+    truth."""
+    import weights
+    loaded = weights.load(tiny_h5)
+    inputs = parity.random_inputs(np.random.default_rng(0), 4, 48, loaded.config.vocab_size)
     inputs = {k: v for k, v in inputs.items() if k != "masked_lm_positions"}
     exact = engine.load(tiny_h5, dtype="float64")(inputs)
-    modes = {"split": {"TALKHEADS_THREADS": "2"}, "native": {"TALKHEADS_FAST_BLAS_THREADS": "native"},
-             "single": {"TALKHEADS_THREADS": "1"}}
-    got = {name: _encoder_outputs(env, tiny_h5, tmp_path, name) for name, env in modes.items()}
+    modes = {"split": dict(threads=2), "native": dict(threads=2, blas="native"), "single": dict(threads=1)}
+    got = {}
+    for name, settings in modes.items():
+        enc = engine.Encoder(loaded.config, loaded.tensors, fast=True, **settings)
+        assert (enc.settings.threads, enc.settings.blas) == (settings["threads"], settings.get("blas", "pool"))
+        got[name] = enc(inputs)
     for name in ("native", "single"):
-        for key, out in (("pooled", "pooled_output"), ("seq", "sequence_output")):
-            j = verdict.judge(f"{name} {out}", got[name][key], got["split"][key], exact[out])
+        for out in ("pooled_output", "sequence_output"):
+            j = verdict.judge(f"{name} {out}", got[name][out], got["split"][out], exact[out])
             assert j.ok, j.detail
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import engine
+from engine.cli.main import main as cli_main
 from engine.tools import explain
 
 TEXT_A = "the quick brown fox jumps over the [MASK] dog."
@@ -71,12 +72,15 @@ def test_page_numbers_equal_the_trace(tiny):
     assert [c[0] for c in rows[0]["candidates"]] == [enc.vocab[j] for j in best]
 
 
-def test_page_loads_nothing_from_the_network(tiny):
-    html = tiny[3]
+def _assert_self_contained(html):
     for pattern in (r"\bsrc\s*=", r"\bhref\s*=", r"url\(", r"https?://", r"\bfetch\(", r"XMLHttpRequest",
                     r"\bimport\s*\(", r"<link\b", r"<iframe\b", r"@import"):
         hits = re.findall(pattern, html)
         assert not hits, f"the page refers outside itself: {pattern} found {hits[:3]}"
+
+
+def test_page_loads_nothing_from_the_network(tiny):
+    _assert_self_contained(tiny[3])
 
 
 def test_page_refuses_a_text_longer_than_the_model(tiny):
@@ -132,3 +136,79 @@ def test_page_screenshot_is_not_blank(tiny, tmp_path):
     blue = np.mean((pixels[..., 2] > pixels[..., 0] + 0.2))          # attention cells are blue
     print(f"screenshot {pixels.shape[1]}x{pixels.shape[0]}: {len(colours)} colours, {blue:.1%} blue pixels")
     assert len(colours) > 50 and blue > 0.01
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def _cli(capsys, *argv):
+    code = cli_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def test_cli_writes_the_page(tiny, tiny_h5, tmp_path, capsys):
+    enc, prep, data, _ = tiny
+    out = tmp_path / "page.html"
+    code, _, err = _cli(capsys, "explain", "--weights", tiny_h5, TEXT_A, "--text-b", TEXT_B, "--output", out)
+    assert code == 0, err
+    assert f"explain: wrote {out}" in err and f"{len(data['tokens'])} tokens through 2 layers x 4 heads" in err
+    html = out.read_text(encoding="utf-8")
+    _assert_self_contained(html)
+    page = explain.page_data(html)
+    assert page["tokens"] == data["tokens"] and page["tokens"][:3] == ["[CLS]", "the", "quick"]
+    assert page["text_b"] == TEXT_B and 1 in page["segments"]
+    assert page["layers"] == data["layers"]               # the numbers the module's own tests check
+    assert not [p for p in tmp_path.iterdir() if p.name != "page.html"]   # no temporary file left behind
+
+
+def test_cli_refuses_an_existing_page_without_force(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "page.html"
+    out.write_text("keep me", encoding="utf-8")
+    code, _, err = _cli(capsys, "explain", "--weights", tiny_h5, "the cat sat", "--output", out)
+    assert code == 2
+    assert _error_line(err) == f"error: --output {out}: exists; pass --force to replace it"
+    assert out.read_text(encoding="utf-8") == "keep me"
+    code, _, err = _cli(capsys, "explain", "--weights", tiny_h5, "the cat sat", "--output", out, "--force")
+    assert code == 0, err
+    assert explain.page_data(out.read_text(encoding="utf-8"))["tokens"] == ["[CLS]", "the", "cat", "sat", "[SEP]"]
+
+
+def test_cli_refuses_a_missing_output_folder_and_an_empty_text(tiny_h5, tmp_path, capsys):
+    missing = tmp_path / "typo"
+    code, _, err = _cli(capsys, "explain", "--weights", tiny_h5, "the cat sat", "--output", missing / "page.html")
+    assert code == 2
+    assert _error_line(err) == f"error: --output {missing / 'page.html'}: the folder {missing} does not exist"
+    assert not missing.exists()                                       # never created
+    code, _, err = _cli(capsys, "explain", "--weights", tiny_h5, "   ", "--output", tmp_path / "page.html")
+    assert code == 2
+    assert _error_line(err) == "error: the text has no tokens: it is empty or all whitespace"
+    assert not (tmp_path / "page.html").exists()
+
+
+def test_cli_predicts_at_each_mask_with_the_mlm_head(tiny_trained_h5, tmp_path, capsys):
+    out = tmp_path / "page.html"
+    text = "the cat sat on the [MASK] because it was [MASK]"
+    code, _, err = _cli(capsys, "explain", "--weights", tiny_trained_h5, text, "--output", out)
+    assert code == 0, err
+    page = explain.page_data(out.read_text(encoding="utf-8"))
+    masks = [i for i, token in enumerate(page["tokens"]) if token == "[MASK]"]
+    predictions = page["predictions"]
+    assert len(masks) == 2 and predictions["at_masks"]
+    assert [row["position"] for row in predictions["rows"]] == masks
+    # the same candidates fill-mask gives (one tokenizer for [MASK], one softmax), most probable first
+    from engine.tools.fill_mask import fill_mask
+    enc = engine.load(tiny_trained_h5)
+    want = fill_mask(enc, engine.Preprocessor.from_weights(enc, max_seq_length=None), text,
+                     top_k=explain.TOP_PREDICTIONS).candidates
+    for row, candidates in zip(predictions["rows"], want):
+        assert [c[0] for c in row["candidates"]] == [c[0] for c in candidates]
+        np.testing.assert_allclose([c[1] for c in row["candidates"]], [c[1] for c in candidates], rtol=1e-4)
+    best = ", ".join(f"{row['candidates'][0][0]} ({row['candidates'][0][1]:.2f})" for row in predictions["rows"])
+    assert f"best at each [MASK]: {best}" in err

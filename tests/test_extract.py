@@ -1,7 +1,7 @@
-"""SavedModel -> HDF5 extraction (engine.tf.extract), the format, and the validating loader (weights.load)."""
+"""SavedModel -> HDF5 extraction: engine.tf.extract reading TensorFlow's variables, weights.tf_names matching
+them to the format's datasets; the command, and a killed extraction."""
 
 import datetime
-import io
 import os
 import re
 import signal
@@ -14,72 +14,52 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from weights import LoadedWeights, WeightsFileError, format as fmt, load
+from tests.test_weights_file import SMALL, SMALL_VOCAB, write_small
+from weights import LoadedWeights, format as fmt, load
+from weights import write as weights_write
 
-# The test's own statement of the name mapping (independent of engine.tf.extract's tables).
-H5_OF_BLOCK = {
-    "self_attention/query/kernel": "attention/query/kernel",
-    "self_attention/query/bias": "attention/query/bias",
-    "self_attention/key/kernel": "attention/key/kernel",
-    "self_attention/key/bias": "attention/key/bias",
-    "self_attention/value/kernel": "attention/value/kernel",
-    "self_attention/value/bias": "attention/value/bias",
-    "self_attention/attention_output/kernel": "attention/output/kernel",
-    "self_attention/attention_output/bias": "attention/output/bias",
-    "self_attention/pre_softmax_weight": "attention/pre_softmax_weight",
-    "self_attention/post_softmax_weight": "attention/post_softmax_weight",
-    "self_attention_layer_norm/gamma": "attention_layer_norm/gamma",
-    "self_attention_layer_norm/beta": "attention_layer_norm/beta",
-    "feedforward/intermediate_0/kernel": "feedforward/intermediate/kernel",
-    "feedforward/intermediate_0/bias": "feedforward/intermediate/bias",
-    "feedforward/gate_0/kernel": "feedforward/gate/kernel",
-    "feedforward/gate_0/bias": "feedforward/gate/bias",
-    "feedforward/output_0/kernel": "feedforward/output/kernel",
-    "feedforward/output_0/bias": "feedforward/output/bias",
-    "feedforward/output_layer_norm_0/gamma": "feedforward_layer_norm/gamma",
-    "feedforward/output_layer_norm_0/beta": "feedforward_layer_norm/beta",
+# The test's own statement of the TF variables (independent of weights.tf_names): the dataset each
+# one goes to, and its shape in the letters of the README.
+BLOCK = {
+    "self_attention/query/kernel": ("attention/query/kernel", "HND"),
+    "self_attention/query/bias": ("attention/query/bias", "ND"),
+    "self_attention/key/kernel": ("attention/key/kernel", "HND"),
+    "self_attention/key/bias": ("attention/key/bias", "ND"),
+    "self_attention/value/kernel": ("attention/value/kernel", "HND"),
+    "self_attention/value/bias": ("attention/value/bias", "ND"),
+    "self_attention/attention_output/kernel": ("attention/output/kernel", "NDH"),
+    "self_attention/attention_output/bias": ("attention/output/bias", "H"),
+    "self_attention/pre_softmax_weight": ("attention/pre_softmax_weight", "NN"),
+    "self_attention/post_softmax_weight": ("attention/post_softmax_weight", "NN"),
+    "self_attention_layer_norm/gamma": ("attention_layer_norm/gamma", "H"),
+    "self_attention_layer_norm/beta": ("attention_layer_norm/beta", "H"),
+    "feedforward/intermediate_0/kernel": ("feedforward/intermediate/kernel", "HI"),
+    "feedforward/intermediate_0/bias": ("feedforward/intermediate/bias", "I"),
+    "feedforward/gate_0/kernel": ("feedforward/gate/kernel", "HI"),
+    "feedforward/gate_0/bias": ("feedforward/gate/bias", "I"),
+    "feedforward/output_0/kernel": ("feedforward/output/kernel", "IH"),
+    "feedforward/output_0/bias": ("feedforward/output/bias", "H"),
+    "feedforward/output_layer_norm_0/gamma": ("feedforward_layer_norm/gamma", "H"),
+    "feedforward/output_layer_norm_0/beta": ("feedforward_layer_norm/beta", "H"),
 }
-H5_OF_TOP = {
-    "word_embeddings/embeddings": "embeddings/word",
-    "position_embedding/embeddings": "embeddings/position",
-    "type_embeddings/embeddings": "embeddings/type",
-    "embeddings/layer_norm/gamma": "embeddings/layer_norm/gamma",
-    "embeddings/layer_norm/beta": "embeddings/layer_norm/beta",
-    "cls_transform/kernel": "pooler/kernel",
-    "cls_transform/bias": "pooler/bias",
+TOP = {
+    "word_embeddings/embeddings": ("embeddings/word", "VH"),
+    "position_embedding/embeddings": ("embeddings/position", "PH"),
+    "type_embeddings/embeddings": ("embeddings/type", "TH"),
+    "embeddings/layer_norm/gamma": ("embeddings/layer_norm/gamma", "H"),
+    "embeddings/layer_norm/beta": ("embeddings/layer_norm/beta", "H"),
+    "cls_transform/kernel": ("pooler/kernel", "HH"),
+    "cls_transform/bias": ("pooler/bias", "H"),
 }
-H5_OF_MLM = {
-    "cls/predictions/transform/dense/kernel": "mlm/transform/kernel",
-    "cls/predictions/transform/dense/bias": "mlm/transform/bias",
-    "cls/predictions/transform/LayerNorm/gamma": "mlm/layer_norm/gamma",
-    "cls/predictions/transform/LayerNorm/beta": "mlm/layer_norm/beta",
-    "cls/predictions/output_bias/bias": "mlm/output_bias",
+MLM = {
+    "cls/predictions/transform/dense/kernel": ("mlm/transform/kernel", "HH"),
+    "cls/predictions/transform/dense/bias": ("mlm/transform/bias", "H"),
+    "cls/predictions/transform/LayerNorm/gamma": ("mlm/layer_norm/gamma", "H"),
+    "cls/predictions/transform/LayerNorm/beta": ("mlm/layer_norm/beta", "H"),
+    "cls/predictions/output_bias/bias": ("mlm/output_bias", "V"),
 }
-# Shapes of the TF variables, in the letters of the README.
-SHAPE_OF_BLOCK = {
-    "self_attention/query/kernel": "HND", "self_attention/query/bias": "ND",
-    "self_attention/key/kernel": "HND", "self_attention/key/bias": "ND",
-    "self_attention/value/kernel": "HND", "self_attention/value/bias": "ND",
-    "self_attention/attention_output/kernel": "NDH", "self_attention/attention_output/bias": "H",
-    "self_attention/pre_softmax_weight": "NN", "self_attention/post_softmax_weight": "NN",
-    "self_attention_layer_norm/gamma": "H", "self_attention_layer_norm/beta": "H",
-    "feedforward/intermediate_0/kernel": "HI", "feedforward/intermediate_0/bias": "I",
-    "feedforward/gate_0/kernel": "HI", "feedforward/gate_0/bias": "I",
-    "feedforward/output_0/kernel": "IH", "feedforward/output_0/bias": "H",
-    "feedforward/output_layer_norm_0/gamma": "H", "feedforward/output_layer_norm_0/beta": "H",
-}
-SHAPE_OF_TOP = {
-    "word_embeddings/embeddings": "VH", "position_embedding/embeddings": "PH",
-    "type_embeddings/embeddings": "TH", "embeddings/layer_norm/gamma": "H",
-    "embeddings/layer_norm/beta": "H", "cls_transform/kernel": "HH", "cls_transform/bias": "H",
-}
-SHAPE_OF_MLM = {
-    "cls/predictions/transform/dense/kernel": "HH", "cls/predictions/transform/dense/bias": "H",
-    "cls/predictions/transform/LayerNorm/gamma": "H", "cls/predictions/transform/LayerNorm/beta": "H",
-    "cls/predictions/output_bias/bias": "V",
-}
-SMALL = dict(L=3, H=8, N=2, D=4, I=16, V=12, P=16, T=2)
-SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "##s", "héllo", "日本", "naïve", "a b", "!"]
+H5_OF_BLOCK, H5_OF_TOP, H5_OF_MLM = ({tf: h5 for tf, (h5, _) in t.items()} for t in (BLOCK, TOP, MLM))
+SHAPE_OF_BLOCK, SHAPE_OF_TOP, SHAPE_OF_MLM = ({tf: letters for tf, (_, letters) in t.items()} for t in (BLOCK, TOP, MLM))
 
 
 def _extract_module():
@@ -385,52 +365,71 @@ def test_not_a_savedmodel(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The write: never a half file, never a silent replacement.
+# The matching alone (weights.tf_names): no TensorFlow.
 
-def _small_config(**over):
-    s = dict(SMALL, **over)
-    return fmt.ModelConfig(num_layers=s["L"], hidden_size=s["H"], num_heads=s["N"], head_size=s["D"],
-                           intermediate_size=s["I"], vocab_size=s["V"], max_position_embeddings=s["P"],
-                           type_vocab_size=s["T"])
+def test_the_name_table_is_this_tests_mapping_over_the_formats_datasets():
+    from weights import tf_names
+    assert set(tf_names.TF_BLOCK_NAMES) == set(fmt.BLOCK_TENSORS)
+    assert set(tf_names.TF_EMBEDDING_NAMES) == set(fmt.EMBEDDING_TENSORS)
+    assert set(tf_names.TF_POOLER_NAMES) == set(fmt.POOLER_TENSORS)
+    assert set(tf_names.TF_MLM_NAMES) == set(fmt.MLM_TENSORS)
+    assert {tf: h5 for h5, tf in tf_names.TF_BLOCK_NAMES.items()} == H5_OF_BLOCK
+    assert {tf: h5 for t in (tf_names.TF_EMBEDDING_NAMES, tf_names.TF_POOLER_NAMES) for h5, tf in t.items()} == H5_OF_TOP
+    assert {tf: h5 for h5, tf in tf_names.TF_MLM_NAMES.items()} == H5_OF_MLM
 
 
-def _small_tensors(config, seed=0):
-    rng = np.random.default_rng(seed)
-    return {p: rng.normal(0, 1, shape).astype(np.float32) for p, shape in fmt.expected_shapes(config).items()}
+def _source(encoder, mlm, **over):
+    from weights.tf_names import SourceModel, SourceVariable
+    variables = [SourceVariable(f"{name}:0", value.shape, str(value.dtype), read=lambda v=value: v)
+                 for name, value in {**encoder, **mlm}.items()]
+    fields = dict(path="/hand-made", variables=variables, other_variables=[], has_mlm_object=True,
+                  do_lower_case=False, do_lower_case_source="do_lower_case:0", vocab=SMALL_VOCAB, vocab_source="v.txt")
+    return SourceModel(**{**fields, **over})
 
 
-def _write_small(path, seed=0, **kwargs):
-    extract = _extract_module()
-    config = _small_config()
-    tensors = _small_tensors(config, seed)
-    kwargs.setdefault("vocab", SMALL_VOCAB)
-    extract.write_weights(str(path), config, tensors, progress=False, **kwargs)
-    return config, tensors
+def test_matching_by_hand_without_tensorflow():
+    """Variables listed by hand (as read_savedmodel lists them): blocks in numeric order, the config from
+    the shapes; a mis-shaped and a missing variable are both named in one ExtractionError."""
+    from weights.tf_names import ExtractionError, match_variables
+    encoder, mlm = _small_values()
+    plan = match_variables(_source(encoder, mlm))
+    assert plan.config == fmt.ModelConfig(num_layers=3, hidden_size=8, num_heads=2, head_size=4, intermediate_size=16,
+                                          vocab_size=12, max_position_embeddings=16, type_vocab_size=2,
+                                          do_lower_case=False, has_mlm=True)
+    assert list(plan.mapping) == list(fmt.expected_shapes(plan.config)) and not plan.warnings
+    assert plan.mapping[fmt.block_path(2, "feedforward/gate/kernel")].name == \
+        "transformer_scaffold_10/feedforward/gate_0/kernel:0"
+    encoder["transformer_scaffold_9/self_attention/key/kernel"] = np.ones((8, 2, 3), np.float32)
+    del mlm["cls/predictions/output_bias/bias"]
+    with pytest.raises(ExtractionError) as info:
+        match_variables(_source(encoder, mlm))
+    message = str(info.value)
+    assert message.startswith("/hand-made: the SavedModel does not match the talking-heads GGELU BERT layout "
+                              "(2 problems):"), message
+    assert "missing: [bert/]cls/predictions/output_bias/bias (12,) (for mlm/output_bias)" in message
+    assert ("mis-shaped: transformer_scaffold_9/self_attention/key/kernel:0 has shape (8, 2, 3), expected (8, 2, 4) "
+            "(for layers/1/attention/key/kernel)") in message
 
+
+# ----------------------------------------------------------------------------------------------
+# The command: never a silent replacement, never a half file.
 
 def test_refuses_to_replace_without_force(tiny_savedmodel, tmp_path):
     out = tmp_path / "out.h5"
-    _write_small(out)
+    write_small(out)
     before = out.read_bytes()
     stat = out.stat()
-    proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, str(out)],
+    proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, "--output", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert "exists" in proc.stderr and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"error: {out} exists; pass --force to replace it" in proc.stderr and "Traceback" not in proc.stderr
     assert out.read_bytes() == before and out.stat().st_mtime_ns == stat.st_mtime_ns
-    extract = _extract_module()
-    with pytest.raises(FileExistsError):
-        _write_small(out, seed=1)
-    assert out.read_bytes() == before
-    # With force, it is replaced (through the same atomic path).
-    _write_small(out, seed=1, force=True)
-    assert out.read_bytes() != before and os.listdir(tmp_path) == ["out.h5"]
-    assert extract.main([tiny_savedmodel, str(tmp_path)]) == 2  # a folder as output: clear error
+    assert _extract_module().main([tiny_savedmodel, "--output", str(tmp_path)]) == 2  # a folder as output: clear error
 
 
 def test_cli_extracts_with_progress(tiny_savedmodel, tmp_path):
     out = tmp_path / "cli.h5"
-    proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, str(out)],
+    proc = subprocess.run([sys.executable, "-m", "engine.tf.extract", tiny_savedmodel, "--output", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "extract: reading: 100%" in proc.stderr and "extract: writing: 100%" in proc.stderr
@@ -439,56 +438,28 @@ def test_cli_extracts_with_progress(tiny_savedmodel, tmp_path):
     assert os.listdir(tmp_path) == ["cli.h5"]
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError, OSError])
-@pytest.mark.parametrize("old", [True, False], ids=["old-output", "no-output"])
-def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc, old):
-    extract = _extract_module()
-    out = tmp_path / "out.h5"
-    if old:
-        _write_small(out)
-    before = out.read_bytes() if old else None
-    import weights.write as weights_write   # the writer extract uses (no TensorFlow)
-    original = weights_write._write_dataset
-    calls = []
-
-    def flaky(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 30:
-            raise exc("halfway")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(weights_write, "_write_dataset", flaky)
-    with pytest.raises(exc, match="halfway"):
-        _write_small(out, seed=2, force=True)
-    assert len(calls) == 30
-    assert os.listdir(tmp_path) == (["out.h5"] if old else [])
-    if old:
-        assert out.read_bytes() == before
-
-
 _KILL_SCRIPT = """
 import sys, time
 import engine.tf.extract as e
 import weights.write as w
-original, count = w._write_dataset, [0]
+original, count = w.write_dataset, [0]
 def slow(*args, **kwargs):
     original(*args, **kwargs)
     count[0] += 1
     if count[0] == 25:
         print("HALFWAY", flush=True)
         time.sleep(300)
-w._write_dataset = slow
+w.write_dataset = slow
 sys.exit(e.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_extraction_leaves_old_output_intact(tiny_savedmodel, tmp_path, sig):
-    extract = _extract_module()
     out = tmp_path / "out.h5"
-    _write_small(out)
+    write_small(out)
     before = out.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, tiny_savedmodel, str(out), "--force"],
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, tiny_savedmodel, "--output", str(out), "--force"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
@@ -510,202 +481,14 @@ def test_killed_extraction_leaves_old_output_intact(tiny_savedmodel, tmp_path, s
         assert os.listdir(tmp_path) == ["out.h5"]
     else:  # nothing can run on SIGKILL: the temp file stays, the next extraction removes it
         assert rc == -signal.SIGKILL
-        assert extract.remove_stale_temps(str(out)) == temps
+        assert weights_write.remove_stale_temps(str(out)) == temps
         assert os.listdir(tmp_path) == ["out.h5"]
 
 
-def test_write_weights_checks_its_input(tmp_path):
-    extract = _extract_module()
-    config = _small_config()
-    tensors = _small_tensors(config)
-    tensors["layers/0/attention/query/kernel"] = tensors["layers/0/attention/query/kernel"][..., :3]
-    del tensors["pooler/bias"]
-    tensors["extra"] = np.zeros(3, np.float32)
-    with pytest.raises(extract.ExtractionError) as info:
-        extract.write_weights(str(tmp_path / "x.h5"), config, tensors, progress=False)
-    msg = str(info.value)
-    assert "missing: pooler/bias" in msg and "unexpected: extra" in msg
-    assert "layers/0/attention/query/kernel has shape (8, 2, 3), expected (8, 2, 4)" in msg
-    assert os.listdir(tmp_path) == []
-
-
-# ----------------------------------------------------------------------------------------------
-# The loader: every failure is a WeightsFileError naming the file (and the dataset).
-
-@pytest.fixture
-def small_h5(tmp_path):
-    path = tmp_path / "model.h5"
-    config, tensors = _write_small(path, provenance={"source_path": "/nowhere", "extractor": "test"})
-    return path, config, tensors
-
-
-def test_load_small_file(small_h5):
-    path, config, tensors = small_h5
-    w = load(path, verify_checksums=True)
-    assert w.config == config and w.vocab == SMALL_VOCAB and w.path == str(path)
-    assert w.provenance == {"source_path": "/nowhere", "extractor": "test"}
-    assert list(w.tensors) == list(fmt.expected_shapes(config))
-    for k, v in tensors.items():
-        assert np.array_equal(w.tensors[k], v) and w.tensors[k].flags.c_contiguous
-
-
-def _load_error(path, **kwargs):
-    with pytest.raises(WeightsFileError) as info:
-        load(path, **kwargs)
-    assert isinstance(info.value, ValueError)
-    return str(info.value)
-
-
-def test_load_truncated(small_h5):
-    path, _, _ = small_h5
-    data = path.read_bytes()
-    for keep in (len(data) // 2, len(data) - 100, 100):
-        path.write_bytes(data[:keep])
-        msg = _load_error(path)
-        assert msg.startswith(f"{path}: ") and "truncated" in msg, msg
-
-
-def test_load_truncated_real_file(tiny_h5, tmp_path):
-    path = tmp_path / "tiny.h5"
-    with open(tiny_h5, "rb") as f:
-        path.write_bytes(f.read(5_000_000))
-    assert _load_error(path).startswith(f"{path}: ")
-
-
-def test_load_flipped_bytes(small_h5):
-    path, _, tensors = small_h5
-    name = "layers/1/feedforward/gate/kernel"
-    with h5py.File(path, "r") as f:
-        offset = f[name].id.get_offset()
-        assert offset is not None  # contiguous storage
-    with open(path, "r+b") as f:
-        f.seek(offset + 4 * 37)  # the low mantissa byte of element 37: stays finite
-        byte = f.read(1)
-        f.seek(offset + 4 * 37)
-        f.write(bytes([byte[0] ^ 0x01]))
-    w = load(path)  # without checksums the value is plausible...
-    assert not np.array_equal(w.tensors[name], tensors[name])
-    msg = _load_error(path, verify_checksums=True)  # ...with them, it is caught
-    assert msg == f"{path}: dataset {name} fails its sha256 checksum (corrupt data)"
-
-
-def _rewrite(path, name, data):
-    with h5py.File(path, "r+") as f:
-        attrs = dict(f[name].attrs)
-        del f[name]
-        ds = f.create_dataset(name, data=data)
-        ds.attrs.update(attrs)
-
-
-def test_load_wrong_shape(small_h5):
-    path, _, _ = small_h5
-    _rewrite(path, "layers/2/attention/query/kernel", np.ones((8, 2, 3), np.float32))
-    assert _load_error(path) == (f"{path}: dataset layers/2/attention/query/kernel has shape (8, 2, 3), "
-                                 f"expected (8, 2, 4)")
-
-
-def test_load_wrong_dtype(small_h5):
-    path, _, tensors = small_h5
-    _rewrite(path, "pooler/bias", tensors["pooler/bias"].astype(np.float64))
-    assert _load_error(path) == f"{path}: dataset pooler/bias has dtype float64, expected float32"
-
-
-def test_load_nan(small_h5):
-    path, _, _ = small_h5
-    with h5py.File(path, "r+") as f:
-        f["layers/0/feedforward/output/bias"][5] = np.nan
-    msg = _load_error(path)
-    assert msg == f"{path}: dataset layers/0/feedforward/output/bias has 1 non-finite values (NaN/inf), first at (5,)"
-
-
-def test_load_missing_and_unexpected_datasets(small_h5):
-    path, _, _ = small_h5
-    with h5py.File(path, "r+") as f:
-        del f["mlm/output_bias"]
-        f["layers/3/attention/query/kernel"] = np.ones((8, 2, 4), np.float32)
-    msg = _load_error(path)
-    assert msg.startswith(f"{path}: 2 problems:")
-    assert "dataset mlm/output_bias is missing (expected shape (12,))" in msg
-    assert "dataset layers/3/attention/query/kernel is unexpected" in msg
-
-
-@pytest.mark.parametrize("attr, value, expected", [
-    ("format", "something-else", "format is 'something-else', expected 'talkheads-ggelu-bert'"),
-    ("format_version", 2, "format_version 2 (written by a newer version of this project)"),
-    ("num_heads", 3, "inconsistent config attributes"),
-    ("hidden_size", 8.5, "config attribute 'hidden_size' = 8.5 is not an integer"),
-    ("has_mlm", None, "config attribute 'has_mlm' is missing"),
-    ("format", None, "no 'format' attribute"),
-    # the engine implements the Hub model's tanh GELU only; no extracted file names another
-    ("hidden_activation", "gelu_erf", "hidden_activation 'gelu_erf' is not supported (the model uses gelu_tanh)"),
-])
-def test_load_bad_attributes(small_h5, attr, value, expected):
-    path, _, _ = small_h5
-    with h5py.File(path, "r+") as f:
-        if value is None:
-            del f.attrs[attr]
-        else:
-            f.attrs[attr] = value
-    msg = _load_error(path)
-    assert msg.startswith(f"{path}: ") and expected in msg, msg
-
-
-def test_load_not_hdf5_directory_missing(tmp_path):
-    text = tmp_path / "model.h5"
-    text.write_text("not hdf5 at all\n" * 100)
-    assert _load_error(text) == f"{text}: not an HDF5 file (no HDF5 signature)"
-    empty = tmp_path / "empty.h5"
-    empty.write_bytes(b"")
-    assert "is empty" in _load_error(empty)
-    assert _load_error(tmp_path) == f"{tmp_path}: is a directory, not an HDF5 weight file"
-    assert _load_error(tmp_path / "missing.h5") == f"{tmp_path / 'missing.h5'}: no such file"
-    with h5py.File(tmp_path / "other.h5", "w") as f:
-        f["x"] = np.ones(3)
-    assert "no 'format' attribute" in _load_error(tmp_path / "other.h5")
-
-
-def test_load_no_permission(small_h5, monkeypatch):
-    path, _, _ = small_h5
-    load_module = sys.modules["weights.load"]
-
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(load_module, "open", denied, raising=False)
-    assert _load_error(path) == f"{path}: permission denied (cannot read the file)"
-    monkeypatch.undo()
-    if os.geteuid() != 0:  # root reads anything: the real chmod case only means something otherwise
-        os.chmod(path, 0)
-        try:
-            assert "permission denied" in _load_error(path)
-        finally:
-            os.chmod(path, 0o644)
-
-
 def test_loader_and_extract_module_import_no_tensorflow():
-    code = ("import sys, weights, engine.tf.extract, weights.load, engine.tools.progress; "
+    code = ("import sys, weights, engine.tf.extract, weights.load, weights.tf_names, engine.tools.progress; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
-
-def test_progress_line():
-    from engine.tools.progress import Progress
-    live = io.StringIO()
-    with Progress(1000, "reading", stream=live, live=True, min_interval=0) as bar:  # tqdm's bar
-        for _ in range(4):
-            bar.update(250, "x")
-    text = live.getvalue()
-    assert text.count("\r") >= 4 and text.endswith("\n") and text.count("\n") == 1
-    assert "reading: 100%" in text and "1.00k/1.00k" in text and "B/s" in text
-    quiet = io.StringIO()
-    with Progress(10, "writing", stream=quiet) as bar:  # not a terminal: only the final line
-        bar.update(10)
-    assert quiet.getvalue().count("\n") == 1 and "\r" not in quiet.getvalue()
-    assert quiet.getvalue().startswith("writing: 100% 10 B/10 B in ")
-    slow = io.StringIO()
-    with Progress(10, "encoding", stream=slow, bytes_unit=False, quiet_every=0) as bar:  # a line per update
-        for _ in range(5):
-            bar.update(2)
-    assert slow.getvalue().count("\n") == 5 and slow.getvalue().splitlines()[-1].startswith("encoding: 100% 10/10")

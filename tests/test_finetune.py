@@ -13,7 +13,7 @@ import pytest
 import engine
 import weights
 from engine.cli.main import main as cli
-from engine.train import data, finetune
+from engine.train import data, finetune, run
 
 TEXTS = [("the cat sat on the mat", "animal"), ("a dog barked at the mailman", "animal"),
          ("stocks fell sharply on monday", "money"), ("the bank raised interest rates", "money"),
@@ -62,7 +62,7 @@ def test_more_data_errors(tmp_path):
     assert data.label_names(data.read_examples(_csv(tmp_path / "n.csv", [("a", "10"), ("b", "9")]))) == ["9", "10"]
 
 
-def test_finetune_writes_a_file_every_command_reads(tmp_path, tiny_h5):
+def test_finetune_writes_a_file_every_command_reads(tmp_path, tiny_h5, capsys):
     train = _csv(tmp_path / "train.csv")
     out = str(tmp_path / "tuned.h5")
     rc = cli(["finetune", "--weights", tiny_h5, "--train", train, "--eval", train, "--output", out,
@@ -81,7 +81,17 @@ def test_finetune_writes_a_file_every_command_reads(tmp_path, tiny_h5):
     rows = [json.loads(line) for line in open(pred)]
     assert len(rows) == len(TEXTS) and set(rows[0]["probabilities"]) == {"animal", "money"}
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-6
-    assert cli(["predict", "--weights", tiny_h5, "--input", train, "--output", pred]) == 2   # no head: clear error
+    assert [(r["row"], r["text"]) for r in rows] == [(i, t) for i, (t, _) in enumerate(TEXTS, 1)]   # rows say which
+    assert cli(["predict", "--weights", out, "--input", train, "--output", pred]) == 2             # exists
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: --output {pred}: exists; pass --force to replace it"
+    assert cli(["predict", "--weights", tiny_h5, "--input", train, "--output", pred, "--force"]) == 2   # no head
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: --weights {tiny_h5}: has no classifier head (/head): "
+                                               "use a file written by finetune")
+    # the plot shows the training loss per step and the eval metrics per epoch
+    series = run.plot_log(out + ".log.jsonl", str(tmp_path / "plot.png"))
+    assert series["training loss"][0] == [1, 2, 3, 4]
+    assert series["eval accuracy"][0] == series["eval mcc"][0] == [2, 4]        # the steps where each epoch ended
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.exists(out + ".loss.png")
 
 
 def _weights_after(tmp_path, name, tiny_h5, train, **kwargs):
@@ -103,8 +113,12 @@ def test_stopped_and_resumed_equals_straight_bit_for_bit(tmp_path, tiny_h5):
     with pytest.raises(FileExistsError, match="--resume"):
         finetune.finetune(tiny_h5, train, out, epochs=2, batch_size=3, live=False)
     resumed = _weights_after(tmp_path, "b.h5", tiny_h5, train, resume=True)
+    start = weights.load(tiny_h5)
+    trained = [p for p in straight.tensors if not p.startswith("mlm/")]    # fine-tuning leaves the MLM head
+    moved = [p for p in trained if not np.array_equal(straight.tensors[p], start.tensors[p])]
+    assert moved == trained, sorted(set(trained) - set(moved))             # every trained weight moved...
     for path, a in straight.tensors.items():
-        np.testing.assert_array_equal(a, resumed.tensors[path], err_msg=path)
+        np.testing.assert_array_equal(a, resumed.tensors[path], err_msg=path)   # ...and the same way twice
     np.testing.assert_array_equal(straight.head["kernel"], resumed.head["kernel"])
 
 
@@ -189,6 +203,6 @@ def test_export_savedmodel_round_trips_and_verify_passes(tmp_path, tiny_h5):
     bits, and verify (TF running the export vs the engine on the file) PASSes."""
     from engine.tf import export
     out = str(tmp_path / "exported")
-    assert cli(["export-savedmodel", "--weights", tiny_h5, out]) == 0
+    assert cli(["export-savedmodel", "--weights", tiny_h5, "--output", out]) == 0
     assert export.check_roundtrip(tiny_h5, out) == []
     assert cli(["verify", "--savedmodel", out, "--weights", tiny_h5, "--batch", "2", "--seq-length", "16"]) == 0

@@ -120,7 +120,7 @@ def test_cli_build_is_deterministic_per_seed(tmp_path):
     paths = {}
     for tag, seed in (("a", 5), ("b", 5), ("c", 6)):
         out = tmp_path / tag
-        proc = subprocess.run([sys.executable, "-m", "engine.tf.reference", str(out), "--seed", str(seed), *args],
+        proc = subprocess.run([sys.executable, "-m", "engine.tf.reference", "--output", str(out), "--seed", str(seed), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "reference: wrote" in proc.stderr
@@ -129,7 +129,7 @@ def test_cli_build_is_deterministic_per_seed(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
     # An existing output is never replaced without --force.
-    proc = subprocess.run([sys.executable, "-m", "engine.tf.reference", str(tmp_path / "a"), *args],
+    proc = subprocess.run([sys.executable, "-m", "engine.tf.reference", "--output", str(tmp_path / "a"), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "exists" in proc.stderr
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.tools import stream
+from engine.tools import stream, workfile
 from tests.conftest import REPO
 
 WORDS = ("the quick brown fox jumps over lazy dog cat sat on mat paris is capital of france "
@@ -43,7 +43,8 @@ def read(path):
     if path.endswith(".h5"):
         with h5py.File(path, "r") as f:
             key = "sequence_output" if "sequence_output" in f else "pooled_output"
-            return f[key][()], [t.decode() for t in f["texts"][()]]
+            data = f[key][()]
+        return data, stream.read_texts(path)
     rows = [json.loads(line) for line in open(path, encoding="utf-8")]
     return np.array([r["pooled_output"] for r in rows], np.float32), [r["text"] for r in rows]
 
@@ -80,7 +81,7 @@ def test_token_budget_batches(model):
     enc, prep = model
     lines = iter([(t.encode() + b"\n", t) for t in ["a"] * 10 + ["word " * 40] + ["a"] * 3])
     truncated = []
-    batches = list(stream._batches(lines, prep, 16, 24, None, False, False, truncated))
+    batches = list(stream.batches(lines, prep, 16, 24, None, False, False, truncated))
     widths = [(len(b[2]), b[3]) for b in batches]
     assert all(n * w <= 24 or n == 1 for n, w in widths), widths
     assert [len(b[0]) for b in batches] == [8, 2, 1, 3]                 # greedy, nothing sorted
@@ -108,7 +109,7 @@ class Crash(KeyboardInterrupt):
 
 def _crash_on_record(monkeypatch, after_records):
     """The process 'dies' right after the rows of a batch were written but before its record."""
-    real = stream._write_json_atomic
+    real = stream.write_json_atomic
     calls = []
 
     def write(path, value):
@@ -116,7 +117,7 @@ def _crash_on_record(monkeypatch, after_records):
         if len(calls) > after_records:
             raise Crash()
         real(path, value)
-    monkeypatch.setattr(stream, "_write_json_atomic", write)
+    monkeypatch.setattr(stream, "write_json_atomic", write)
     return calls
 
 
@@ -133,7 +134,7 @@ def test_resume_after_a_crash_between_rows_and_record(model, tmp_path, monkeypat
     monkeypatch.undo()
     partial, record_path = stream.paths(str(out))
     record = json.load(open(record_path))
-    rows_in_file = (os.path.getsize(partial) - stream._HEADER_LEN) // (64 * 4)
+    rows_in_file = (os.path.getsize(partial) - workfile.HEADER_LEN) // (64 * 4)
     assert not out.exists() and rows_in_file > record["rows_done"] > 0   # a batch past the record
     with pytest.raises(stream.StreamError, match="pass --resume to continue it or --force"):
         stream.encode(enc, prep, src, str(out), seq_length=24, max_tokens=300)
@@ -266,3 +267,45 @@ def test_sigkill_mid_run_then_resume_gives_the_one_shot_rows(tiny_h5, tmp_path):
     assert ta == tb == texts                                  # every line once, in order
     assert np.array_equal(a, b)                               # bit for bit
     assert not os.path.exists(partial) and not os.path.exists(record_path)
+
+
+def test_a_line_with_a_nul_byte_is_kept_in_h5_and_resumes(model, tiny_h5, tmp_path, monkeypatch, capsys):
+    """HDF5 strings end at a NUL byte; `texts` holds UTF-8 bytes, so every line comes back as it was,
+    in a one-shot run, after a resume, and through the command line."""
+    from engine.cli.main import main
+    enc, prep = model
+    lines = [f"line {i} of the corpus" for i in range(120)]
+    lines[37] = "a NUL \x00 inside, and ünïcödé"
+    src = tmp_path / "odd.txt"
+    src.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    one = tmp_path / "one.h5"
+    stream.encode(enc, prep, str(src), str(one), seq_length=24, max_tokens=200)
+    rows, texts = read(one)
+    assert texts == lines and rows.shape == (120, 64)
+    out = tmp_path / "odd.h5"
+    _crash_on_record(monkeypatch, after_records=3)
+    with pytest.raises(Crash):
+        stream.encode(enc, prep, str(src), str(out), seq_length=24, max_tokens=200)
+    monkeypatch.undo()
+    summary = stream.encode(enc, prep, str(src), str(out), seq_length=24, max_tokens=200, resume=True)
+    assert 0 < summary["resumed_from"] < 120 and summary["rows"] == 120
+    resumed, resumed_texts = read(out)
+    assert np.array_equal(resumed, rows) and resumed_texts == lines
+    cli_out = tmp_path / "cli.h5"
+    assert main(["encode", "--weights", tiny_h5, "--input", str(src), "--output", str(cli_out)]) == 0, \
+        capsys.readouterr().err
+    assert read(cli_out)[1] == lines
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+def test_the_summary_of_a_resumed_run_counts_every_row_and_token(model, tmp_path, monkeypatch):
+    enc, prep = model
+    src = str(corpus(tmp_path / "in.txt", 300))
+    one = stream.encode(enc, prep, src, str(tmp_path / "one.npy"), seq_length=24, max_tokens=300)
+    _crash_on_record(monkeypatch, after_records=4)
+    with pytest.raises(Crash):
+        stream.encode(enc, prep, src, str(tmp_path / "o.npy"), seq_length=24, max_tokens=300)
+    monkeypatch.undo()
+    resumed = stream.encode(enc, prep, src, str(tmp_path / "o.npy"), seq_length=24, max_tokens=300, resume=True)
+    assert resumed["rows"] == one["rows"] == 300 and resumed["tokens"] == one["tokens"]
+    assert 0 < resumed["tokens_this_run"] < one["tokens"] and resumed["resumed_from"] > 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from engine.tf.reference import _LOADED
+from engine.tf.reference import load_savedmodel
 
 OUTPUT_ORDER = ("sequence_output", "pooled_output", "default", "encoder_outputs", "mlm_logits")
 
@@ -28,10 +28,8 @@ def variable_paths(h5_path: str) -> dict[str, str]:
 
 
 def load(savedmodel_dir: str):
-    import tensorflow as tf
-    if savedmodel_dir not in _LOADED:
-        _LOADED[savedmodel_dir] = tf.saved_model.load(savedmodel_dir)
-    return _LOADED[savedmodel_dir]
+    """The loaded SavedModel, once per process and path (engine.tf.reference.load_savedmodel)."""
+    return load_savedmodel(savedmodel_dir)
 
 
 def tf_vjp(savedmodel_dir: str, h5_path: str, inputs: dict, cotangents: dict):

@@ -32,8 +32,6 @@ import os
 import sys
 import unicodedata
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 
 TABLES_FORMAT_VERSION = 1

@@ -9,7 +9,7 @@ classes (`tf-models-official`): `EncoderScaffold` whose hidden layers are
 Every variable is randomized with realistic scales: default initializers leave biases at zero,
 layer-norm gammas at one and talking-heads mixing near zero, which would hide bugs.
 
-    python -m engine.tf.reference OUT_DIR --config {tiny,base} [--seed N] [--layers L --hidden H ...]
+    python -m engine.tf.reference --output DIR --config {tiny,small,base} [--seed N] [--layers L --hidden H ...]
 
 It lives in engine/tf/ with everything else that imports TensorFlow.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -28,12 +27,10 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Model Garden runs on tf_keras (Keras 2)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 
 from weights.vocab import default_vocab_path
+from engine.tools import cache
 
 REFERENCE_FORMAT_VERSION = 1  # bump when the randomization or the export changes
 
@@ -69,7 +66,8 @@ def _progress(message: str) -> None:
     print(f"reference: {message}", file=sys.stderr, flush=True)
 
 
-def _encoder_config(cfg: ReferenceConfig):
+def encoder_config(cfg: ReferenceConfig):
+    """Model Garden's EncoderConfig of a reference model's sizes (the Hub model's other settings)."""
     from official.nlp.configs import encoders
     return encoders.EncoderConfig(
         type="bert",
@@ -82,7 +80,7 @@ def _encoder_config(cfg: ReferenceConfig):
 
 
 @contextlib.contextmanager
-def _talking_heads_gin_bindings():
+def talking_heads_gin_bindings():
     """The gin bindings that turn `encoders.build_encoder` into the talking-heads GEGLU encoder."""
     import gin
     from official.nlp.modeling import layers, networks  # noqa: F401  (registers the configurables)
@@ -200,12 +198,12 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
     if vocab_lines != cfg.vocab:
         raise ValueError(f"reference: vocab {vocab_file} has {vocab_lines} lines, config wants vocab={cfg.vocab}")
     start = time.time()
-    encoder_config = _encoder_config(cfg)
-    with _talking_heads_gin_bindings(), tempfile.TemporaryDirectory(prefix="reference-ckpt-") as tmp:
+    config = encoder_config(cfg)
+    with talking_heads_gin_bindings(), tempfile.TemporaryDirectory(prefix="reference-ckpt-") as tmp:
         _progress(f"building {cfg} with seed {seed}, {conditioning} conditioning")
         tf_keras.backend.clear_session()
         tf.random.set_seed(seed)
-        _, pretrainer = export_tfhub_lib._create_model(encoder_config=encoder_config, with_mlm=True)
+        _, pretrainer = export_tfhub_lib._create_model(encoder_config=config, with_mlm=True)
         randomize(pretrainer.variables, seed, conditioning, hidden=cfg.hidden)
         n_params = sum(int(np.prod(v.shape)) for v in pretrainer.variables)
         _progress(f"randomized {len(pretrainer.variables)} variables, {n_params:,} parameters")
@@ -214,7 +212,7 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
         tf_keras.backend.clear_session()
         _progress("exporting with export_tfhub_lib.export_model")
         export_tfhub_lib.export_model(   # with_mlm=False: the encoder restored alone, no .mlm
-            out_dir, encoder_config=encoder_config, model_checkpoint_path=checkpoint,
+            out_dir, encoder_config=config, model_checkpoint_path=checkpoint,
             with_mlm=with_mlm, vocab_file=vocab_file, do_lower_case=True)
     with open(os.path.join(out_dir, "reference.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "seed": seed, "conditioning": conditioning, "with_mlm": with_mlm,
@@ -243,32 +241,6 @@ def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool 
     return out_dir
 
 
-def cache_dir() -> str:
-    """Where built reference models are kept: $TALKHEADS_CACHE, else ~/.cache/talkheads-ggelu-engine."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "talkheads-ggelu-engine")
-    return os.environ.get("TALKHEADS_CACHE", default)
-
-
-def _cached_build(name: str, marker: str, build_into) -> str:
-    """`cache_dir()/reference/name`, made once by `build_into(tmp_dir)` under a lock across processes,
-    in a temporary folder renamed into place; `marker` is the file that says a build finished."""
-    root = os.path.join(cache_dir(), "reference")
-    path = os.path.join(root, name)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "w") as lock:  # one builder at a time across processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(path, marker)):
-            tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
-            try:
-                build_into(os.path.join(tmp, "model"))
-                if os.path.exists(path):
-                    shutil.rmtree(path)
-                os.rename(os.path.join(tmp, "model"), path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def cached(config: str | ReferenceConfig = "tiny", seed: int = 0, conditioning: str = "random",
            with_mlm: bool = True) -> str:
     """Returns the path of a reference SavedModel, building it once per config, seed, conditioning
@@ -279,22 +251,29 @@ def cached(config: str | ReferenceConfig = "tiny", seed: int = 0, conditioning: 
                       tf.__version__], sort_keys=True)
     name = "{}-{}{}-seed{}-{}".format(config if isinstance(config, str) else "custom", conditioning,
                                       "" if with_mlm else "-encoder", seed, hashlib.sha256(key.encode()).hexdigest()[:12])
-    return _cached_build(name, "reference.json",
-                         lambda out: build(out, cfg, seed, conditioning=conditioning, with_mlm=with_mlm))
+    return cache.cached_folder("reference", name, "reference.json",
+                               lambda out: build(out, cfg, seed, conditioning=conditioning, with_mlm=with_mlm))
 
 
 _LOADED = {}
 
 
-def run_savedmodel(path: str, inputs: dict, mlm: bool = True) -> dict:
-    """TensorFlow's outputs for Hub-style inputs: `model.mlm(inputs)` (or `model(inputs)`), as NumPy.
-
-    The SavedModel is loaded once per process and path.
-    """
+def load_savedmodel(path: str):
+    """`tf.saved_model.load(path)`, once per process and path (do not train what it returns: the
+    reference training step, engine.tf.training, loads its own copy)."""
     import tensorflow as tf
     if path not in _LOADED:
         _LOADED[path] = tf.saved_model.load(path)
-    model = _LOADED[path]
+    return _LOADED[path]
+
+
+def run_savedmodel(path: str, inputs: dict, mlm: bool = True) -> dict:
+    """TensorFlow's outputs for Hub-style inputs: `model.mlm(inputs)` (or `model(inputs)`), as NumPy.
+
+    The SavedModel is loaded once per process and path (load_savedmodel).
+    """
+    import tensorflow as tf
+    model = load_savedmodel(path)
     tensors = {k: tf.constant(np.asarray(v, np.int32)) for k, v in inputs.items()
                if mlm or k != "masked_lm_positions"}
     out = model.mlm(tensors) if mlm else model(tensors)
@@ -305,10 +284,12 @@ def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build a randomized talking-heads GEGLU BERT SavedModel with Model Garden's export code.",
-        epilog=f"example:\n  {prog} /tmp/ref --config base --conditioning trained --seed 1")
-    parser.add_argument("out_dir", help="folder to create (refused if it exists, unless --force)")
+        epilog=f"example:\n  {prog} --output /tmp/ref --config base --conditioning trained --seed 1")
+    parser.add_argument("--output", required=True, dest="out_dir", metavar="DIR",
+                        help="the SavedModel folder to create (refused if it exists, unless --force)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
-                        help="starting sizes: tiny (L=2 H=64 N=4 I=256) or base (L=12 H=768 N=12 I=3072)")
+                        help="starting sizes: tiny (L=2 H=64 N=4 I=256), small (L=3 H=48 N=4 I=192, 64 positions) or "
+                             "base (L=12 H=768 N=12 I=3072)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random value (default 0)")
     parser.add_argument("--conditioning", choices=CONDITIONINGS, default="random",
                         help="random: every variable at a realistic scale; trained: also the conditioning of "
@@ -317,7 +298,7 @@ def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     for field in dataclasses.fields(ReferenceConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, dest=field.name,
                             help=f"override {field.name}")
-    parser.add_argument("--force", action="store_true", help="replace an existing out_dir")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReferenceConfig)
                  if getattr(args, f.name) is not None}
@@ -367,7 +348,7 @@ def build_preprocessing(out_dir: str, vocab_file: str | None = None) -> str:
 
 def cached_preprocessing(vocab_file: str | None = None) -> str:
     """Returns the path of the preprocessing SavedModel for `vocab_file` (default: the real uncased
-    vocab), building it once under `cache_dir()` (locked, then renamed into place)."""
+    vocab), building it once under engine.tools.cache.cache_dir() (locked, then renamed into place)."""
     import tensorflow as tf
     import tensorflow_text
     vocab_file = vocab_file or default_vocab_path()
@@ -375,4 +356,4 @@ def cached_preprocessing(vocab_file: str | None = None) -> str:
         vocab_sha256 = hashlib.sha256(f.read()).hexdigest()
     key = json.dumps([vocab_sha256, PREPROCESSING_FORMAT_VERSION, tf.__version__, tensorflow_text.__version__])
     name = "preprocess-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-    return _cached_build(name, "preprocessing.json", lambda out: build_preprocessing(out, vocab_file))
+    return cache.cached_folder("reference", name, "preprocessing.json", lambda out: build_preprocessing(out, vocab_file))

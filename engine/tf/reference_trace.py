@@ -35,12 +35,11 @@ import math
 import os
 import re
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 
-from engine.tools import compare
+from weights.format import block_prefix
+from weights.tf_names import TF_BLOCK_NAMES, TF_EMBEDDING_NAMES
+from engine.tools import compare, verdict
 
 _SCAFFOLD = re.compile(r"^(?:bert/)?transformer_scaffold(?:_(\d+))?/")
 _REBUILT = {}
@@ -63,25 +62,17 @@ def _normalized_names(variables) -> dict:
     return out
 
 
-def _load_savedmodel(path: str):
-    import tensorflow as tf
-
-    from engine.tf import reference
-    if path not in reference._LOADED:
-        reference._LOADED[path] = tf.saved_model.load(path)
-    return reference._LOADED[path]
-
-
 def _infer_config(saved: dict):
     """ReferenceConfig sizes from the SavedModel's variable shapes."""
     from engine.tf.reference import ReferenceConfig
-    V, H = saved["word_embeddings/embeddings"].shape
+    top = lambda name: saved[TF_EMBEDDING_NAMES[name]].shape  # noqa: E731
+    block0 = lambda name: saved["block0/" + TF_BLOCK_NAMES[name]].shape  # noqa: E731
+    V, H = top("embeddings/word")
     blocks = sorted({k.split("/")[0] for k in saved if k.startswith("block")}, key=lambda b: int(b[5:]))
-    N = saved["block0/self_attention/pre_softmax_weight"].shape[0]
-    I = saved["block0/feedforward/intermediate_0/kernel"].shape[1]
+    N = block0("attention/pre_softmax_weight")[0]
+    I = block0("feedforward/intermediate/kernel")[1]
     return ReferenceConfig(layers=len(blocks), hidden=int(H), heads=int(N), intermediate=int(I), vocab=int(V),
-                           positions=int(saved["position_embedding/embeddings"].shape[0]),
-                           type_vocab=int(saved["type_embeddings/embeddings"].shape[0]))
+                           positions=int(top("embeddings/position")[0]), type_vocab=int(top("embeddings/type")[0]))
 
 
 @dataclasses.dataclass
@@ -102,12 +93,12 @@ def rebuild(savedmodel: str) -> Rebuilt:
 
     from engine.tf import reference
     tf.get_logger().setLevel("ERROR")
-    loaded = _load_savedmodel(savedmodel)
+    loaded = reference.load_savedmodel(savedmodel)
     source = loaded.mlm.variables if hasattr(loaded, "mlm") else loaded.variables
     saved = _normalized_names([v for v in source if v.dtype.is_floating])
     cfg = _infer_config(saved)
-    with reference._talking_heads_gin_bindings():
-        _, pretrainer = export_tfhub_lib._create_model(encoder_config=reference._encoder_config(cfg),
+    with reference.talking_heads_gin_bindings():
+        _, pretrainer = export_tfhub_lib._create_model(encoder_config=reference.encoder_config(cfg),
                                                        with_mlm=hasattr(loaded, "mlm"))
     if hasattr(loaded, "mlm"):
         encoder, masked_lm, variables = pretrainer.encoder_network, pretrainer.masked_lm, pretrainer.variables
@@ -161,7 +152,7 @@ def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
     rec("embeddings/layer_norm", x)
     attention_mask = mg_layers.SelfAttentionMask()(x, mask)            # [B,S,T] float
     for i, block in enumerate(enc._hidden_layers):
-        p = f"layers/{i}/"
+        p = block_prefix(i)
         att = block._attention_layer
         q, k, v = att._query_dense(x), att._key_dense(x), att._value_dense(x)
         rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
@@ -217,9 +208,9 @@ def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
 
 def _outputs_of_trace(trace, num_layers: int) -> dict:
     """The Hub outputs, as a step-by-step trace holds them."""
-    out = {"sequence_output": trace[f"layers/{num_layers - 1}/feedforward_layer_norm"],
+    out = {"sequence_output": trace[block_prefix(num_layers - 1) + "feedforward_layer_norm"],
            "pooled_output": trace["pooled_output"],
-           "encoder_outputs": [trace[f"layers/{i}/feedforward_layer_norm"] for i in range(num_layers)]}
+           "encoder_outputs": [trace[block_prefix(i) + "feedforward_layer_norm"] for i in range(num_layers)]}
     if "mlm/logits" in trace:
         out["mlm_logits"] = trace["mlm/logits"]
     return out
@@ -232,13 +223,13 @@ def faithfulness(savedmodel: str, inputs: dict, trace: dict | None = None, exact
 
     With `exact` (a float64 trace of the same inputs, e.g. the engine's) the judgement is
     engine.tools.verdict's, the steps in the role of the engine: both are float32 runs of TF, and
-    each one's distance to float64 must be float32 noise by the other's measure. Else `rtol`, a
-    fixed tolerance (parity.compare). Measured on the reference models: the steps equal the rebuilt
-    model's own eager call bit for bit, and the rebuilt model run as a tf.function equals the
+    each one's distance to float64 must be float32 noise by the other's measure. Else `rtol`, the
+    verdict's fixed tolerance (parity.compare). Measured on the reference models: the steps equal
+    the rebuilt model's own eager call bit for bit, and the rebuilt model run as a tf.function equals the
     SavedModel bit for bit; what remains is eager against graph execution (Grappler), i.e. float32
     noise, which at base size reaches 1e-5 x max|TF| on pooled_output."""
     from engine.tf import reference
-    from engine.tools import parity, verdict
+    from engine.tools import parity
     trace = trace if trace is not None else tf_trace(savedmodel, inputs)
     has_mlm = "mlm/logits" in trace
     theirs = reference.run_savedmodel(savedmodel, inputs, mlm=has_mlm)
@@ -246,7 +237,7 @@ def faithfulness(savedmodel: str, inputs: dict, trace: dict | None = None, exact
     steps = _outputs_of_trace(trace, L)
     ref = {k: theirs[k] for k in steps}
     if exact is None:
-        return parity.compare(steps, ref, rtol=1e-5 if rtol is None else rtol)
+        return parity.compare(steps, ref, rtol=verdict.DEFAULT_RTOL if rtol is None else rtol)
     truth = parity.flatten_outputs(_outputs_of_trace(exact, L))
     return verdict.judge_all(parity.flatten_outputs(steps), parity.flatten_outputs(ref), truth)
 
@@ -264,7 +255,8 @@ def exactness(savedmodel: str, inputs: dict, trace: dict) -> dict:
     graph = tf.function(lambda d: model.encoder(d))(feed)
     saved = reference.run_savedmodel(savedmodel, inputs, mlm=False)
     L = model.config.layers
-    steps = {"sequence_output": trace[f"layers/{L - 1}/feedforward_layer_norm"], "pooled_output": trace["pooled_output"]}
+    steps = {"sequence_output": trace[block_prefix(L - 1) + "feedforward_layer_norm"],
+             "pooled_output": trace["pooled_output"]}
     out = {}
     for k in steps:
         out[f"steps_vs_eager_call/{k}"] = float(np.abs(eager[k].numpy() - steps[k]).max())
@@ -274,8 +266,8 @@ def exactness(savedmodel: str, inputs: dict, trace: dict) -> dict:
 
 @dataclasses.dataclass
 class TraceReport:
-    faithfulness: list        # TF steps vs the SavedModel's outputs (verdict.Judgement or parity.Difference)
-    diffs: list               # engine vs TF steps, in order (verdict.Judgement or compare.StepDiff)
+    faithfulness: list        # TF steps vs the SavedModel's outputs: verdict.Judgement, one per output
+    diffs: list               # engine vs TF steps, in order: verdict.Judgement, one per intermediate
 
     @property
     def faithful(self) -> bool:
@@ -297,7 +289,6 @@ def verify_trace(savedmodel: str, enc, inputs: dict, enc64=None, rtol: float | N
     engine.tools.verdict's judgement against float32 noise; else the fixed tolerance rtol x max|TF|
     (pooled_rtol for pooled_output, default rtol). Every engine intermediate missing from TF's
     trace is a failure."""
-    from engine.tools import verdict
     theirs = tf_trace(savedmodel, inputs)
     ours = enc.trace(inputs)
     if enc64 is not None:
@@ -305,10 +296,10 @@ def verify_trace(savedmodel: str, enc, inputs: dict, enc64=None, rtol: float | N
         faithful = faithfulness(savedmodel, inputs, theirs, exact=exact.tensors)
         return TraceReport(faithful, verdict.judge_all(ours.tensors, theirs, exact.tensors, names=ours.names(),
                                                        parents=verdict.trace_parents(enc.config.num_layers)))
-    rtol = compare.DEFAULT_RTOL if rtol is None else rtol
+    rtol = verdict.DEFAULT_RTOL if rtol is None else rtol
     faithful = faithfulness(savedmodel, inputs, theirs, rtol=rtol)
     ordered = {name: theirs[name] for name in ours.names() if name in theirs}
     diffs = compare.compare(ordered, ours.tensors, rtol, pooled_rtol=pooled_rtol)
     missing = [n for n in ours.names() if n not in theirs]
-    diffs += [compare.StepDiff(n, "missing", rtol=rtol, detail="not in the TF trace") for n in missing]
+    diffs += [verdict.not_compared(n, "missing", "not in the TF trace", verdict.TOLERANCE_RULE, rtol) for n in missing]
     return TraceReport(faithful, diffs)

@@ -26,8 +26,8 @@ import os
 import numpy as np
 
 from engine.core import kernels as K
+from engine.tools.fill_mask import mask_ids
 
-MASK_TOKEN = "[MASK]"
 GATE_CLOSED = 0.1        # |gate| below this counts as closed: the unit passes under a tenth of its GELU
 GATE_BINS = 41           # histogram bins of the gate values, symmetric around 0
 TOP_PREDICTIONS = 5
@@ -38,26 +38,15 @@ class ExplainError(ValueError):
     """The text or the model cannot be explained (no vocab, too long, no tokens)."""
 
 
-def masked_token_ids(prep, text: str) -> list[int]:
-    """The WordPiece ids of `text` with the id of [MASK] wherever the text says "[MASK]" (the
-    tokenizer alone would split the literal into "[", "mask", "]")."""
-    pieces = text.split(MASK_TOKEN)
-    if len(pieces) > 1 and prep.mask_id is None:
-        raise ExplainError("the text has [MASK] but the model's vocab has no [MASK] token")
-    ids = []
-    for i, piece in enumerate(pieces):
-        ids += [t for word in prep.tokenize([piece])[0] for t in word]
-        if i < len(pieces) - 1:
-            ids.append(prep.mask_id)
-    return ids
-
-
 def model_inputs(enc, prep, text_a: str, text_b: str | None = None):
     """(inputs [1,S] packed exactly to the text's length, the token strings). Refused beyond the
     model's positions, naming the length."""
-    segments = [masked_token_ids(prep, text_a)]
+    segments = [mask_ids(prep, text_a)]              # a literal [MASK] becomes the mask id (fill_mask's rule)
     if text_b is not None:
-        segments.append(masked_token_ids(prep, text_b))
+        segments.append(mask_ids(prep, text_b))
+    for which, segment in zip(("text", "second segment"), segments):
+        if not segment:
+            raise ExplainError(f"the {which} has no tokens: it is empty or all whitespace")
     needed = sum(len(s) for s in segments) + 1 + len(segments)          # [CLS] and a [SEP] per segment
     positions = enc.config.max_position_embeddings
     if needed > positions:

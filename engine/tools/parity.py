@@ -6,12 +6,10 @@ TensorFlow. Used by the test suite and by `python -m engine verify`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-DEFAULT_RTOL = 1e-5   # the plain fixed tolerance: max|engine - TF| <= 1e-5 x max|TF|, per output
-# (`verify --rtol`); the default verdict is engine.tools.verdict's, judged against float32 noise.
+from engine.tools import verdict
+
 POOLED_OUTPUTS = ("pooled_output", "default")
 
 CLS_ID, SEP_ID = 101, 102
@@ -56,26 +54,6 @@ def random_inputs(rng: np.random.Generator, batch: int, seq_length: int, vocab_s
     return inputs
 
 
-@dataclasses.dataclass
-class Difference:
-    name: str
-    max_abs: float       # max |engine - reference|
-    max_ref: float       # max |reference|
-    rtol: float
-
-    @property
-    def relative(self) -> float:
-        return self.max_abs / self.max_ref if self.max_ref else float(self.max_abs > 0) * np.inf
-
-    @property
-    def ok(self) -> bool:
-        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.rtol * self.max_ref
-
-    def as_dict(self) -> dict:
-        return {"output": self.name, "max_abs_diff": self.max_abs, "max_abs_reference": self.max_ref,
-                "relative_diff": self.relative, "tolerance": self.rtol, "ok": self.ok}
-
-
 def flatten_outputs(outputs: dict) -> dict:
     """{'encoder_outputs': [a, b], 'x': c} -> {'encoder_outputs[0]': a, 'encoder_outputs[1]': b, 'x': c}."""
     flat = {}
@@ -89,31 +67,18 @@ def flatten_outputs(outputs: dict) -> dict:
     return flat
 
 
-def compare(engine_outputs: dict, reference_outputs: dict, rtol: float = DEFAULT_RTOL,
-            pooled_rtol: float | None = None) -> list[Difference]:
-    """Per output: max |engine - reference| against rtol x max |reference| (pooled_rtol for the
-    pooled output, when given). Shapes must agree."""
+def compare(engine_outputs: dict, reference_outputs: dict, rtol: float = verdict.DEFAULT_RTOL,
+            pooled_rtol: float | None = None) -> list[verdict.Judgement]:
+    """Per output, the verdict's fixed tolerance (`verify --rtol`): max |engine - reference| <= rtol x
+    max |reference| (pooled_rtol for the pooled output, when given). The outputs and their shapes
+    must agree (ValueError). The default verdict is the noise rule (verdict.judge_all)."""
     ours, theirs = flatten_outputs(engine_outputs), flatten_outputs(reference_outputs)
     if set(ours) != set(theirs):
         raise ValueError(f"outputs differ: engine has {sorted(set(ours) - set(theirs))}, "
                          f"reference has {sorted(set(theirs) - set(ours))}")
-    result = []
     for name in theirs:
-        a, b = ours[name], theirs[name]
-        if a.shape != b.shape:
-            raise ValueError(f"{name}: engine shape {a.shape} != reference shape {b.shape}")
-        diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
-        if not np.all(np.isfinite(a)):
-            diff = float("nan")
-        tol = pooled_rtol if pooled_rtol is not None and name in POOLED_OUTPUTS else rtol
-        result.append(Difference(name, diff, float(np.abs(b).max()) if b.size else 0.0, tol))
-    return result
-
-
-def format_table(differences: list[Difference]) -> str:
-    """A fixed-width table of the figures, one output per line."""
-    lines = [f"{'output':<22} {'max|diff|':>11} {'max|ref|':>11} {'relative':>10} {'tolerance':>10}  ok"]
-    for d in differences:
-        lines.append(f"{d.name:<22} {d.max_abs:>11.3e} {d.max_ref:>11.3e} {d.relative:>10.2e} "
-                     f"{d.rtol:>10.0e}  {'yes' if d.ok else 'NO'}")
-    return "\n".join(lines)
+        if ours[name].shape != theirs[name].shape:
+            raise ValueError(f"{name}: engine shape {ours[name].shape} != reference shape {theirs[name].shape}")
+    return [verdict.judge_tolerance(name, ours[name], theirs[name],
+                                    pooled_rtol if pooled_rtol is not None and name in POOLED_OUTPUTS else rtol)
+            for name in theirs]

@@ -36,7 +36,11 @@ Only the progress record says what is done: rows past `rows_done` in `OUT.partia
 steps 1 and 2) are truncated away on resume. When the input is exhausted the record is marked
 complete and `OUT.partial` becomes OUT: renamed for .npy; for .h5 (datasets `<key>` and `texts`)
 and .jsonl ({"text": ..., "<key>": [...]} per line) converted block by block into a temporary
-file beside OUT, fsynced and renamed. So OUT appears only complete, and an existing OUT (with
+file beside OUT, fsynced and renamed. The working files are engine/tools/workfile.py's.
+
+Texts in .h5: `texts` holds each line's UTF-8 bytes as a variable-length uint8 row (read them with
+`read_texts(path)`, or `bytes(row).decode("utf-8")`), not as HDF5 strings: those end at a NUL byte,
+which a line of text may hold, and every line must come back as it was. So OUT appears only complete, and an existing OUT (with
 --force) is replaced only at that last rename: a killed run never damages it.
 
 Why not append straight into an HDF5 file with a `rows_done` attribute and flush: HDF5's metadata
@@ -59,25 +63,26 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
 
 from engine.core import backend as backend_mod
+from engine.tools.workfile import (PROGRESS_VERSION, Partial, WorkfileError, fsync_dir, read_progress, read_rows,
+                                   remove, write_json_atomic)
 
-PROGRESS_VERSION = 1
 OUTPUT_KINDS = {".npy": "npy", ".h5": "h5", ".hdf5": "h5", ".jsonl": "jsonl"}
-_HEADER_LEN = 128          # bytes of the .npy header of OUT.partial (magic + length + dict, padded)
-_BLOCK_BYTES = 4 << 20    # bytes of rows per block when OUT.partial is converted to .h5 / .jsonl
+BLOCK_BYTES = 4 << 20     # bytes of rows per block when OUT.partial is converted to .h5 / .jsonl
 
 
-class StreamError(Exception):
+class StreamError(WorkfileError):
     """A user-facing problem with the input, the output or a resume: one line, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------ input
 
-class _Lines:
+class Lines:
     """The input, one (raw bytes, text) per line, read lazily; counts lines and bytes."""
 
     def __init__(self, source):
@@ -137,8 +142,8 @@ class _Lines:
             self._file.close()
 
 
-def _batches(lines, prep, seq_length: int, max_tokens: int, max_rows: int | None, fixed_length: bool,
-             count_real: bool, truncated: list, first_line: int = 1):
+def batches(lines, prep, seq_length: int, max_tokens: int, max_rows: int | None, fixed_length: bool,
+            count_real: bool, truncated: list, first_line: int = 1):
     """Greedy batches of (texts, raws, flat token ids, padded length), in input order. The budget
     counts real tokens (count_real) or rows x padded length. Appends the line numbers (the first
     line being `first_line`) of texts longer than seq_length to `truncated`."""
@@ -164,7 +169,7 @@ def _batches(lines, prep, seq_length: int, max_tokens: int, max_rows: int | None
 
 def longest_text(source, prep, cap: int) -> int:
     """The packed length ([CLS] text [SEP]) of the longest line of `source`, at most `cap`."""
-    lines = _Lines(source)
+    lines = Lines(source)
     longest = 2
     try:
         for _, text in lines:
@@ -174,88 +179,6 @@ def longest_text(source, prep, cap: int) -> int:
     finally:
         lines.close()
     return longest
-
-
-# ------------------------------------------------------------------------------------------ .npy working file
-
-def _npy_header(rows: int, row_shape: tuple, dtype: np.dtype) -> bytes:
-    body = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                 "shape": (rows,) + tuple(row_shape)}).encode("latin1")
-    pad = _HEADER_LEN - 10 - len(body) - 1
-    if pad < 0:
-        raise StreamError(f"row shape {row_shape} too large for the partial file's header")
-    return b"\x93NUMPY\x01\x00" + (_HEADER_LEN - 10).to_bytes(2, "little") + body + b" " * pad + b"\n"
-
-
-class _Partial:
-    """OUT.partial: an .npy file of the committed rows, appended to and truncated on resume."""
-
-    def __init__(self, path: str, row_shape: tuple, dtype, rows_done: int, create: bool):
-        self.path, self.row_shape, self.dtype = path, tuple(row_shape), np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self.rows = rows_done
-        if create:
-            self.f = open(path, "w+b")
-            self.f.write(_npy_header(0, self.row_shape, self.dtype))
-        else:
-            self.f = open(path, "r+b")
-            size = os.fstat(self.f.fileno()).st_size
-            need = _HEADER_LEN + rows_done * self.row_bytes
-            if size < need:
-                raise StreamError(f"{path}: holds {max(size - _HEADER_LEN, 0) // self.row_bytes} rows but its "
-                                  f"progress record says {rows_done}: start over with --force")
-            self.f.truncate(need)   # rows written after the last commit
-            self.f.seek(0)
-            self.f.write(_npy_header(rows_done, self.row_shape, self.dtype))
-        self.f.seek(_HEADER_LEN + rows_done * self.row_bytes)
-
-    def append(self, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array, dtype=self.dtype)
-        assert array.shape[1:] == self.row_shape, (array.shape, self.row_shape)
-        self.f.write(array.tobytes())
-        self.rows += array.shape[0]
-
-    def commit(self) -> None:
-        """Makes the rows durable (the header says how many; the progress record is what counts)."""
-        self.f.seek(0)
-        self.f.write(_npy_header(self.rows, self.row_shape, self.dtype))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.seek(_HEADER_LEN + self.rows * self.row_bytes)
-
-    def close(self):
-        self.f.close()
-
-
-def _read_rows(path: str, row_shape: tuple, dtype, start: int, count: int) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
-    with open(path, "rb") as f:
-        f.seek(_HEADER_LEN + start * row_bytes)
-        data = f.read(count * row_bytes)
-    return np.frombuffer(data, dtype=dtype).reshape((count,) + tuple(row_shape))
-
-
-# ------------------------------------------------------------------------------------------ progress record
-
-def _write_json_atomic(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_progress(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise StreamError(f"{path}: cannot read the progress record ({e}): start over with --force") from None
-    if not isinstance(record, dict) or record.get("version") != PROGRESS_VERSION or "rows_done" not in record:
-        raise StreamError(f"{path}: not a progress record of this version: start over with --force")
-    return record
 
 
 def weights_fingerprint(enc) -> str:
@@ -274,61 +197,62 @@ def weights_fingerprint(enc) -> str:
 
 # ------------------------------------------------------------------------------------------ finishing
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def read_texts(path: str) -> list[str]:
+    """The `texts` of an .h5 written by encode, as str (each row holds a line's UTF-8 bytes)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        return [bytes(row).decode("utf-8", "surrogatepass") for row in f["texts"][()]]
 
 
-def _finish(output: str, kind: str, partial: str, record: dict, source) -> None:
-    """Turns the complete OUT.partial into OUT (atomically)."""
+def _write_h5(tmp: str, partial: str, record: dict, lines: Lines, block_rows: int) -> None:
+    import h5py
     rows, row_shape, dtype, key = record["rows_done"], tuple(record["row_shape"]), record["dtype"], record["key"]
-    block_rows = max(1, _BLOCK_BYTES // (int(np.prod(row_shape)) * np.dtype(dtype).itemsize))
+    with h5py.File(tmp, "w") as f:
+        data = f.create_dataset(key, shape=(rows,) + row_shape, dtype=dtype)
+        texts = f.create_dataset("texts", shape=(rows,), dtype=h5py.vlen_dtype(np.uint8))
+        texts.attrs["encoding"] = "utf-8 bytes per row (bytes(row).decode('utf-8'))"
+        for start in range(0, rows, block_rows):
+            count = min(block_rows, rows - start)
+            data[start:start + count] = read_rows(partial, row_shape, dtype, start, count)
+            block = np.empty(count, dtype=object)
+            block[:] = [np.frombuffer(next(lines)[1].encode("utf-8", "surrogatepass"), np.uint8)
+                        for _ in range(count)]
+            texts[start:start + count] = block
+        f.attrs["rows"] = rows
+        f.attrs["input"] = record["input"]
+        f.attrs["input_sha256"] = record["input_sha256"]
+        f.attrs["params"] = json.dumps(record["params"], sort_keys=True)
+
+
+def _write_jsonl(tmp: str, partial: str, record: dict, lines: Lines, block_rows: int) -> None:
+    rows, row_shape, dtype, key = record["rows_done"], tuple(record["row_shape"]), record["dtype"], record["key"]
+    with open(tmp, "w", encoding="utf-8") as f:
+        for start in range(0, rows, block_rows):
+            for row in read_rows(partial, row_shape, dtype, start, min(block_rows, rows - start)):
+                f.write(json.dumps({"text": next(lines)[1], key: row.tolist()}, ensure_ascii=False) + "\n")
+
+
+def finish(output: str, kind: str, partial: str, record: dict, source) -> None:
+    """Turns the complete OUT.partial into OUT (atomically)."""
     if kind == "npy":
         os.replace(partial, output)
-        _fsync_dir(output)
+        fsync_dir(output)
         return
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=folder)
+    row_bytes = int(np.prod(record["row_shape"])) * np.dtype(record["dtype"]).itemsize
+    block_rows = max(1, BLOCK_BYTES // row_bytes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(output)))
     os.close(fd)
-    lines = _Lines(source)
+    lines = Lines(source)
     try:
-        if kind == "h5":
-            import h5py
-            with h5py.File(tmp, "w") as f:
-                data = f.create_dataset(key, shape=(rows,) + row_shape, dtype=dtype)
-                texts = f.create_dataset("texts", shape=(rows,), dtype=h5py.string_dtype())
-                for start in range(0, rows, block_rows):
-                    count = min(block_rows, rows - start)
-                    data[start:start + count] = _read_rows(partial, row_shape, dtype, start, count)
-                    texts[start:start + count] = [next(lines)[1] for _ in range(count)]
-                f.attrs["rows"] = rows
-                f.attrs["input"] = record["input"]
-                f.attrs["input_sha256"] = record["input_sha256"]
-                f.attrs["params"] = json.dumps(record["params"], sort_keys=True)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for start in range(0, rows, block_rows):
-                    count = min(block_rows, rows - start)
-                    block = _read_rows(partial, row_shape, dtype, start, count)
-                    for row in block:
-                        f.write(json.dumps({"text": next(lines)[1], key: row.tolist()}, ensure_ascii=False) + "\n")
+        (_write_h5 if kind == "h5" else _write_jsonl)(tmp, partial, record, lines, block_rows)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, output)
-        _fsync_dir(output)
+        fsync_dir(output)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove(tmp)
         raise
     finally:
         lines.close()
@@ -342,16 +266,14 @@ def paths(output: str) -> tuple[str, str]:
     return output + ".partial", output + ".partial.json"
 
 
-def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_length: int | None = None,
-           max_tokens: int = 2048, max_rows: int | None = None, resume: bool = False, force: bool = False,
-           progress=None, progress_every: float = 1.0, bar=None) -> dict:
-    """Encodes every line of `source` (a text file's path, or a list of texts) into `output`
-    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. seq_length: the truncation length
-    (default: the model's positions). `bar(done_fraction, rows, tokens)`: called after each batch,
-    for a progress bar. Returns a summary dict (rows, tokens, truncated, first_truncated_line,
-    shape, resumed_from, batches, seconds). Raises StreamError on a user-facing problem."""
-    say = progress or (lambda message: None)
-    output = os.fspath(output)
+def _positive(option: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        why = " (room for [CLS] and [SEP])" if option == "--seq-length" else ""
+        raise StreamError(f"{option} must be at least {minimum}{why}, got {value!r}")
+
+
+def check_arguments(enc, output: str, key: str, seq_length, max_tokens, max_rows) -> str:
+    """The output's kind (npy, h5, jsonl) after checking every argument; StreamError naming it."""
     kind = OUTPUT_KINDS.get(os.path.splitext(output)[1].lower())
     if kind is None:
         raise StreamError(f"--output {output}: unknown extension {os.path.splitext(output)[1]!r} "
@@ -359,145 +281,176 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
     if key not in ("pooled_output", "sequence_output"):
         raise StreamError(f"key {key!r}: expected pooled_output or sequence_output")
     positions = enc.config.max_position_embeddings
-    for name, value in (("seq_length", positions if seq_length is None else seq_length), ("max_tokens", max_tokens)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise StreamError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer))
-                                 or max_rows < 1):
-        raise StreamError(f"--batch-size must be a positive integer, got {max_rows!r}")
-    if seq_length is not None and seq_length < 2:
-        raise StreamError(f"--seq-length must be at least 2 (room for [CLS] and [SEP]), got {seq_length}")
-    if seq_length is not None and seq_length > enc.config.max_position_embeddings:
-        raise StreamError(f"--seq-length {seq_length} exceeds the model's {enc.config.max_position_embeddings} "
-                          f"positions")
+    if seq_length is not None:
+        _positive("--seq-length", seq_length, 2)
+        if seq_length > positions:
+            raise StreamError(f"--seq-length {seq_length} exceeds the model's {positions} positions")
+    _positive("--max-tokens", max_tokens)
+    if max_rows is not None:
+        _positive("--batch-size", max_rows)
     if os.path.isdir(output):
-        raise StreamError(f"--output {output}: is a directory")
+        raise StreamError(f"--output {output}: is a folder; give the path of the file to write")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise StreamError(f"--output {output}: the folder {folder} does not exist")
+    return kind
+
+
+def interrupted_run(output: str, params: dict, resume: bool, force: bool) -> dict | None:
+    """The progress record to continue from (resume), or None to start afresh; refuses an existing
+    output or partial run without resume or force, and a resume whose parameters differ."""
     partial, record_path = paths(output)
+    if resume and os.path.exists(record_path):
+        record = read_progress(record_path)
+        differ = [f"{k} {record['params'].get(k)!r} -> {v!r}" for k, v in params.items()
+                  if record["params"].get(k) != v]
+        if differ:
+            raise StreamError(f"--resume: this run differs from the interrupted one ({'; '.join(differ)}): "
+                              f"use the same arguments, or start over with --force")
+        return record
+    if resume and os.path.exists(output) and not os.path.exists(partial):
+        raise StreamError(f"--resume: {output} is complete: no interrupted run to resume")
+    if not resume and not force:
+        if os.path.lexists(output):
+            raise StreamError(f"--output {output}: exists; pass --force to replace it")
+        if os.path.exists(record_path) or os.path.exists(partial):
+            raise StreamError(f"--output {output}: an interrupted run left {partial}; pass --resume to "
+                              f"continue it or --force to start over")
+    return None
 
-    fixed = key == "sequence_output"
-    if seq_length is None:
-        seq_length = longest_text(source, prep, positions) if fixed else positions
-    skip_padding = bool(getattr(enc.fast_forward, "skips_padding", False))
-    H = enc.config.hidden_size
-    row_shape = (seq_length, H) if key == "sequence_output" else (H,)
-    lines = _Lines(source)
-    params = {"kind": kind, "key": key, "seq_length": int(seq_length), "max_tokens": int(max_tokens),
-              "max_rows": None if max_rows is None else int(max_rows), "skip_padding": skip_padding,
-              "dtype": np.dtype(enc.dtype).str,
-              "row_shape": list(row_shape), "weights": weights_fingerprint(enc), "input": lines.name}
-    record = None
-    try:
-        if resume and os.path.exists(record_path):
-            record = _read_progress(record_path)
-            differ = [f"{k} {record['params'].get(k)!r} -> {v!r}" for k, v in params.items()
-                      if record["params"].get(k) != v]
-            if differ:
-                raise StreamError(f"--resume: this run differs from the interrupted one ({'; '.join(differ)}): "
-                                  f"use the same arguments, or start over with --force")
-            if record.get("complete"):
-                if os.path.exists(partial):
-                    _finish(output, kind, partial, record, source)
-                os.unlink(record_path)
-                say(f"encode: {output} is complete ({record['rows_done']} rows)")
-                return {"rows": record["rows_done"], "resumed_from": record["rows_done"], "batches": 0,
-                        "shape": [record["rows_done"]] + list(row_shape), "seconds": 0.0}
-        elif resume and os.path.exists(output) and not os.path.exists(partial):
-            raise StreamError(f"--resume: {output} is complete: no interrupted run to resume")
-        elif not resume and not force:
-            if os.path.lexists(output):
-                raise StreamError(f"--output {output} exists; pass --force to replace it")
-            if os.path.exists(record_path) or os.path.exists(partial):
-                raise StreamError(f"--output {output}: an interrupted run left {partial}; pass --resume to "
-                                  f"continue it or --force to start over")
 
-        digest = hashlib.sha256()
-        rows_done = 0
-        if record is not None:
-            rows_done = int(record["rows_done"])
-            for _ in range(rows_done):
-                try:
-                    raw, _text = next(lines)
-                except StopIteration:
-                    raise StreamError(f"--resume: the input has {lines.lines} lines but the interrupted run "
-                                      f"already wrote {rows_done} rows: not the same input") from None
-                digest.update(raw)
-            if digest.hexdigest() != record["input_sha256"] or lines.bytes != record["input_bytes"]:
-                raise StreamError(f"--resume: the first {rows_done} lines of the input differ from those the "
-                                  f"interrupted run encoded: not the same input (start over with --force)")
-            writer = _Partial(partial, row_shape, enc.dtype, rows_done, create=False)
-        else:
-            for stale in (record_path, partial):
-                if os.path.exists(stale):
-                    os.unlink(stale)
-            writer = _Partial(partial, row_shape, enc.dtype, 0, create=True)
-        resumed_from = rows_done
-        record = {"version": PROGRESS_VERSION, "rows_done": rows_done, "input_sha256": digest.hexdigest(),
-                  "input_bytes": lines.bytes, "complete": False, "params": params, "input": lines.name,
-                  "key": key, "row_shape": list(row_shape), "dtype": np.dtype(enc.dtype).str,
-                  "output": os.path.abspath(output)}
-        _write_json_atomic(record_path, record)
-        if resumed_from:
-            say(f"encode: resuming {output} after {resumed_from} rows (inputs checked by sha256)")
-
-        t0 = last = time.perf_counter()
-        batches = tokens = 0
-        truncated = []
+def skip_done(lines: Lines, rows_done: int, record: dict):
+    """Reads the first rows_done lines again (not encoded) and checks them against the record's
+    sha256; returns the running digest."""
+    digest = hashlib.sha256()
+    for _ in range(rows_done):
         try:
-            for texts, raws, rows, width in _batches(lines, prep, seq_length, max_tokens, max_rows, fixed,
-                                                     skip_padding, truncated, first_line=lines.lines + 1):
-                packed = prep.bert_pack_inputs([rows], seq_length=width)
-                tokens += int(packed["input_mask"].sum())
-                out = backend_mod.to_numpy(enc(packed, skip_padding=skip_padding, outputs=(key,))[key])
-                writer.append(out)
-                writer.commit()
-                for raw in raws:
-                    digest.update(raw)
-                record.update(rows_done=writer.rows, input_sha256=digest.hexdigest(),
-                              input_bytes=record["input_bytes"] + sum(len(r) for r in raws))
-                _write_json_atomic(record_path, record)
-                batches += 1
-                if bar is not None:
-                    bar(lines.fraction(), writer.rows, tokens)
-                now = time.perf_counter()
-                if bar is None and now - last >= progress_every:
-                    last = now
-                    frac = lines.fraction()
-                    rate = (writer.rows - resumed_from) / max(now - t0, 1e-9)
-                    say(f"encode: {writer.rows} rows" + (f", {100 * frac:.0f}% of the input" if frac is not None
-                                                         else "") + f", {rate:.0f} rows/s")
-        except KeyboardInterrupt:
-            say(f"encode: interrupted after {record['rows_done']} committed rows; continue with --resume")
-            raise
-        except StreamError as e:  # a bad line: what is committed stays, unless nothing is
-            if record["rows_done"] == 0:
-                writer.close()
-                for stale in (record_path, partial):
-                    os.unlink(stale)
-                raise
-            raise StreamError(f"{e} ({record['rows_done']} rows before it are committed in {partial}: fix the "
-                              f"input after them and continue with --resume)") from None
-        finally:
-            writer.close()
+            raw, _text = next(lines)
+        except StopIteration:
+            raise StreamError(f"--resume: the input has {lines.lines} lines but the interrupted run "
+                              f"already wrote {rows_done} rows: not the same input") from None
+        digest.update(raw)
+    if digest.hexdigest() != record["input_sha256"] or lines.bytes != record["input_bytes"]:
+        raise StreamError(f"--resume: the first {rows_done} lines of the input differ from those the "
+                          f"interrupted run encoded: not the same input (start over with --force)")
+    return digest
+
+
+def encode_batches(enc, prep, lines: Lines, writer: Partial, record: dict, digest, params: dict, say, bar,
+                   progress_every: float) -> tuple[int, int, list]:
+    """Encodes the rest of the input, committing each batch (rows, then the record); returns
+    (batches, tokens of this run, truncated line numbers). A bad line keeps what is committed."""
+    record_path = paths(record["output"])[1]
+    key, seq_length, skip_padding = params["key"], params["seq_length"], params["skip_padding"]
+    resumed_from = record["rows_done"]
+    t0 = last = time.perf_counter()
+    count, tokens, truncated = 0, 0, []
+    try:
+        for texts, raws, rows, width in batches(lines, prep, seq_length, params["max_tokens"], params["max_rows"],
+                                                key == "sequence_output", skip_padding, truncated,
+                                                first_line=lines.lines + 1):
+            packed = prep.bert_pack_inputs([rows], seq_length=width)
+            batch_tokens = int(packed["input_mask"].sum())
+            out = backend_mod.to_numpy(enc(packed, skip_padding=skip_padding, outputs=(key,))[key])
+            writer.append(out)
+            writer.commit()
+            for raw in raws:
+                digest.update(raw)
+            tokens += batch_tokens
+            record.update(rows_done=writer.rows, input_sha256=digest.hexdigest(),
+                          input_bytes=record["input_bytes"] + sum(len(r) for r in raws),
+                          tokens_done=record.get("tokens_done", 0) + batch_tokens)
+            write_json_atomic(record_path, record)
+            count += 1
+            if bar is not None:
+                bar(lines.fraction(), writer.rows, record["tokens_done"])
+            now = time.perf_counter()
+            if bar is None and now - last >= progress_every:
+                last = now
+                frac = lines.fraction()
+                rate = (writer.rows - resumed_from) / max(now - t0, 1e-9)
+                say(f"encode: {writer.rows} rows" + (f", {100 * frac:.0f}% of the input" if frac is not None
+                                                     else "") + f", {rate:.0f} rows/s")
+    except KeyboardInterrupt:
+        say(f"encode: interrupted after {record['rows_done']} committed rows; continue with --resume")
+        raise
+    except StreamError as e:  # a bad line: what is committed stays, unless nothing is
         if record["rows_done"] == 0:
-            for stale in (record_path, partial):
-                os.unlink(stale)
+            writer.close()
+            remove(*paths(record["output"]))
+            raise
+        raise StreamError(f"{e} ({record['rows_done']} rows before it are committed in {writer.path}: fix the "
+                          f"input after them and continue with --resume)") from None
+    finally:
+        writer.close()
+    return count, tokens, truncated
+
+
+def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_length: int | None = None,
+           max_tokens: int = 2048, max_rows: int | None = None, resume: bool = False, force: bool = False,
+           progress=None, progress_every: float = 1.0, bar=None) -> dict:
+    """Encodes every line of `source` (a text file's path, or a list of texts) into `output`
+    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. seq_length: the truncation length
+    (default: the model's positions). `bar(done_fraction, rows, tokens)`: called after each batch,
+    for a progress bar. Returns a summary dict: rows and tokens (all of the output's, a resumed
+    run's included), resumed_from, tokens_this_run, truncated, first_truncated_line, shape,
+    batches, seconds. Raises StreamError on a user-facing problem."""
+    say = progress or (lambda message: None)
+    output = os.fspath(output)
+    kind = check_arguments(enc, output, key, seq_length, max_tokens, max_rows)
+    partial, record_path = paths(output)
+    positions = enc.config.max_position_embeddings
+    if seq_length is None:
+        seq_length = longest_text(source, prep, positions) if key == "sequence_output" else positions
+    row_shape = (seq_length, enc.config.hidden_size) if key == "sequence_output" else (enc.config.hidden_size,)
+    lines = Lines(source)
+    params = {"kind": kind, "key": key, "seq_length": int(seq_length), "max_tokens": int(max_tokens),
+              "max_rows": None if max_rows is None else int(max_rows),
+              "skip_padding": bool(getattr(enc.fast_forward, "skips_padding", False)),
+              "dtype": np.dtype(enc.dtype).str, "row_shape": list(row_shape), "weights": weights_fingerprint(enc),
+              "input": lines.name}
+    try:
+        record = interrupted_run(output, params, resume, force)
+        if record is not None and record.get("complete"):   # killed while finishing: finish
+            if os.path.exists(partial):
+                finish(output, kind, partial, record, source)
+            os.unlink(record_path)
+            say(f"encode: {output} is complete ({record['rows_done']} rows)")
+            return {"rows": record["rows_done"], "tokens": record.get("tokens_done", 0), "tokens_this_run": 0,
+                    "resumed_from": record["rows_done"], "batches": 0, "truncated": 0, "first_truncated_line": None,
+                    "shape": [record["rows_done"]] + list(row_shape), "seconds": 0.0}
+        if record is not None:
+            digest = skip_done(lines, int(record["rows_done"]), record)
+            writer = Partial(partial, row_shape, enc.dtype, int(record["rows_done"]), create=False)
+            say(f"encode: resuming {output} after {record['rows_done']} rows (inputs checked by sha256)")
+        else:
+            remove(record_path, partial)
+            digest, writer = hashlib.sha256(), Partial(partial, row_shape, enc.dtype, 0, create=True)
+            record = {"version": PROGRESS_VERSION, "rows_done": 0, "tokens_done": 0,
+                      "input_sha256": digest.hexdigest(), "input_bytes": 0, "complete": False, "params": params,
+                      "input": lines.name, "key": key, "row_shape": list(row_shape),
+                      "dtype": np.dtype(enc.dtype).str, "output": os.path.abspath(output)}
+            write_json_atomic(record_path, record)
+        record.setdefault("tokens_done", 0)
+        resumed_from = int(record["rows_done"])
+        t0 = time.perf_counter()
+        count, tokens, truncated = encode_batches(enc, prep, lines, writer, record, digest, params, say, bar,
+                                                  progress_every)
+        if record["rows_done"] == 0:
+            remove(record_path, partial)
             raise StreamError("no text given: the input is empty")
         record["complete"] = True
-        _write_json_atomic(record_path, record)
-        _finish(output, kind, partial, record, source)
+        write_json_atomic(record_path, record)
+        finish(output, kind, partial, record, source)
         os.unlink(record_path)
-        _fsync_dir(output)
-        seconds = time.perf_counter() - t0
+        fsync_dir(output)
         if truncated:
             say(f"encode: warning: {len(truncated)} text{'s were' if len(truncated) > 1 else ' was'} longer than "
                 f"{seq_length} tokens and truncated (first at line {truncated[0]}); --seq-length sets the length, "
                 f"at most the model's {positions} positions")
-        return {"rows": record["rows_done"], "tokens": tokens, "truncated": len(truncated),
-                "first_truncated_line": truncated[0] if truncated else None,
+        return {"rows": record["rows_done"], "tokens": record["tokens_done"], "tokens_this_run": tokens,
+                "truncated": len(truncated), "first_truncated_line": truncated[0] if truncated else None,
                 "shape": [record["rows_done"]] + list(row_shape), "resumed_from": resumed_from,
-                "batches": batches, "seconds": seconds}
+                "batches": count, "seconds": time.perf_counter() - t0}
     finally:
         lines.close()

@@ -1,14 +1,25 @@
-"""The verdict: judged against float32 noise measured in float64, not against a fixed tolerance.
+"""The verdict: a named output compared with a reference under a rule, and the one table of verdicts.
 
-Three runs on the same inputs: TensorFlow in float32 (the reference), the engine in float32 (what is
-judged) and the engine in float64 on the same weights (the truth, up to float64 rounding). Per output
-(or traced intermediate), relative to its scale (max|float64| for maxima, RMS of float64 for RMS):
+Every comparison of the project (outputs against TensorFlow, traced intermediates, trace files,
+gradients) gives a `Judgement`: the name, the rule, the figures, a status ("ok", "FAIL", "shape",
+"nonfinite", "mask", "missing") and a detail; `format_table` prints a list of them, `first_failure`
+finds the first that fails. Two rules:
+
+- the noise rule (`judge`, `judge_all`, the default): judged against float32 noise measured in
+  float64, below;
+- the fixed tolerance (`judge_tolerance`, `verify --rtol`, `compare`): max|candidate - reference| <=
+  rtol x max|reference|, for two runs that carry no float64 truth (trace files from other hardware).
+
+The noise rule. Three runs on the same inputs: TensorFlow in float32 (the reference), the engine in
+float32 (what is judged) and the engine in float64 on the same weights (the truth, up to float64
+rounding). Per output (or traced intermediate), relative to its scale (max|float64| for maxima, RMS
+of float64 for RMS and median):
 
     diff   = |engine32 - TF|        what a fixed tolerance would look at
     tf     = |TF - float64|         TensorFlow's own float32 error
     engine = |engine32 - float64|   the engine's float32 error
 
-each as a maximum and as an RMS. PASS needs, for both statistics:
+each as a maximum, an RMS and a median (STATISTICS). PASS needs, for every statistic:
 
     accurate:  engine <= ACCURACY_FACTOR x tf      the engine is at least as accurate as TF, within
                                                     a small stated factor;
@@ -49,7 +60,8 @@ path and 3.32e-6 for the fast path (3.55x; one row of three: 2.0e-5 vs 5.4e-6), 
 The accuracy rule keeps its factors: the engine's own error must stay TF-sized.
 
 Entries of the truth at or beyond MASKED_THRESHOLD (the -1e9 masked logits of a trace) are compared
-as a pattern (masked in both) and left out of the statistics.
+as a pattern (masked in both) and left out of the statistics; the fixed tolerance does the same with
+the reference's entries.
 """
 
 from __future__ import annotations
@@ -58,8 +70,11 @@ import dataclasses
 
 import numpy as np
 
-from engine.tools.compare import MASKED_THRESHOLD
+from weights import format as fmt
 
+NOISE_RULE, TOLERANCE_RULE = "noise", "tolerance"
+DEFAULT_RTOL = 1e-5           # the fixed tolerance's default: max|diff| <= 1e-5 x max|reference|
+MASKED_THRESHOLD = 5e8        # |x| >= this is a masked logit (the mask constant is -1e9)
 STATISTICS = ("max", "rms", "median")
 FLOOR = 2.0 ** -23            # one float32 ulp at 1, relative to the scale
 # The factors, measured (tests/test_verdict.py prints the tiny-model ratios; the base-size sweep is in
@@ -97,36 +112,76 @@ PARENTS = {"pooled_output": "sequence_output", "default": "sequence_output", "ml
 
 def trace_parents(num_layers: int) -> dict:
     """PARENTS for the intermediates of a trace (engine.core.trace)."""
-    last = f"layers/{num_layers - 1}/feedforward_layer_norm"
+    last = fmt.block_prefix(num_layers - 1) + "feedforward_layer_norm"
     return {"pooled_output": last, "mlm/gathered": last, "mlm/mlm_dense": "mlm/gathered",
             "mlm/mlm_transform": "mlm/mlm_dense", "mlm/logits": "mlm/mlm_transform"}
 
 
 @dataclasses.dataclass
 class Judgement:
-    """The verdict on one output or intermediate; errors relative to its scale."""
+    """One named output, intermediate or gradient compared with a reference under a rule; figures
+    relative to its scale. Noise rule: scale is max|float64| and the RMS of float64, every error dict
+    holds STATISTICS. Fixed tolerance: scale is max|reference|, diff holds the maximum only, and
+    tf, engine and the noise figures stay None."""
     name: str
-    scale: dict                  # {"max": max|float64|, "rms": RMS of float64}
-    diff: dict                   # |engine32 - TF|, {"max": ..., "rms": ...}
-    tf: dict                     # |TF - float64|
-    engine: dict                 # |engine32 - float64|
+    scale: dict                  # {"max": ..., "rms": ...}
+    diff: dict                   # |candidate (engine32) - reference (TF)|
+    tf: dict = None              # |TF - float64|
+    engine: dict = None          # |engine32 - float64|
     status: str = "ok"           # "ok", "FAIL", "shape", "nonfinite", "mask", "missing"
     detail: str = ""
     noise: dict = None           # the largest float32 error among the engine's runs
     ruled_engine: dict = None    # the errors the rules compared: own, floored by the parent's
     ruled_tf: dict = None
     ruled_noise: dict = None
+    rule: str = NOISE_RULE
+    tolerance: float = None      # the fixed tolerance's rtol
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def max_ref(self) -> float:
+        return self.scale["max"]
+
+    @property
+    def relative(self) -> float:
+        """max|candidate - reference| relative to the scale (absolute where the scale is zero)."""
+        return self.diff["max"]
+
+    @property
+    def max_abs(self) -> float:
+        """max|candidate - reference|."""
+        return self.diff["max"] * self.scale["max"] if self.scale["max"] else self.diff["max"]
+
     def as_dict(self) -> dict:
-        return {"name": self.name, "status": self.status, "ok": self.ok, "scale": self.scale,
-                "engine_vs_tf": self.diff, "tf_vs_float64": self.tf, "engine_vs_float64": self.engine,
-                "noise": self.noise, "ruled_engine_vs_float64": self.ruled_engine,
-                "ruled_tf_vs_float64": self.ruled_tf, "ruled_noise": self.ruled_noise,
-                "accuracy_factor": ACCURACY_FACTOR, "noise_factor": NOISE_FACTOR, "detail": self.detail}
+        out = {"name": self.name, "rule": self.rule, "status": self.status, "ok": self.ok, "detail": self.detail,
+               "max_abs_diff": self.max_abs, "max_abs_reference": self.max_ref, "relative_diff": self.relative}
+        if self.rule == TOLERANCE_RULE:
+            return out | {"tolerance": self.tolerance}
+        return out | {"scale": self.scale, "engine_vs_tf": self.diff, "tf_vs_float64": self.tf,
+                      "engine_vs_float64": self.engine, "noise": self.noise, "ruled_engine_vs_float64": self.ruled_engine,
+                      "ruled_tf_vs_float64": self.ruled_tf, "ruled_noise": self.ruled_noise,
+                      "accuracy_factor": ACCURACY_FACTOR, "noise_factor": NOISE_FACTOR}
+
+
+def not_compared(name: str, status: str, detail: str, rule: str = NOISE_RULE, tolerance: float | None = None) -> Judgement:
+    """A failure with no figures: the comparison could not be made (status "shape", "nonfinite",
+    "mask" or "missing")."""
+    nan = {s: float("nan") for s in STATISTICS}
+    noise = rule == NOISE_RULE
+    return Judgement(name, nan, dict(nan), dict(nan) if noise else None, dict(nan) if noise else None, status, detail,
+                     rule=rule, tolerance=tolerance)
+
+
+def _mask_mismatch(masked, candidates) -> str:
+    """The first side whose masked entries (|x| >= MASKED_THRESHOLD) differ from `masked`, or ''."""
+    for label, a in candidates:
+        other = np.abs(a) >= MASKED_THRESHOLD
+        if np.any(masked != other):
+            return f"{label}: masked entries differ (first at {tuple(int(i) for i in np.argwhere(masked != other)[0])})"
+    return ""
 
 
 def _stats(d, scale) -> dict:
@@ -166,22 +221,17 @@ def judge(name: str, engine32, reference, exact, parent: Judgement | None = None
     `others`: the same output from the engine's other float32 runs, for the noise level."""
     ours, exact = np.asarray(engine32, np.float64), np.asarray(exact, np.float64)
     theirs = np.asarray(reference, np.float64)
-    empty = {s: float("nan") for s in STATISTICS}
     if theirs.size != ours.size or exact.shape != ours.shape:
-        return Judgement(name, empty, empty, empty, empty, "shape",
-                         f"shapes {ours.shape} (engine), {theirs.shape} (TF), {exact.shape} (float64)")
+        return not_compared(name, "shape", f"shapes {ours.shape} (engine), {theirs.shape} (TF), {exact.shape} (float64)")
     theirs = theirs.reshape(ours.shape)
     for label, a in (("engine", ours), ("TF", theirs), ("float64", exact)):
         if not np.all(np.isfinite(a)):
             at = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
-            return Judgement(name, empty, empty, empty, empty, "nonfinite", f"{label} has a non-finite value at {at}")
+            return not_compared(name, "nonfinite", f"{label} has a non-finite value at {at}")
     masked = np.abs(exact) >= MASKED_THRESHOLD
-    if masked.any():
-        for label, a in (("engine", ours), ("TF", theirs)):
-            other = np.abs(a) >= MASKED_THRESHOLD
-            if np.any(masked != other):
-                at = tuple(int(i) for i in np.argwhere(masked != other)[0])
-                return Judgement(name, empty, empty, empty, empty, "mask", f"{label}: masked entries differ (first at {at})")
+    mismatch = _mask_mismatch(masked, (("engine", ours), ("TF", theirs))) if masked.any() else ""
+    if mismatch:
+        return not_compared(name, "mask", mismatch)
     keep = ~masked
     x = exact[keep]
     scale = {"max": float(np.abs(x).max()) if x.size else 0.0,
@@ -215,31 +265,75 @@ def judge_all(engine32: dict, reference: dict, exact: dict, names=None, parents:
     depth = lambda n: 0 if n not in parents else 1 + depth(parents[n])  # noqa: E731
     for name in sorted(names, key=depth):   # parents first
         if name not in reference or name not in engine32:
-            side = "TF" if name not in reference else "the engine"
-            nan = {s: float("nan") for s in STATISTICS}
-            done[name] = Judgement(name, nan, nan, nan, nan, "missing", f"not in {side}'s results")
+            done[name] = not_compared(name, "missing", f"not in {'TF' if name not in reference else 'the engine'}'s results")
             continue
         done[name] = judge(name, engine32[name], reference[name], exact[name], parent=done.get(parents.get(name)),
                            others=[o[name] for o in others if name in o])
     return [done[name] for name in names]
 
 
+# ---------------------------------------------------------------------------- the fixed tolerance
+
+def judge_tolerance(name: str, candidate, reference, rtol: float = DEFAULT_RTOL, transpose=None) -> Judgement:
+    """The fixed tolerance: max|candidate - reference| <= rtol x max|reference| over the entries the
+    reference does not mask. The candidate is first transposed (when given), then read in the
+    reference's shape (any layout whose elements come in the same C order)."""
+    ref, cand = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if transpose is not None:
+        cand = cand.transpose(transpose)
+    if cand.size != ref.size:
+        return not_compared(name, "shape", f"shape {cand.shape} cannot be read as the reference's {ref.shape}",
+                       TOLERANCE_RULE, rtol)
+    cand = cand.reshape(ref.shape)
+    masked = np.abs(ref) >= MASKED_THRESHOLD
+    keep = ~masked
+    scale = {"max": float(np.abs(ref[keep]).max()) if keep.any() else 0.0}
+    if not np.all(np.isfinite(cand)):
+        at = tuple(int(i) for i in np.argwhere(~np.isfinite(cand))[0])
+        return dataclasses.replace(not_compared(name, "nonfinite", f"non-finite value at {at}", TOLERANCE_RULE, rtol),
+                                   scale=scale)
+    mismatch = _mask_mismatch(masked, (("candidate", cand),)) if masked.any() else ""
+    if mismatch:
+        return dataclasses.replace(not_compared(name, "mask", mismatch, TOLERANCE_RULE, rtol), scale=scale)
+    diff = np.where(keep, np.abs(cand - ref), -1.0)
+    max_abs = float(diff.max()) if keep.any() else 0.0
+    j = Judgement(name, scale, {"max": max_abs / scale["max"] if scale["max"] else max_abs},
+                  rule=TOLERANCE_RULE, tolerance=rtol)
+    if not max_abs <= rtol * scale["max"]:   # a NaN reference fails too
+        at = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+        j.status = "FAIL"
+        j.detail = f"largest at index {at}: reference {ref[at]:.6g}, candidate {cand[at]:.6g}"
+    return j
+
+
+# ---------------------------------------------------------------------------- reading verdicts
+
 def first_failure(judgements: list[Judgement]) -> Judgement | None:
+    """The first judgement that is not ok (a missing one included), in the list's order."""
     return next((j for j in judgements if not j.ok), None)
 
 
 def format_table(judgements: list[Judgement]) -> str:
-    """One line per output: the three distances (max, RMS and median, relative to scale) and the verdict."""
+    """One line per judgement, the first failure marked: for the noise rule the three distances (max,
+    RMS and median, relative to scale), for the fixed tolerance max|diff|, max|ref|, their ratio and
+    the tolerance. One rule per table."""
+    rules = {j.rule for j in judgements}
+    if len(rules) > 1:
+        raise ValueError(f"format_table: one rule per table, got {sorted(rules)}")
     width = max([len(j.name) for j in judgements] + [12])
-    group = 3 * 9 - 1
-    head = (f"{'output':<{width}}  {'engine vs TF':^{group}}  {'TF vs float64':^{group}}  {'engine vs float64':^{group}}  verdict\n"
-            f"{'':<{width}}" + f"  {'max':>8} {'rms':>8} {'median':>8}" * 3)
+    if rules == {TOLERANCE_RULE}:
+        head = f"{'name':<{width}}  {'max|diff|':>10} {'max|ref|':>10} {'relative':>9} {'tolerance':>9}  verdict"
+        row = lambda j: f"{j.max_abs:>10.3e} {j.max_ref:>10.3e} {j.relative:>9.2e} {j.tolerance:>9.0e}"  # noqa: E731
+    else:
+        group = 3 * 9 - 1
+        head = (f"{'name':<{width}}  {'engine vs TF':^{group}}  {'TF vs float64':^{group}}  "
+                f"{'engine vs float64':^{group}}  verdict\n" + f"{'':<{width}}" + f"  {'max':>8} {'rms':>8} {'median':>8}" * 3)
+        row = lambda j: "  ".join(" ".join(f"{d[s]:>8.1e}" for s in STATISTICS) for d in (j.diff, j.tf, j.engine))  # noqa: E731
     lines = [head]
     first = first_failure(judgements)
     for j in judgements:
-        cells = "  ".join(" ".join(f"{d[s]:>8.1e}" for s in STATISTICS) for d in (j.diff, j.tf, j.engine))
-        mark = "  <-- first" if j is first and first is not None else ""
-        lines.append(f"{j.name:<{width}}  {cells}  {'PASS' if j.ok else j.status}{mark}")
+        mark = "  <-- first" if j is first else ""
+        lines.append(f"{j.name:<{width}}  {row(j)}  {'PASS' if j.ok else j.status}{mark}")
     return "\n".join(lines)
 
 
@@ -295,7 +389,7 @@ _NO_RULE = {s: float("inf") for s in STATISTICS}
 def zero_gradients(num_layers: int) -> dict[str, str]:
     """{path of a gradient that is exactly zero in exact arithmetic: path of the sibling whose scale
     judges it}: the key biases."""
-    return {f"layers/{i}/attention/key/bias": f"layers/{i}/attention/query/bias" for i in range(num_layers)}
+    return {fmt.block_path(i, "attention/key/bias"): fmt.block_path(i, "attention/query/bias") for i in range(num_layers)}
 
 
 def judge_zero_gradient(name: str, engine32, reference, exact, sibling_exact) -> Judgement:
@@ -351,9 +445,7 @@ def judge_gradients(engine32: dict, reference: dict, exact: dict, num_layers: in
     judgements, regular = [], []
     for name in exact:
         if name not in reference or name not in engine32:
-            nan = {s: float("nan") for s in STATISTICS}
-            judgements.append(Judgement(name, nan, nan, nan, nan, "missing",
-                                        f"not in {'TF' if name not in reference else 'the engine'}'s gradients"))
+            judgements.append(not_compared(name, "missing", f"not in {'TF' if name not in reference else 'the engine'}'s gradients"))
         elif name in zero:
             judgements.append(judge_zero_gradient(name, engine32[name], reference[name], exact[name], exact[zero[name]]))
         else:

@@ -61,6 +61,37 @@ def _label_string(value, path, row) -> str:
     return text
 
 
+def _csv_records(path: str, content: str, kind: str, need_label: bool) -> list[tuple[int, dict]]:
+    """(data row, {column: value}) of a CSV or TSV file; malformed quoting is a DataError naming the
+    row and the line where it starts (a quote left open would otherwise swallow the rest of the file)."""
+    reader = csv.DictReader(io.StringIO(content), delimiter="\t" if kind == "tsv" else ",", strict=True)
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as e:
+        raise DataError(f"{path}: line 1 (the header): malformed CSV ({e})") from None
+    if fieldnames is None:
+        raise DataError(f"{path}: empty file (expected a header row with a 'text' column)")
+    for name in ("text",) + (("label",) if need_label else ()):
+        if name not in fieldnames:
+            raise DataError(f"{path}: no '{name}' column (the header has {fieldnames})")
+    records = []
+    row_number, first_line = 0, reader.line_num + 1
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            why = "a quoted field is not closed" if "end of data" in str(e) else "malformed CSV"
+            raise DataError(f"{path}: row {row_number + 1} (line {first_line}): {why} ({e})") from None
+        row_number += 1
+        if None in row:
+            raise DataError(f"{path}: row {row_number} (line {first_line}): more fields than the header has")
+        records.append((row_number, row))
+    return records
+
+
 def read_examples(path: str, need_label: bool = True) -> list[Example]:
     """The examples of a CSV, TSV or JSONL file (see the module docstring)."""
     kind = _format(path)
@@ -79,16 +110,7 @@ def read_examples(path: str, need_label: bool = True) -> list[Example]:
             records.append((line_number, obj))
         where = "line"
     else:
-        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if kind == "tsv" else ",")
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: empty file (expected a header row with a 'text' column)")
-        for name in ("text",) + (("label",) if need_label else ()):
-            if name not in reader.fieldnames:
-                raise DataError(f"{path}: no '{name}' column (the header has {reader.fieldnames})")
-        for row_number, row in enumerate(reader, 1):
-            if None in row:
-                raise DataError(f"{path}: row {row_number} (line {row_number + 1}): more fields than the header has")
-            records.append((row_number, row))
+        records = _csv_records(path, content, kind, need_label)
         where = "row"
     if not records:
         raise DataError(f"{path}: no examples")

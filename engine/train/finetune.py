@@ -1,7 +1,7 @@
 """Fine-tuning a classifier on pooled_output, the bert_glue tutorial's recipe, and prediction.
 
     result = finetune("model.h5", "train.csv", "tuned.h5", eval_path="dev.csv", epochs=3)
-    rows = predict("tuned.h5", "test.csv")          # [{"label": ..., "probabilities": {...}}]
+    rows = predict("tuned.h5", "test.csv")     # [{"row": 1, "text": ..., "label": ..., "probabilities": {...}}]
 
 Recipe (the defaults): Dropout(0.1) + Dense(C) on pooled_output, dropout 0.1 in the encoder,
 sparse categorical cross-entropy from logits, Model Garden's AdamW (engine/train/optimizer.py) with
@@ -15,7 +15,8 @@ at the end of each epoch: weights, head, optimizer moments and step, the dropout
 and the data position. `resume=True` continues from it; N steps straight and N/2 + resume + N/2
 give bit-identical weights (tests/test_finetune.py). The final OUT.h5 is a weights file every
 command reads (the encoder), with the head and the label names (`predict` reads those). A log line
-per step goes to OUT.log.jsonl; OUT.loss.png plots the loss when matplotlib is installed.
+per step, and one per epoch with the eval metrics, go to OUT.log.jsonl; OUT.loss.png plots the
+training loss and the eval metrics per epoch when matplotlib is installed (engine/train/run.py).
 """
 
 from __future__ import annotations
@@ -27,25 +28,19 @@ import os
 import sys
 import time
 
-import h5py
 import numpy as np
 
 import weights
-from engine.api import Encoder as ApiEncoder
+from engine.api import Encoder
 from engine.core import kernels as K
-from engine.core.model import Encoder
 from engine.text.preprocess import Preprocessor
 from engine.tools.progress import Progress
 from engine.train import data as data_mod
 from engine.train.optimizer import LinearSchedule
+from engine.train.run import (RunError, TrainingError, check_ranges, load_checkpoint, plot_log, prepare_run,
+                              save_checkpoint)
 from engine.train.trainer import ClassifierHead, Trainer
 from weights import write as weights_write
-from weights.write import atomic_output
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says
-    which step and what is kept."""
 
 
 @dataclasses.dataclass
@@ -64,7 +59,7 @@ def encode_examples(prep: Preprocessor, examples, seq_length: int | None, max_po
     if seq_length is None:
         seq_length = min(max(need), max_positions)
     if seq_length > max_positions:
-        raise ValueError(f"--seq-length {seq_length} exceeds the model's {max_positions} positions")
+        raise RunError(f"--seq-length {seq_length} exceeds the model's {max_positions} positions")
     packed = prep.bert_pack_inputs([a, b] if pairs else [a], seq_length=seq_length)
     return Encoded(packed, None, sum(n > seq_length for n in need))
 
@@ -97,90 +92,24 @@ def _probabilities(enc, head: ClassifierHead, inputs: dict, batch_size: int) -> 
     return np.concatenate(out)
 
 
-def _write_atomic_h5(path: str, fill) -> None:
-    with atomic_output(path, force=True) as tmp:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-
-
-def save_checkpoint(path: str, trainer: Trainer, state: dict) -> None:
-    """Weights, moments, step, the dropout generator and the data position, atomically."""
-    def fill(f):
-        for group, arrays in (("params", trainer.params), ("m", trainer.optimizer.m), ("v", trainer.optimizer.v)):
-            for name, a in arrays.items():
-                f.create_dataset(f"{group}/{name}", data=np.asarray(a))
-        f.attrs["iterations"] = trainer.optimizer.iterations
-        f.attrs["rng"] = json.dumps(trainer.rng.bit_generator.state)
-        f.attrs["state"] = json.dumps(state)
-    _write_atomic_h5(path, fill)
-
-
-def load_checkpoint(path: str, trainer: Trainer) -> dict:
-    with h5py.File(path, "r") as f:
-        flat = {}
-        f["params"].visititems(lambda n, o: flat.__setitem__(n, o) if isinstance(o, h5py.Dataset) else None)
-        if set(flat) != set(trainer.params):
-            raise TrainingError(f"{path}: the checkpoint's weights do not match this model and head "
-                                f"({len(flat)} vs {len(trainer.params)} tensors); delete it or drop --resume")
-        for name, a in trainer.params.items():
-            a[...] = f["params"][name][()]
-        trainer.optimizer.m = {n: np.array(f["m"][n][()]) for n in trainer.params if f"m/{n}" in f}
-        trainer.optimizer.v = {n: np.array(f["v"][n][()]) for n in trainer.params if f"v/{n}" in f}
-        trainer.optimizer.iterations = int(f.attrs["iterations"])
-        trainer.rng.bit_generator.state = json.loads(f.attrs["rng"])
-        return json.loads(f.attrs["state"])
-
-
-def prepare_run(output: str, resume: bool, force: bool, warmup_fraction: float, **counts) -> tuple[str, str]:
-    """The checks before a training run (finetune, pretrain): every count >= 1, the warm-up share in
-    [0, 1), the output absent (or --force), a leftover checkpoint only with --resume. Returns the
-    paths of the checkpoint and of the log beside the output."""
-    for name, value in counts.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= warmup_fraction < 1:
-        raise ValueError(f"--warmup-fraction must be in [0, 1), got {warmup_fraction}")
-    if os.path.exists(output) and not force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
-    checkpoint = output + ".ckpt.h5"
-    if os.path.exists(checkpoint) and not resume:
-        raise FileExistsError(f"{checkpoint} exists (an interrupted run): pass --resume to continue it, or delete it")
-    return checkpoint, output + ".log.jsonl"
-
-
-def _plot(log_path: str, png_path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
 def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str | None = None, epochs: int = 3,
              learning_rate: float = 2e-5, batch_size: int = 32, seq_length: int | None = None,
              warmup_fraction: float = 0.1, seed: int = 0, dropout: float = 0.1, resume: bool = False,
              force: bool = False, checkpoint_every: int = 100, max_steps: int | None = None,
-             stream=None, live: bool | None = None, readable: bool = False) -> dict:
+             stream=None, live: bool | None = None, readable: bool = False,
+             malloc_tuning: bool = False) -> dict:
     """Fine-tunes every weight and a new head; writes `output`. Returns the summary (and per-epoch
     eval metrics). max_steps stops early (the checkpoint is kept, for resume). readable: the tape's
-    readable element-wise kernels instead of the fused ones."""
+    readable element-wise kernels instead of the fused ones. malloc_tuning: the Settings field (the
+    command line, which owns its process, turns it on)."""
     stream = stream if stream is not None else sys.stderr
-    checkpoint, log_path = prepare_run(output, resume, force, warmup_fraction, epochs=epochs, batch_size=batch_size,
-                                       checkpoint_every=checkpoint_every)
+    checkpoint, log_path = prepare_run(output, resume, force, learning_rate=learning_rate,
+                                       warmup_fraction=warmup_fraction, dropout=dropout, epochs=epochs,
+                                       batch_size=batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps,
+                                       seq_length=seq_length)
     loaded = weights.load(weights_path)
     if loaded.vocab is None:
-        raise ValueError(f"{weights_path}: has no vocab; fine-tuning needs one to read text")
+        raise RunError(f"--weights {weights_path}: has no vocab; fine-tuning needs one to read text")
     train = data_mod.read_examples(train_path)
     names = data_mod.label_names(train)
     if len(names) < 2:
@@ -190,7 +119,7 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
     if eval_path:
         ev = data_mod.read_examples(eval_path)
         evaluation = (ev, np.array(data_mod.label_ids(ev, names, eval_path), np.int32))
-    enc = Encoder(loaded.config, loaded.tensors, vocab=loaded.vocab)
+    enc = Encoder(loaded.config, loaded.tensors, vocab=loaded.vocab, malloc_tuning=malloc_tuning)
     positions = loaded.config.max_position_embeddings
     prep = Preprocessor.from_weights(loaded, default_seq_length=min(128, positions))
     encoded = encode_examples(prep, train, seq_length, positions)
@@ -257,9 +186,9 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
                                 provenance={**{k: v for k, v in loaded.provenance.items()},
                                             "finetuned_from": os.path.abspath(weights_path),
                                             "finetune_train": os.path.abspath(train_path)},
-                                force=True, head={"kernel": head.kernel, "bias": head.bias, "labels": names})
+                                force=force, head={"kernel": head.kernel, "bias": head.bias, "labels": names})
     os.unlink(checkpoint)
-    _plot(log_path, output + ".loss.png")
+    plot_log(log_path, output + ".loss.png")
     seconds = time.perf_counter() - start_time
     return {"output": output, "examples": N, "steps": trainer.optimizer.iterations, "seq_length": S,
             "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0,
@@ -268,13 +197,15 @@ def finetune(weights_path: str, train_path: str, output: str, *, eval_path: str 
 
 def predict(weights_path: str, input_path: str, batch_size: int = 32, seq_length: int | None = None,
             stream=None) -> list[dict]:
-    """For each row of input_path: {"label": the most probable class, "probabilities": {label: p}}."""
+    """For each row of input_path, in order: {"row": its 1-based data row (the line for JSONL), "text"
+    (and "text_b"), "label": the most probable class, "probabilities": {label: p}}."""
     stream = stream if stream is not None else sys.stderr
+    check_ranges(batch_size=batch_size, seq_length=seq_length)
     loaded = weights.load(weights_path)
     if loaded.head is None:
-        raise ValueError(f"{weights_path}: has no classifier head (/head): use a file written by finetune")
+        raise RunError(f"--weights {weights_path}: has no classifier head (/head): use a file written by finetune")
     examples = data_mod.read_examples(input_path, need_label=False)
-    enc = ApiEncoder(loaded.config, loaded.tensors, vocab=loaded.vocab, fast=True)
+    enc = Encoder(loaded.config, loaded.tensors, vocab=loaded.vocab, fast=True)
     prep = Preprocessor.from_weights(loaded, default_seq_length=min(128, loaded.config.max_position_embeddings))
     encoded = encode_examples(prep, examples, seq_length, loaded.config.max_position_embeddings)
     if encoded.truncated:
@@ -283,5 +214,11 @@ def predict(weights_path: str, input_path: str, batch_size: int = 32, seq_length
     head = ClassifierHead(loaded.head["kernel"], loaded.head["bias"])
     probs = _probabilities(enc, head, encoded.inputs, batch_size)
     labels = loaded.head["labels"]
-    return [{"label": labels[int(p.argmax())], "probabilities": {lbl: float(x) for lbl, x in zip(labels, p)}}
-            for p in probs]
+    rows = []
+    for example, p in zip(examples, probs, strict=True):
+        row = {"row": example.row, "text": example.text}
+        if example.text_b is not None:
+            row["text_b"] = example.text_b
+        row.update(label=labels[int(p.argmax())], probabilities={lbl: float(x) for lbl, x in zip(labels, p)})
+        rows.append(row)
+    return rows

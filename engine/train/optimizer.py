@@ -29,24 +29,11 @@ import re
 import numpy as np
 
 from engine.core.backend import array_module
-from engine.core.tape import RowGradient
-from engine.fast import fused
-from engine.fast.forward import parallel_rows
+from engine.core.backward import RowGradient
+from engine.fast import adamw
+from engine.fast.threads import parallel_rows
 
 EXCLUDE_FROM_WEIGHT_DECAY = ("LayerNorm", "layer_norm", "bias")
-
-
-def _dense_in_memory(a) -> bool:
-    """a's elements fill one block of memory with no gaps (C order, F order, or any axis order):
-    np.ravel(a, order="K") is then a view."""
-    expected = a.itemsize
-    for stride, n in sorted(zip(a.strides, a.shape)):
-        if n == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= n
-    return True
 
 
 @dataclasses.dataclass
@@ -89,8 +76,9 @@ class AdamWeightDecay:
 
     def __init__(self, schedule: LinearSchedule, names: dict[str, str], weight_decay_rate: float = 0.01,
                  beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-6, clip_norm: float = 1.0,
-                 exclude_from_weight_decay=EXCLUDE_FROM_WEIGHT_DECAY):
+                 exclude_from_weight_decay=EXCLUDE_FROM_WEIGHT_DECAY, fused: bool = True):
         self.schedule = schedule
+        self.fused = fused           # the step of engine/fast/adamw.py where it can run (same bits)
         self.names = dict(names)
         self.weight_decay_rate, self.beta_1, self.beta_2 = weight_decay_rate, beta_1, beta_2
         self.epsilon, self.clip_norm = epsilon, clip_norm
@@ -108,13 +96,12 @@ class AdamWeightDecay:
 
     @staticmethod
     def _fusable(*arrays) -> bool:
-        """float32 NumPy arrays of one shape and one memory layout, each contiguous in that layout
-        (C order, or the transposed storage of the fast path's kernels): the fused kernel
-        (engine/fast/fused.py) can run the step over their memory in order."""
-        if not fused.enabled() or not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
+        """float32 C-order NumPy arrays of one shape: the fused kernel (engine/fast/adamw.py) can
+        run the step over their memory in order."""
+        if not adamw.enabled() or not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
             return False
         first = arrays[0]
-        return _dense_in_memory(first) and all(a.shape == first.shape and a.strides == first.strides for a in arrays)
+        return all(a.flags.c_contiguous and a.shape == first.shape for a in arrays)
 
     def apply(self, params: dict, grads: dict) -> dict:
         """One step: clip, decay, Adam, in place on `params`. Returns {"learning_rate", "global_norm"}."""
@@ -138,7 +125,7 @@ class AdamWeightDecay:
                 xp = array_module(var)
                 self.m[path], self.v[path] = xp.zeros_like(var), xp.zeros_like(var)
             m, v = self.m[path], self.v[path]
-            fusable = not isinstance(g, RowGradient) and self._fusable(var, g, m, v)
+            fusable = self.fused and not isinstance(g, RowGradient) and self._fusable(var, g, m, v)
             if self.decays(path) and not fusable:
                 var -= lr_t * var * dtype(self.weight_decay_rate)
             if isinstance(g, RowGradient):
@@ -151,9 +138,9 @@ class AdamWeightDecay:
             elif fusable:
                 # the decay and the dense branch below in one pass per tensor, on the fast path's
                 # threads, with the same float32 arithmetic in the same order (the same bits)
-                flat = [np.ravel(a, order="K") for a in (var, g, m, v)]    # views, memory order
+                flat = [a.reshape(-1) for a in (var, g, m, v)]               # views
                 rate = dtype(self.weight_decay_rate if self.decays(path) else 0)
-                parallel_rows(lambda s, e, w: fused.adamw_dense(*flat, dtype(scale), lr_t, rate, dtype(alpha),
+                parallel_rows(lambda s, e, w: adamw.adamw_dense(*flat, dtype(scale), lr_t, rate, dtype(alpha),
                                                                 one - b1, one - b2, eps, s, e),
                               flat[0].size, 1 << 16)
             else:

@@ -7,8 +7,9 @@ seq_length, default what the longest line needs capped at the model's positions)
 afresh for every epoch from (seed, epoch): 15% of the real tokens (at least 1, at most 20 per 128
 positions), never [CLS], [SEP] or padding; of those, 80% become [MASK], 10% a random vocab token,
 10% stay; the loss is Model Garden's masked_lm loss (engine/train/losses.py). The optimizer,
-checkpoints (OUT.ckpt.h5, --resume), log and plot are those of engine/train/finetune.py. The output
-is a weights file with the MLM head, read by engine.load and every command.
+checkpoints (OUT.ckpt.h5, --resume), log and plot are a training run's (engine/train/run.py); the
+log holds the held-out MLM loss before and after. The output is a weights file with the MLM head,
+read by engine.load and every command.
 """
 
 from __future__ import annotations
@@ -22,29 +23,18 @@ import time
 import numpy as np
 
 import weights
-from engine.core.model import Encoder
+from engine.api import Encoder
 from engine.text.preprocess import Preprocessor
 from engine.tools.progress import Progress
 from engine.train import losses
-from engine.train.finetune import TrainingError, _plot, load_checkpoint, prepare_run, save_checkpoint
 from engine.train.optimizer import LinearSchedule
+from engine.train.run import (RunError, TrainingError, load_checkpoint, plot_log, prepare_run, read_text_lines,
+                              save_checkpoint)
 from engine.train.trainer import Trainer
 from weights import write as weights_write
 
 MASKED_LM_PROB = 0.15
 MAX_PREDICTIONS_PER_128 = 20
-
-
-def read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte offset {e.start})") from None
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"{path}: no text (every line is empty)")
-    return lines
 
 
 def mask_batch(ids: np.ndarray, mask: np.ndarray, rng: np.random.Generator, vocab_size: int, mask_id: int,
@@ -97,15 +87,19 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
              batch_size: int = 32, seq_length: int | None = None, warmup_fraction: float = 0.1, seed: int = 0,
              dropout: float = 0.1, resume: bool = False, force: bool = False, checkpoint_every: int = 100,
              max_steps: int | None = None, eval_path: str | None = None, stream=None, live: bool | None = None,
-             readable: bool = False) -> dict:
+             readable: bool = False, malloc_tuning: bool = False) -> dict:
     stream = stream if stream is not None else sys.stderr
-    checkpoint, log_path = prepare_run(output, resume, force, warmup_fraction, steps=steps, batch_size=batch_size,
-                                       checkpoint_every=checkpoint_every)
+    checkpoint, log_path = prepare_run(output, resume, force, learning_rate=learning_rate,
+                                       warmup_fraction=warmup_fraction, dropout=dropout, steps=steps,
+                                       batch_size=batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps,
+                                       seq_length=seq_length)
+    lines = read_text_lines(input_path, "--input")
+    held_out_lines = read_text_lines(eval_path, "--eval") if eval_path else None
     loaded = weights.load(weights_path)
     if not loaded.config.has_mlm:
-        raise ValueError(f"{weights_path}: encoder-only (no MLM head): continued MLM training needs one")
+        raise RunError(f"--weights {weights_path}: encoder-only (no MLM head): continued MLM training needs one")
     if loaded.vocab is None:
-        raise ValueError(f"{weights_path}: has no vocab; pretraining needs one to read text")
+        raise RunError(f"--weights {weights_path}: has no vocab; pretraining needs one to read text")
     vocab = loaded.vocab
     positions = loaded.config.max_position_embeddings
     prep = Preprocessor.from_weights(loaded, default_seq_length=min(128, positions))
@@ -117,13 +111,14 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
         need = max(len(t) for t in tokens) + 2
         S = S or min(need, positions)
         return prep.bert_pack_inputs([tokens], seq_length=S), sum(len(t) + 2 > S for t in tokens)
-    lines = read_lines(input_path)
+    if seq_length is not None and seq_length > positions:
+        raise RunError(f"--seq-length {seq_length} exceeds the model's {positions} positions")
     packed, truncated = pack(lines, seq_length)
     S = packed["input_word_ids"].shape[1]
     if truncated:
         print(f"warning: {truncated} of {len(lines)} lines are longer than {S} tokens and were truncated", file=stream)
-    held_out = pack(read_lines(eval_path), S)[0] if eval_path else None
-    enc = Encoder(loaded.config, loaded.tensors, vocab=vocab)
+    held_out = pack(held_out_lines, S)[0] if held_out_lines else None
+    enc = Encoder(loaded.config, loaded.tensors, vocab=vocab, malloc_tuning=malloc_tuning)
     trainer = Trainer(enc, loaded.sources, LinearSchedule(learning_rate, steps, int(warmup_fraction * steps)),
                       dropout=dropout or None, seed=seed, readable=readable)
     N = len(lines)
@@ -138,6 +133,8 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
     start, samples, run = time.perf_counter(), 0, 0
     order, order_epoch = None, None
     with open(log_path, "a") as log, Progress(steps, "pretrain", stream=stream, bytes_unit=False, live=live) as bar:
+        if eval_before is not None and trainer.optimizer.iterations == 0:
+            log.write(json.dumps({"step": 0, "eval_loss": eval_before}) + "\n")
         bar.update(trainer.optimizer.iterations)
         while trainer.optimizer.iterations < steps:
             if max_steps is not None and run >= max_steps:
@@ -166,13 +163,16 @@ def pretrain(weights_path: str, input_path: str, output: str, *, steps: int = 10
             if trainer.optimizer.iterations % checkpoint_every == 0:
                 save_checkpoint(checkpoint, trainer, state)
     eval_after = mlm_eval_loss(enc, held_out, seed, len(vocab), mask_id, special) if held_out is not None else None
+    if eval_after is not None:
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"step": trainer.optimizer.iterations, "eval_loss": eval_after}) + "\n")
     tensors = {p: np.asarray(a, np.float32) for p, a in enc.parameters().items()}
     weights_write.write_weights(output, loaded.config, tensors, sources=loaded.sources, vocab=vocab,
                                 provenance={**loaded.provenance, "pretrained_from": os.path.abspath(weights_path),
-                                            "pretrain_input": os.path.abspath(input_path)}, force=True)
+                                            "pretrain_input": os.path.abspath(input_path)}, force=force)
     if os.path.exists(checkpoint):
         os.unlink(checkpoint)
-    _plot(log_path, output + ".loss.png")
+    plot_log(log_path, output + ".loss.png")
     seconds = time.perf_counter() - start
     return {"output": output, "lines": N, "steps": trainer.optimizer.iterations, "seq_length": S, "seconds": seconds,
             "samples_per_s": samples / seconds if seconds else 0.0, "eval_loss_before": eval_before,

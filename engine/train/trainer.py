@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from engine.api import Encoder
 from engine.core import backward as KB
 from engine.core import kernels as K
 from engine.fast import tape_kernels
@@ -46,13 +47,17 @@ class ClassifierHead:
 
 
 class Trainer:
-    """Fine-tuning (with a head) or continued MLM training (without), one batch per step()."""
+    """Fine-tuning (with a head) or continued MLM training (without), one batch per step().
+
+    It trains the model's own arrays (enc.parameters()), by design: the tape runs on them, and an
+    engine.Encoder's faster twin, whose arrays derive from them, is rebuilt from them after each
+    step (Encoder.weights_changed), so the fast forward never runs stale weights."""
 
     def __init__(self, enc, names: dict, schedule: LinearSchedule, head: ClassifierHead | None = None,
                  dropout: float | None = None, head_dropout: float = 0.0, seed: int = 0, readable: bool = False):
         self.enc, self.head = enc, head
         # the tape's element-wise stages and attention: the fused set (engine/fast/tape_kernels.py) unless readable
-        self.kernels = None if readable else tape_kernels.for_encoder(enc)
+        self.kernels = tape_kernels.READABLE_KERNELS if readable else tape_kernels.for_encoder(enc)
         self.dropout, self.head_dropout = dropout, head_dropout
         self.rng = np.random.default_rng(seed)
         self.params = enc.parameters()
@@ -62,7 +67,8 @@ class Trainer:
             self.params = {p: a for p, a in self.params.items() if not p.startswith("mlm/")}
             self.params.update(head.parameters())
             all_names.update(HEAD_NAMES)
-        self.optimizer = AdamWeightDecay(schedule, all_names)
+        settings = getattr(enc, "settings", None)
+        self.optimizer = AdamWeightDecay(schedule, all_names, fused=settings is None or settings.fused)
 
     def loss_and_grads(self, batch: dict):
         """(loss, {path: gradient}) for one batch, nothing updated; (loss, None) when the loss is not finite."""
@@ -100,4 +106,6 @@ class Trainer:
         if grads is None:
             return {"loss": float(loss), "learning_rate": float("nan"), "global_norm": float("nan")}
         info = self.optimizer.apply(self.params, grads)
+        if isinstance(self.enc, Encoder):
+            self.enc.weights_changed()     # its faster twin (if any) follows the trained weights
         return {"loss": float(loss), **info}
