@@ -9,7 +9,8 @@ Stages (T rows, H=768, I=3072, as one 8x128 batch of the base model):
 - softmax: one sequence's masked softmax over its [N,S,S] logits, S = T/8 (one of the 8 sequences of
   an 8xS batch; the fast path runs attention one sequence per thread), the last eighth of keys masked
 Ways:
-- numpy: the fast path's NumPy code (TALKHEADS_FUSED=0): in place, cache-sized row blocks, 2 threads
+- numpy: the fast path's NumPy code (the setting fused=False): in place, cache-sized row blocks, the
+  fast path's threads (engine.fast.threads.default_threads())
 - numba: the fused kernels (engine/fast/fused.py) on the same threads (the default)
 - numexpr: one numexpr.evaluate per expression (its own threads), when numexpr is importable; it is
   not a dependency: `pip install numexpr` into the venv to include it
@@ -21,7 +22,6 @@ never a test: run it on an idle machine.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -49,17 +49,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
     from engine.core import kernels as K
-    from engine.fast import fused
-    from engine.fast.forward import FastEncoder, masked_softmax_in_place
+    from engine.fast import elementwise, fused
+    from engine.fast.threads import default_threads
     T, H, I = args.rows, 768, 3072
     rng = np.random.default_rng(0)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    threads, eps = default_threads(), np.float32(1e-12)
+    work = {}
 
-    fast = FastEncoder.__new__(FastEncoder)
-    fast.dtype, fast._work = np.dtype(np.float32), {}
-    fast._c = {"half": np.float32(0.5), "one": np.float32(1.0), "coeff": np.float32(K.GELU_TANH_COEFF),
-               "k": np.float32(K.SQRT_2_OVER_PI), "minus_2k": np.float32(-2 * K.SQRT_2_OVER_PI),
-               "eps": np.float32(1e-12), "mask": np.float32(-1e9)}
+    def buffer(name, shape):   # reused scratch, as the fast path's workspace
+        if work.get(name) is None or work[name].shape != shape:
+            work[name] = np.empty(shape, np.float32)
+        return work[name]
+
     a, bias, residual, gamma, beta = f32(T, H), f32(H), f32(T, H), f32(H), f32(H)
     hg, bi, bg = f32(T, 2 * I), f32(I), f32(I)
     out_h, out_i = np.empty((T, H), np.float32), np.empty((T, I), np.float32)
@@ -67,20 +69,14 @@ def main(argv=None) -> int:
     logits, adder = f32(12, S, S) * 4, np.where(np.arange(S) >= S - S // 8, np.float32(-1e9), np.float32(0))
     results = {"layer norm": {}, "geglu": {}, "softmax": {}}
 
-    def with_fused(setting, fn):
-        def run():
-            os.environ["TALKHEADS_FUSED"] = setting
-            fn()
-        return run
-    results["layer norm"]["numpy"] = _time(with_fused("0", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
-    results["geglu"]["numpy"] = _time(with_fused("0", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
-    results["softmax"]["numpy"] = _time(with_fused("0", lambda: masked_softmax_in_place(logits.copy(), adder, fused.enabled())), args.reps)
-    os.environ.pop("TALKHEADS_FUSED", None)
-    if fused.enabled():
-        results["layer norm"]["numba"] = _time(with_fused("1", lambda: fast._add_layer_norm(a.copy(), bias, residual, gamma, beta, out_h)), args.reps)
-        results["geglu"]["numba"] = _time(with_fused("1", lambda: fast._geglu(hg.copy(), bi, bg, out_i)), args.reps)
-        results["softmax"]["numba"] = _time(with_fused("1", lambda: masked_softmax_in_place(logits.copy(), adder, fused.enabled())), args.reps)
-    os.environ.pop("TALKHEADS_FUSED", None)
+    ways = {"numpy": False, "numba": True} if fused.enabled() else {"numpy": False}
+    for way, use_fused in ways.items():
+        results["layer norm"][way] = _time(lambda: elementwise.add_layer_norm(
+            a.copy(), bias, residual, gamma, beta, eps, out_h, threads, use_fused, buffer), args.reps)
+        results["geglu"][way] = _time(lambda: elementwise.geglu(hg.copy(), bi, bg, out_i, threads, use_fused, buffer),
+                                      args.reps)
+        results["softmax"][way] = _time(lambda: elementwise.masked_softmax_in_place(logits.copy(), adder, use_fused),
+                                        args.reps)
     # the copies the calls above make (the stages work in place) are timed alone and subtracted
     copy_h, copy_hg, copy_s = (_time(lambda x=x: x.copy(), args.reps) for x in (a, hg, logits))
     for way in list(results["layer norm"]):

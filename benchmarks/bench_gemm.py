@@ -1,19 +1,19 @@
 """The base model's dense products, each way the fast path could run them: the comparison behind
 engine/fast/gemm.py.
 
-    .venv/bin/python -m benchmarks.bench_gemm [--rows 128,1024] [--reps 7]
+    .venv/bin/python -m benchmarks.bench_gemm [--rows 128,1024] [--reps 7] [--vector-bits 256|512]
 
 Per layer: x [T,768] @ [768,2304] (q|k|v), ctx [T,768] @ [768,768] (output), x1 [T,768] @ [768,6144]
 (GEGLU in), hid [T,3072] @ [3072,768] (GEGLU out); 12 layers of distinct random weights, so the
 weights are cold (340 MB > L3) as in the model. T = 128 is one 128-token text, 1024 an 8x128 batch.
-Ways, each at 1 thread and at engine.fast.num_threads() threads:
+Ways, each at 1 thread and at engine.fast.threads.default_threads() threads:
 - openblas: np.matmul(x, W) with W stored transposed (the fast path's layout), OpenBLAS's own threads;
-- openblas-split: OpenBLAS at one thread, the fast path's former split over its pool (columns for
-  T <= 512, rows above);
+- openblas-split: OpenBLAS at one thread, split over the pool as the fast path runs its products
+  when packed=False (columns for T <= 512, rows above);
 - packed: engine/fast/gemm.py, weights packed once, panels split over the pool.
 Medians of --reps passes over the 12 layers, with GFLOP/s, and the tile's ceiling (a [256,256] product
 warm in L2, one thread); writes
-benchmarks/results/gemm_<host>.json. TALKHEADS_GEMM_VECTOR_BITS=256 measures the AVX2 geometry
+benchmarks/results/gemm_<host>.json. --vector-bits 256 measures the AVX2 geometry on any CPU
 (gemm_256bit_<host>.json; with OPENBLAS_CORETYPE=Haswell, OpenBLAS's AVX2 kernels beside it).
 A benchmark, never a test: run it on an idle machine.
 """
@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from benchmarks.bench_backward import REPO, machine, write_result
-from benchmarks.run_cpu import settle
+from benchmarks.cpu_runners import settle
 
 
 def main(argv=None) -> int:
@@ -37,10 +37,14 @@ def main(argv=None) -> int:
                                      epilog="example: .venv/bin/python -m benchmarks.bench_gemm --rows 128")
     parser.add_argument("--rows", default="128,1024", help="T values, comma-separated (default 128,1024)")
     parser.add_argument("--reps", type=int, default=7, help="timed passes per way (default 7)")
+    parser.add_argument("--vector-bits", type=int, choices=(256, 512), default=None,
+                        help="the packed kernel's geometry (default: the CPU's, 512 with AVX-512)")
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
     from threadpoolctl import threadpool_limits
-    from engine.fast import forward, gemm
+    from engine.fast import gemm
+    from engine.fast.threads import default_threads, thread_pool
+    wide = None if args.vector_bits is None else args.vector_bits == 512
     if not gemm.enabled():
         raise SystemExit(f"the packed kernel is off here ({gemm.status()}): nothing to compare")
     H, I, L = 768, 3072, 12
@@ -48,9 +52,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     stored = [[np.ascontiguousarray(rng.standard_normal((n, k), dtype=np.float32)).T for k, n in shapes]
               for _ in range(L)]                                              # [K,N] views of [N,K] arrays
-    packed = [[gemm.PackedMatrix(w) for w in layer] for layer in stored]
-    pool, n_threads = forward._pool(), forward.num_threads()
-    result = {"machine": machine(), "gemm": gemm.status(), "threads": n_threads, "reps": args.reps, "cases": []}
+    packed = [[gemm.PackedMatrix(w, wide=wide) for w in layer] for layer in stored]
+    n_threads = default_threads()
+    pool = thread_pool(n_threads)
+    result = {"machine": machine(), "gemm": gemm.status(wide), "threads": n_threads, "reps": args.reps, "cases": []}
 
     def split(run, parts):
         if pool is None or parts == 1:
@@ -115,15 +120,17 @@ def main(argv=None) -> int:
                                                             for k in ways), flush=True)
     # the tile's own ceiling: one [256,256] x [256,256] product, everything warm in L2, one thread
     x, w = rng.standard_normal((256, 256), dtype=np.float32), rng.standard_normal((256, 256), dtype=np.float32)
-    p, out = gemm.PackedMatrix(w), np.empty((256, 256), np.float32)
+    p, out = gemm.PackedMatrix(w, wide=wide), np.empty((256, 256), np.float32)
     p.matmul(x, out, 0, p.num_panels)
     t0 = time.perf_counter()
     for _ in range(2000):
         p.matmul(x, out, 0, p.num_panels)
     result["packed_warm_one_thread_gflops"] = round(2 * 256 ** 3 * 2000 / (time.perf_counter() - t0) / 1e9, 1)
     print(f"packed, warm in L2, one thread: {result['packed_warm_one_thread_gflops']} GF/s", flush=True)
-    bits = os.environ.get("TALKHEADS_GEMM_VECTOR_BITS")
-    result["forced"] = {k: os.environ[k] for k in ("TALKHEADS_GEMM_VECTOR_BITS", "OPENBLAS_CORETYPE") if k in os.environ}
+    bits = args.vector_bits
+    result["forced"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE",) if k in os.environ}
+    if bits:
+        result["forced"]["vector_bits"] = bits
     write_result(f"gemm_{bits}bit" if bits else "gemm", result)
     return 0
 

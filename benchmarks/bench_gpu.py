@@ -83,7 +83,7 @@ def time_ms(cupy, fn, repeats, warmup):
 
 def build_encoder(args):
     import engine
-    from engine.gpu import forward as gpu
+    from tests.random_weights import random_tensors
     from weights.format import ModelConfig
     if args.weights:
         import weights
@@ -91,7 +91,7 @@ def build_encoder(args):
         return engine.Encoder(loaded.config, loaded.tensors, backend="cupy", gpu_path="plain"), args.weights
     config = ModelConfig(num_layers=12, hidden_size=768, num_heads=12, head_size=64, intermediate_size=3072,
                          vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
-    return (engine.Encoder(config, gpu.random_tensors(config, seed=0), backend="cupy", gpu_path="plain"),
+    return (engine.Encoder(config, random_tensors(config, seed=0), backend="cupy", gpu_path="plain"),
             "random weights of base size (seed 0)")
 
 
@@ -111,10 +111,11 @@ def main(argv=None):
     cupy = need_gpu()
 
     from engine.gpu import forward as gpu
+    from engine.gpu.kernels import check_precision
     cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
     precisions = [v.strip() for v in args.precisions.split(",")]
     for prec in precisions:
-        gpu.resolve_precision(prec)
+        check_precision(prec)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     device_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     enc, source = build_encoder(args)
@@ -148,7 +149,7 @@ def main(argv=None):
                 row.update(graph_captured=captured, graph_ms=graph_ms, graph_tflops=flops / graph_ms / 1e9,
                            graph_ms_all=graph_all)
             if prec == "float32" and not args.no_plain:
-                plain_ms, plain_all = time_ms(cupy, lambda: enc._encode(ids, mask, types), max(5, args.repeats // 3),
+                plain_ms, plain_all = time_ms(cupy, lambda: enc.encode(ids, mask, types), max(5, args.repeats // 3),
                                               min(2, args.warmup))
                 row.update(plain_ms=plain_ms, plain_tflops=flops / plain_ms / 1e9, plain_ms_all=plain_all)
             rows.append(row)

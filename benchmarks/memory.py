@@ -15,9 +15,6 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,11 +25,15 @@ def model_paths():
     return savedmodel, extract.cached_extraction(savedmodel)
 
 
-def _rss_mb(field="VmRSS"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident size (VmRSS) or its peak (VmHWM), MB, from /proc/self/status (NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
 
 
@@ -61,17 +62,17 @@ def main(argv=None):
         run = lambda x: {k: v.numpy() for k, v in model({k: tf.constant(v) for k, v in x.items()}).items()  # noqa: E731
                          if not isinstance(v, list)}
     elif args.runner == "onnxruntime":
-        from benchmarks.run_cpu import onnx_session
-        from engine.fast.forward import num_threads
-        session = onnx_session(args.onnx, num_threads())
+        from benchmarks.cpu_runners import onnx_session
+        from engine.fast.threads import default_threads
+        session = onnx_session(args.onnx, default_threads())
         run = lambda x: session.run(["sequence_output", "pooled_output"], x)  # noqa: E731
     else:
         raise SystemExit(f"unknown runner {args.runner}")
-    after_load = _rss_mb()
+    after_load = rss_mb()
     run(inputs)
     out = run(inputs)
     del out
-    peak = _rss_mb("VmHWM")
+    peak = rss_mb("VmHWM")
     print(json.dumps({"runner": args.runner, "case": args.case, "peak_rss_mb": round(peak, 1),
                       "rss_after_load_mb": round(after_load, 1)}))
 

@@ -57,7 +57,7 @@ def plot(results: dict, out: str) -> None:
     plt.close(fig)
 
     # 2. per-kernel breakdown of the fast path, against the matmul floor and TF
-    from benchmarks.run_cpu import best_floor
+    from benchmarks.cpu_runners import best_floor
     rows = []
     for case in cases:
         for runner, br in case.get("breakdown_s", {}).items():

@@ -9,6 +9,11 @@
 # Results: benchmarks/results/cpu.json, cpu.csv, cpu_times.png, cpu_breakdown.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then   # the usage, without setting anything up
+    sed -n '2,9p' benchmarks/run_cpu.sh | sed 's/^# \{0,1\}//'
+    if [ -x .venv/bin/python ]; then exec .venv/bin/python -m benchmarks.run_cpu --help; fi
+    exit 0
+fi
 bash scripts/setup.sh
 cleared=()
 for v in OPENBLAS_CORETYPE OPENBLAS_L2_SIZE; do

@@ -14,9 +14,6 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")

@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# TensorFlow's own log below warnings stays quiet; the lines it writes before its logging starts
+# (oneDNN, CUDA probing) are held back by the command line (engine/tf/verify.py STARTUP_NOISE).
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2} TF_USE_LEGACY_KERAS=1
 exec .venv/bin/python -m engine "$@"
