@@ -44,10 +44,27 @@ def test_data_errors_name_the_file_row_and_column(tmp_path, content, needle):
     assert str(path) in str(info.value)
 
 
+def test_text_lines_for_pretrain(tmp_path):
+    """pretrain's --input/--eval reader: stripped non-empty lines; bad bytes and empty files named."""
+    good = tmp_path / "good.txt"
+    good.write_text("\ufeffthe cat\n\n  sat  \n", encoding="utf-8")
+    assert data.read_text_lines(str(good)) == ["the cat", "sat"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\ncaf\xe9\n")
+    with pytest.raises(data.DataError, match=r"--eval .*bad.txt: line 2 is not valid UTF-8 \(byte 0xe9"):
+        data.read_text_lines(str(bad), "--eval")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"--input .*blank.txt: no text"):
+        data.read_text_lines(str(blank))
+    with pytest.raises(data.DataError, match=r"--input .*missing.txt: cannot read \(No such file"):
+        data.read_text_lines(str(tmp_path / "missing.txt"))
+
+
 def test_more_data_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 2}\n')
-    with pytest.raises(data.DataError, match=r"bad.jsonl: line 2: not UTF-8"):
+    with pytest.raises(data.DataError, match=r"bad.jsonl: line 2 is not valid UTF-8"):
         data.read_examples(str(bad))
     js = tmp_path / "x.jsonl"
     js.write_text('{"text": "ok", "label": 1}\n{"text": 3, "label": 1}\n')

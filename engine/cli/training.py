@@ -26,19 +26,19 @@ def _stopped(result: dict) -> bool:
     return True
 
 
-def _output(args) -> None:
-    """The output's folder must exist; an existing output needs --force (a leftover checkpoint needs
+def _files(args, **inputs) -> None:
+    """Each given input file must exist ({option name: path}, None for an option not given); the
+    output's folder must exist and an existing output needs --force (a leftover checkpoint needs
     --resume: engine/train/run.py says so)."""
+    for option, path in inputs.items():
+        if path is not None:
+            input_file(path, "--" + option)
     output_path(args.output, "--output", args.force)
 
 
 def cmd_finetune(args) -> int:
     from engine.train import finetune
-    input_file(args.weights, "--weights")
-    input_file(args.train, "--train")
-    if args.eval:
-        input_file(args.eval, "--eval")
-    _output(args)
+    _files(args, weights=args.weights, train=args.train, eval=args.eval)
     result = finetune.finetune(args.weights, args.train, args.output, eval_path=args.eval, epochs=args.epochs,
                                **training_arguments(args))
     if _stopped(result):
@@ -51,11 +51,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from engine.train import pretrain
-    input_file(args.weights, "--weights")
-    input_file(args.input, "--input")
-    if args.eval:
-        input_file(args.eval, "--eval")
-    _output(args)
+    _files(args, weights=args.weights, input=args.input, eval=args.eval)
     result = pretrain.pretrain(args.weights, args.input, args.output, steps=args.steps, eval_path=args.eval,
                                **training_arguments(args))
     if _stopped(result):

@@ -37,17 +37,28 @@ def _format(path: str) -> str:
     raise DataError(f"{path}: unknown file type {ext or '(no extension)'}: use .csv, .tsv or .jsonl")
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str, name: str | None = None) -> str:
+    """A whole UTF-8 file (a byte-order mark dropped); DataError naming `name` (default: the path) and the line."""
+    name = name or path
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise DataError(f"{name}: cannot read ({e.strerror or e})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raise DataError(f"{name}: line {line} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def read_text_lines(path: str, option: str = "--input") -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped; DataError naming the option and file."""
+    lines = [line.strip() for line in read_text(path, f"{option} {path}").split("\n")]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError(f"{option} {path}: no text (every line is empty)")
+    return lines
 
 
 def _label_string(value, path, row) -> str:
@@ -95,7 +106,7 @@ def _csv_records(path: str, content: str, kind: str, need_label: bool) -> list[t
 def read_examples(path: str, need_label: bool = True) -> list[Example]:
     """The examples of a CSV, TSV or JSONL file (see the module docstring)."""
     kind = _format(path)
-    content = _read_text(path)
+    content = read_text(path)
     records = []
     if kind == "jsonl":
         for line_number, line in enumerate(content.splitlines(), 1):

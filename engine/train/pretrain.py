@@ -28,8 +28,8 @@ from engine.text.preprocess import Preprocessor
 from engine.tools.progress import Progress
 from engine.train import losses
 from engine.train.optimizer import LinearSchedule
-from engine.train.run import (RunError, TrainingError, load_checkpoint, plot_log, prepare_run, read_text_lines,
-                              save_checkpoint)
+from engine.train.data import read_text_lines
+from engine.train.run import RunError, TrainingError, load_checkpoint, plot_log, prepare_run, save_checkpoint
 from engine.train.trainer import Trainer
 from weights import write as weights_write
 

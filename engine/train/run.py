@@ -69,25 +69,6 @@ def prepare_run(output: str, resume: bool, force: bool, **ranges) -> tuple[str, 
     return checkpoint, output + ".log.jsonl"
 
 
-def read_text_lines(path: str, option: str = "--input") -> list[str]:
-    """The non-empty lines of a UTF-8 text file, stripped; RunError naming the option and file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise RunError(f"{option} {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RunError(f"{option} {path}: line {line} is not valid UTF-8 (byte offset {e.start})") from None
-    lines = [line.strip() for line in text.split("\n")]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise RunError(f"{option} {path}: no text (every line is empty)")
-    return lines
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(path: str, trainer, state: dict) -> None:
