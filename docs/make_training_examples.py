@@ -1,4 +1,4 @@
-"""The README's training examples, on text no one here wrote: the Python Language Reference topics
+"""The training examples of benchmarks/results/training_examples.md, on text no one here wrote: the Python Language Reference topics
 that CPython ships (pydoc_data.topics).
 
     .venv/bin/python docs/make_training_examples.py [--out /tmp/training-examples]
@@ -40,7 +40,7 @@ def paragraphs(topic: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Runs the README's fine-tuning and continued-MLM examples.")
+    parser = argparse.ArgumentParser(description="Runs the fine-tuning and continued-MLM examples of benchmarks/results/training_examples.md.")
     parser.add_argument("--out", default="/tmp/training-examples", help="folder for data, models and logs")
     parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
     parser.add_argument("--pretrain-steps", type=int, default=200, help="continued MLM steps (default 200)")

@@ -54,14 +54,17 @@ def test_page_numbers_equal_the_trace(tiny):
         want = _float64_softmax(trace[p + "scaled_scores"][0])
         got = np.float64(layer["attention"]["unmixed"])
         worst_unmixed = max(worst_unmixed, float(np.abs(got - want).max()))
-        pre = np.float64(weights[p + "attention/pre_softmax_weight"])
-        assert layer["mixing"]["pre_distance"] == pytest.approx(
-            np.linalg.norm(pre - np.eye(len(pre))) / np.sqrt(len(pre)), rel=1e-12)
+        for stage in ("pre", "post"):
+            w = np.float64(weights[p + f"attention/{stage}_softmax_weight"])
+            assert layer["mixing"][f"{stage}_distance"] == pytest.approx(
+                np.linalg.norm(w - np.eye(len(w))) / np.sqrt(len(w)), rel=1e-12)
         gate = np.float64(trace[p + "gate_branch"][0])
         assert layer["gate"]["closed"] == pytest.approx(np.mean(np.abs(gate) < page["gate_closed"]), abs=0)
         assert sum(layer["gate"]["counts"]) == gate.size
-        assert layer["residual"]["feedforward_update"] == pytest.approx(
-            np.sqrt(np.mean(np.float64(trace[p + "feedforward_output"][0]) ** 2)), rel=1e-12)
+        block_input = trace["embeddings/layer_norm"] if i == 0 else trace[f"layers/{i - 1}/feedforward_layer_norm"]
+        for key, tensor in (("input", block_input), ("attention_update", trace[p + "attention_output"]),
+                            ("feedforward_update", trace[p + "feedforward_output"])):
+            assert layer["residual"][key] == pytest.approx(np.sqrt(np.mean(np.float64(tensor[0]) ** 2)), rel=1e-12)
     print(f"unmixed attention vs float64 softmax of the trace's scores: max |diff| {worst_unmixed:.2e}")
     assert worst_unmixed < 1e-6
     # predictions at the [MASK]: the trace's best tokens, in order
@@ -136,6 +139,21 @@ def test_page_screenshot_is_not_blank(tiny, tmp_path):
     blue = np.mean((pixels[..., 2] > pixels[..., 0] + 0.2))          # attention cells are blue
     print(f"screenshot {pixels.shape[1]}x{pixels.shape[0]}: {len(colours)} colours, {blue:.1%} blue pixels")
     assert len(colours) > 50 and blue > 0.01
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: bash scripts/setup_browser.sh installs Debian's (needs root and apt)")
+def test_a_model_without_mixing_says_so(tiny, tmp_path):
+    """A layer without mixing weights (a standard BERT block) is drawn without error, and both the
+    attention and the mixing views say there is no mixing."""
+    data = dict(tiny[2], layers=[dict(layer, mixing=None) for layer in tiny[2]["layers"]])
+    page = tmp_path / "plain.html"
+    page.write_text(explain.render_page(data), encoding="utf-8")
+    run = _chromium(tmp_path, "--dump-dom", page.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body[^>]*>", run.stdout).group(0)))
+    assert attrs.get("data-ready") == "1" and attrs.get("data-errors") == "0", attrs
+    assert "This model has no talking-heads mixing" in run.stdout
+    assert "This model has no mixing matrices" in run.stdout
 
 
 # ------------------------------------------------------------------------------------ the command

@@ -280,22 +280,22 @@ def test_compare_rtol_is_exact_for_every_intermediate(tiny_h5, tmp_path, capsys)
 def test_trace_command_with_text_and_with_ids(tiny_h5, tmp_path):
     out = tmp_path / "text.h5"
     assert cli.main(["trace", "--weights", tiny_h5, "The quick brown fox.", "Talking heads.",
-                     "--seq-length", "10", "--out", str(out)]) == cli.EXIT_OK
+                     "--seq-length", "10", "--output", str(out)]) == cli.EXIT_OK
     t = tracefile.read(str(out))
     assert t["layers/1/mixed_probs"].shape == (2, 4, 10, 10) and t["mlm/logits"].shape == (2, 10, 30522)
     assert json.loads(t.attrs["texts"]) == ["The quick brown fox.", "Talking heads."]
     assert t.inputs["input_word_ids"][0, 0] == 101
     out = tmp_path / "ids.h5"
     assert cli.main(["trace", "--weights", tiny_h5, "--ids", "[[101, 7592, 2088, 102, 0]]",
-                     "--out", str(out)]) == cli.EXIT_OK
+                     "--output", str(out)]) == cli.EXIT_OK
     t = tracefile.read(str(out))
     np.testing.assert_array_equal(t.inputs["input_mask"], [[1, 1, 1, 1, 0]])
     assert t["layers/0/q"].shape == (1, 5, 4, 16)
-    assert cli.main(["trace", "--weights", tiny_h5, "--ids", "not json", "--out", str(out)]) == cli.EXIT_ERROR
+    assert cli.main(["trace", "--weights", tiny_h5, "--ids", "not json", "--output", str(out)]) == cli.EXIT_ERROR
 
 
 def test_verify_trace_honours_pooled_rtol(tiny_savedmodel, tiny_h5, capsys):
-    """With a fixed tolerance, --pooled-rtol applies to pooled_output (it was ignored before):
+    """With a fixed tolerance, --pooled-rtol applies to pooled_output:
     every other intermediate within 1e-5, pooled_output held to 1e-12 fails first."""
     rc = cli.main(["verify", "--trace", "--savedmodel", tiny_savedmodel, "--weights", tiny_h5, "--batch", "2",
                    "--seq-length", "12", "--rtol", "1e-5", "--pooled-rtol", "1e-12"])

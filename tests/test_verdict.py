@@ -202,7 +202,7 @@ def test_a_bug_in_the_float32_fast_path_alone_fails(tiny_trained_savedmodel, tin
 def test_verdict_factors_hold_with_margin_on_the_tiny_models(tiny_savedmodel, tiny_h5, tiny_trained_savedmodel,
                                                              tiny_trained_h5):
     """The worst measured ratios of the two errors over the tiny models, both paths and several
-    shapes (the base-size figures are in the README): each stays below its factor."""
+    shapes (the base-size figures are in docs/verification.md): each stays below its factor."""
     worst = {}
     for label, savedmodel, h5 in (("random", tiny_savedmodel, tiny_h5), ("trained", tiny_trained_savedmodel, tiny_trained_h5)):
         for i, case in enumerate([dict(batch=4, seq_length=33, all_padding_row=True), dict(batch=8, seq_length=64),

@@ -83,12 +83,6 @@ def output_path(path: str, option: str, force: bool, folder_output: bool = False
     return path
 
 
-def at_least(option: str, value, minimum) -> None:
-    """Range checks, one wording for every option: `--top-k must be at least 1, got 0`."""
-    if value is not None and value < minimum:
-        raise CliError(f"{option} must be at least {minimum}, got {value}")
-
-
 # ------------------------------------------------------------------------------------------ models
 
 def load_model(args, verify_checksums: bool = False):

@@ -106,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  "inline or a file")
     p.add_argument("--input", help="a UTF-8 text file, one text per line")
     p.add_argument("--output", help="the trace file to write (.h5; required; the size is estimated first)")
-    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)   # an alias of --output
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--seq-length", type=int, default=None,
                    help="pack the texts to this length (default: what the longest needs, capped at the "

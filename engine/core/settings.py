@@ -40,7 +40,7 @@ The environment variables the project reads, all of them (each only as a default
     TALKHEADS_BACKEND       Settings.resolve (engine.load, the CLI)   the backend when none is given
     TALKHEADS_THREADS       Settings.resolve, and                     the thread count when none is given
                             engine.fast.threads.default_threads
-    TALKHEADS_CACHE         engine/tf/reference.py (the tests,        the folder of built reference models
+    TALKHEADS_CACHE         engine/tools/cache.py (the tests,         the folder of built reference models
                             benchmarks and extract commands)          and extractions; default
                                                                       ~/.cache/talkheads-ggelu-engine
     TALKHEADS_TEST_REPORTS  tests/isolated.py                         internal: set by the test process for

@@ -13,7 +13,7 @@ What differs from the readable path (engine.core.kernels), and why the numbers s
   are split over the threads; the q/k/v bias is added as the tile is stored. The panels are then
   the one copy of the block matrices the twin holds (about the encoder blocks' size again beside
   the model's: +430 MB peak RSS at base size), for 0.79x the time at 1x128 and 0.89x at 8x128
-  (measured, see the README). Unpacked, the twin holds the fused matrices in Fortran order and
+  (measured: benchmarks/results/gemm.md). Unpacked, the twin holds the fused matrices in Fortran order and
   every product is np.matmul with `out=` into preallocated buffers, split over the threads
   (nothing is allocated per layer). engine.Encoder rebuilds the twin from the model's arrays
   after they change (weights_changed(), which the Trainer calls after each step).

@@ -302,6 +302,13 @@ def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReferenceConfig)
                  if getattr(args, f.name) is not None}
+    parent = os.path.dirname(os.path.abspath(args.out_dir))
+    if not os.path.isdir(parent):
+        print(f"error: --output {args.out_dir}: the folder {parent} does not exist", file=sys.stderr)
+        return 2
+    if os.path.lexists(args.out_dir) and not args.force:
+        print(f"error: --output {args.out_dir}: exists; pass --force to replace it", file=sys.stderr)
+        return 2
     try:
         cfg = dataclasses.replace(CONFIGS[args.config], **overrides)
         build_atomic(args.out_dir, cfg, args.seed, force=args.force, conditioning=args.conditioning)

@@ -78,7 +78,7 @@ MASKED_THRESHOLD = 5e8        # |x| >= this is a masked logit (the mask constant
 STATISTICS = ("max", "rms", "median")
 FLOOR = 2.0 ** -23            # one float32 ulp at 1, relative to the scale
 # The factors, measured (tests/test_verdict.py prints the tiny-model ratios; the base-size sweep is in
-# the README): over the tiny and base reference models, random and trained-like, 16 input shapes from
+# docs/verification.md): over the tiny and base reference models, random and trained-like, 16 input shapes from
 # 1x1 to 1x512, the worst clean ratios were, engine path / TF: 3.82 (max), 3.51 (rms), 1.83 (median);
 # TF / noise (the larger of the readable and fast paths' errors): 3.18 (max), 2.07 (rms), 2.18
 # (median); then the base trained-like 1x512 case gave 5.6 (max: one element of one block). They come
