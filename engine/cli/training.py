@@ -66,9 +66,7 @@ def cmd_pretrain(args) -> int:
 def cmd_predict(args) -> int:
     from engine.train import finetune
     from weights.write import atomic_output
-    input_file(args.weights, "--weights")
-    input_file(args.input, "--input")
-    output_path(args.output, "--output", args.force)
+    _files(args, weights=args.weights, input=args.input)
     rows = finetune.predict(args.weights, args.input, batch_size=args.batch_size, seq_length=args.seq_length)
     with atomic_output(args.output, force=args.force) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:

@@ -86,7 +86,7 @@ def _csv_records(path: str, content: str, kind: str, need_label: bool) -> list[t
         if name not in fieldnames:
             raise DataError(f"{path}: no '{name}' column (the header has {fieldnames})")
     records = []
-    row_number, first_line = 0, reader.line_num + 1
+    row_number = 0
     while True:
         first_line = reader.line_num + 1
         try:
