@@ -194,13 +194,14 @@ def test_load_missing_and_unexpected_datasets(small_file):
 
 @pytest.mark.parametrize("attr, value, expected", [
     ("format", "something-else", "format is 'something-else', expected 'talkheads-ggelu-bert'"),
-    ("format_version", 2, "format_version 2 (written by a newer version of this project)"),
+    ("format_version", 3, "format_version 3 (written by a newer version of this project)"),
     ("num_heads", 3, "inconsistent config attributes"),
     ("hidden_size", 8.5, "config attribute 'hidden_size' = 8.5 is not an integer"),
     ("has_mlm", None, "config attribute 'has_mlm' is missing"),
     ("format", None, "no 'format' attribute"),
-    # the engine implements the Hub model's tanh GELU only; no extracted file names another
-    ("hidden_activation", "gelu_erf", "hidden_activation 'gelu_erf' is not supported (the model uses gelu_tanh)"),
+    ("hidden_activation", "relu", "hidden_activation 'relu' is not supported; choose from ['gelu_tanh', 'gelu_erf']"),
+    ("attention", "linear", "attention 'linear' is not supported; choose from ['talking_heads', 'multi_head']"),
+    ("max_seq_length", 10**6, "max_seq_length must be 0 or at most max_position_embeddings"),
 ])
 def test_load_bad_attributes(small_file, attr, value, expected):
     path, _, _ = small_file

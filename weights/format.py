@@ -1,6 +1,7 @@
 """The HDF5 weight format: one self-describing file per model. h5py and NumPy only.
 
-Layout (format "talkheads-ggelu-bert", version 1). Letters: L layers, H hidden, N heads, D head size,
+Layout (format "talkheads-ggelu-bert", version 2; version 1 files, which predate the model-family
+attributes, read as talking-heads GEGLU with the Hub model's defaults). Letters: L layers, H hidden, N heads, D head size,
 I intermediate, V vocab, P positions, T type vocab. Every tensor is float32 in its natural shape.
 
     /                                       attrs: format, format_version, config (below), provenance
@@ -14,10 +15,10 @@ I intermediate, V vocab, P positions, T type vocab. Every tensor is float32 in i
     /layers/<i>/attention/output/kernel     [N,D,H] <block i>/self_attention/attention_output
     /layers/<i>/attention/output/bias       [H]
     /layers/<i>/attention/pre_softmax_weight  [N,N] axis 0 = input head, axis 1 = output head
-    /layers/<i>/attention/post_softmax_weight [N,N]
+    /layers/<i>/attention/post_softmax_weight [N,N]   (both only when attention = talking_heads)
     /layers/<i>/attention_layer_norm/{gamma,beta}   [H]  <block i>/self_attention_layer_norm
     /layers/<i>/feedforward/intermediate/kernel [H,I], bias [I]   (GELU branch, "intermediate_0")
-    /layers/<i>/feedforward/gate/kernel         [H,I], bias [I]   (linear branch, "gate_0")
+    /layers/<i>/feedforward/gate/kernel         [H,I], bias [I]   (linear branch, "gate_0"; geglu only)
     /layers/<i>/feedforward/output/kernel       [I,H], bias [H]   ("output_0")
     /layers/<i>/feedforward_layer_norm/{gamma,beta} [H]  <block i>/feedforward/output_layer_norm_0
     /pooler/kernel [H,H], /pooler/bias [H]                       cls_transform
@@ -34,12 +35,14 @@ false). Each float dataset carries attrs `sha256` (of its little-endian float32 
 
 Root attributes, all scalars:
 - `format` = FORMAT_NAME, `format_version` = FORMAT_VERSION;
-- the config: one attribute per `ModelConfig` field (`num_layers`, ..., `do_lower_case`, `has_mlm`).
-  The integer sizes are inferred from tensor shapes at extraction; `hidden_activation`,
-  `layer_norm_epsilon` and `attention_mask_constant` are NOT visible in any shape: they are the
-  fixed values of TF Hub's talkheads_ggelu_bert_en_base/2 (Model Garden's "gelu", which is the
-  tanh approximation; LayerNorm epsilon 1e-12; mask constant -1e9), so the extractor writes the
-  ModelConfig defaults below;
+- the config: one attribute per `ModelConfig` field (`num_layers`, ..., `do_lower_case`, `has_mlm`,
+  the model family `attention`, `feed_forward`, `hidden_activation`, and the sentence-embedding
+  defaults `pooling`, `normalize`, `max_seq_length`). The integer sizes are inferred from tensor
+  shapes at extraction; `hidden_activation`, `layer_norm_epsilon` and `attention_mask_constant` are
+  NOT visible in any shape: for the Hub's SavedModels they are Model Garden's fixed values ("gelu",
+  which is the tanh approximation; LayerNorm epsilon 1e-12; mask constant -1e9), so the extractor
+  writes the ModelConfig defaults below; a Hugging Face import writes its config.json's. The
+  family and embedding attributes may be absent (version 1 files): the defaults below apply;
 - provenance: every other root attribute (see PROVENANCE_ATTRS; readers must tolerate more).
 
 `/vocab` is optional (absent when the SavedModel has no vocab asset); when present it has V
@@ -57,7 +60,8 @@ import re
 import numpy as np
 
 FORMAT_NAME = "talkheads-ggelu-bert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT_ATTRS = ("format", "format_version")
 VOCAB_DATASET = "vocab"
 HEAD_DATASETS = ("head/kernel", "head/bias", "head/labels")
@@ -83,11 +87,16 @@ class ModelConfig:
     vocab_size: int                      # V
     max_position_embeddings: int         # P
     type_vocab_size: int                 # T
-    hidden_activation: str = "gelu_tanh"   # the GELU of the GEGLU and of the MLM transform
+    hidden_activation: str = "gelu_tanh"   # the GELU of the feed-forward and of the MLM transform
     layer_norm_epsilon: float = 1e-12
     attention_mask_constant: float = -1e9  # added to masked logits (float32)
     do_lower_case: bool = True
     has_mlm: bool = True
+    attention: str = "talking_heads"       # or "multi_head": standard BERT, no mixing weights
+    feed_forward: str = "geglu"            # or "dense": standard BERT, one intermediate product, no gate
+    pooling: str = "pooled"                # what `encode` returns: "pooled" (pooled_output), "cls", "mean"
+    normalize: bool = False                # `encode` L2-normalizes its vectors
+    max_seq_length: int = 0                # `encode` truncates to this many tokens (0: the position table)
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_heads", "head_size", "intermediate_size",
@@ -98,9 +107,29 @@ class ModelConfig:
         if self.num_heads * self.head_size != self.hidden_size:
             raise ValueError(f"model config: num_heads*head_size = {self.num_heads}*{self.head_size} "
                              f"!= hidden_size {self.hidden_size}")
-        if self.hidden_activation != "gelu_tanh":  # the Hub model's; the only one the engine implements
-            raise ValueError(f"model config: hidden_activation {self.hidden_activation!r} is not supported "
-                             "(the model uses gelu_tanh)")
+        for name, allowed in FAMILY_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model config: {name} {getattr(self, name)!r} is not supported; "
+                                 f"choose from {list(allowed)}")
+        if not isinstance(self.max_seq_length, (int, np.integer)) or isinstance(self.max_seq_length, bool) \
+                or not 0 <= self.max_seq_length <= self.max_position_embeddings:
+            raise ValueError(f"model config: max_seq_length must be 0 or at most max_position_embeddings "
+                             f"{self.max_position_embeddings}, got {self.max_seq_length!r}")
+
+    @property
+    def talking_heads(self) -> bool:
+        """True when the blocks mix attention across heads (the pre/post-softmax weights exist)."""
+        return self.attention == "talking_heads"
+
+    @property
+    def gated(self) -> bool:
+        """True when the feed-forward is GEGLU (the gate weights exist)."""
+        return self.feed_forward == "geglu"
+
+    @property
+    def family(self) -> str:
+        """A short name of the block's kind, e.g. "talking_heads+geglu+gelu_tanh"."""
+        return f"{self.attention}+{self.feed_forward}+{self.hidden_activation}"
 
     def to_attrs(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,6 +139,8 @@ class ModelConfig:
         kwargs = {}
         for field in dataclasses.fields(cls):
             if field.name not in attrs:
+                if field.name in OPTIONAL_ATTRS:
+                    continue
                 raise KeyError(field.name)
             value = attrs[field.name]
             if isinstance(value, bytes):
@@ -122,6 +153,20 @@ class ModelConfig:
                 value = int(value)
             kwargs[field.name] = value
         return cls(**kwargs)
+
+
+# The choices of the string fields; each model family is a combination of the first three.
+FAMILY_CHOICES = {
+    "attention": ("talking_heads", "multi_head"),
+    "feed_forward": ("geglu", "dense"),
+    "hidden_activation": ("gelu_tanh", "gelu_erf"),
+    "pooling": ("pooled", "cls", "mean"),
+}
+# The config attributes a version 1 file lacks: absent, they take the ModelConfig defaults.
+OPTIONAL_ATTRS = ("attention", "feed_forward", "pooling", "normalize", "max_seq_length")
+# The block tensors each variant does without.
+MIXING_TENSORS = ("attention/pre_softmax_weight", "attention/post_softmax_weight")
+GATE_TENSORS = ("feedforward/gate/kernel", "feedforward/gate/bias")
 
 
 # ---------------------------------------------------------------------------- the one name table
@@ -185,6 +230,13 @@ def block_path(i: int, name: str) -> str:
     return block_prefix(i) + name
 
 
+def block_tensor_names(config: ModelConfig) -> tuple[str, ...]:
+    """The BLOCK_TENSORS a block of this config has: no mixing weights for multi_head attention,
+    no gate for a dense feed-forward."""
+    absent = (() if config.talking_heads else MIXING_TENSORS) + (() if config.gated else GATE_TENSORS)
+    return tuple(name for name in BLOCK_TENSORS if name not in absent)
+
+
 def split_block_path(path: str) -> tuple[int, str] | None:
     """(i, name) for the dataset path of block i's tensor `name`; None for any other path."""
     m = _BLOCK_PATH.fullmatch(path)
@@ -204,7 +256,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shape = lambda letters: tuple(size[c] for c in letters)  # noqa: E731
     shapes = {path: shape(letters) for path, letters in EMBEDDING_TENSORS.items()}
     for i in range(config.num_layers):
-        shapes.update({block_path(i, name): shape(letters) for name, letters in BLOCK_TENSORS.items()})
+        shapes.update({block_path(i, name): shape(BLOCK_TENSORS[name]) for name in block_tensor_names(config)})
     shapes.update({path: shape(letters) for path, letters in POOLER_TENSORS.items()})
     if config.has_mlm:
         shapes.update({path: shape(letters) for path, letters in MLM_TENSORS.items()})

@@ -26,10 +26,10 @@ from weights import format as fmt
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _INT_FIELDS = ("num_layers", "hidden_size", "num_heads", "head_size", "intermediate_size",
-               "vocab_size", "max_position_embeddings", "type_vocab_size")
+               "vocab_size", "max_position_embeddings", "type_vocab_size", "max_seq_length")
 _FLOAT_FIELDS = ("layer_norm_epsilon", "attention_mask_constant")
-_BOOL_FIELDS = ("do_lower_case", "has_mlm")
-_STR_FIELDS = ("hidden_activation",)
+_BOOL_FIELDS = ("do_lower_case", "has_mlm", "normalize")
+_STR_FIELDS = ("hidden_activation", "attention", "feed_forward", "pooling")
 _MAX_LISTED = 40
 
 
@@ -97,7 +97,8 @@ def _read_config(path: str, attrs) -> fmt.ModelConfig:
     values = {}
     for name in fmt.config_attr_names():
         if name not in attrs:
-            problems.append(f"config attribute {name!r} is missing")
+            if name not in fmt.OPTIONAL_ATTRS:
+                problems.append(f"config attribute {name!r} is missing")
             continue
         value = _python(attrs[name])
         if name in _INT_FIELDS:
@@ -181,10 +182,10 @@ def _load_open(path: str, f: h5py.File, verify_checksums: bool) -> LoadedWeights
     version = _python(attrs["format_version"])
     if isinstance(version, bool) or not isinstance(version, int):
         raise WeightsFileError(f"{path}: format_version {version!r} is not an integer")
-    if version != fmt.FORMAT_VERSION:
+    if version not in fmt.READABLE_VERSIONS:
         newer = " (written by a newer version of this project)" if version > fmt.FORMAT_VERSION else ""
-        raise WeightsFileError(f"{path}: format_version {version}{newer}; this loader reads version "
-                               f"{fmt.FORMAT_VERSION}")
+        raise WeightsFileError(f"{path}: format_version {version}{newer}; this loader reads versions "
+                               f"{', '.join(map(str, fmt.READABLE_VERSIONS))}")
     config = _read_config(path, attrs)
     skip = set(fmt.FORMAT_ATTRS) | set(fmt.config_attr_names())
     provenance = {k: _python(attrs[k]) for k in sorted(attr_names - skip)}
