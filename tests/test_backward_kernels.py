@@ -55,10 +55,18 @@ def test_gelu_tanh(s, seed):
 
 @SETTINGS
 @given(shape, seeds)
-def test_geglu(s, seed):
+def test_gelu_erf(s, seed):
+    x = np.random.default_rng(seed).standard_normal(s) * 3
+    _check(K.gelu_erf, [x], [0], lambda dy: [KB.gelu_erf_backward(x, dy)], seed)
+
+
+@SETTINGS
+@given(shape, seeds, st.sampled_from(["gelu_tanh", "gelu_erf"]))
+def test_geglu(s, seed, kind):
     rng = np.random.default_rng(seed)
     x, gate = rng.standard_normal(s) * 3, rng.standard_normal(s)
-    _check(K.geglu, [x, gate], [0, 1], lambda dy: list(KB.geglu_backward(x, gate, dy)), seed)
+    _check(lambda x, g: K.geglu(x, g, kind), [x, gate], [0, 1],
+           lambda dy: list(KB.geglu_backward(x, gate, dy, kind)), seed)
 
 
 @SETTINGS

@@ -51,6 +51,42 @@ def test_gelu_tanh_matches_tf(rng):
     assert np.all(diff <= bound)
 
 
+def test_erf_matches_the_platform_libm_to_float64_precision(rng):
+    """K.erf (series and continued fraction, NumPy only) against Python's math.erf (the C library's)."""
+    x = np.concatenate([np.linspace(-7, 7, 40001), rng.normal(0, 2, 20000), [0.0, -0.0, 1e-300, 1.5, -1.5,
+                                                                             np.nextafter(1.5, 0), 30, -30]])
+    ours = K.erf(x)
+    theirs = np.array([math.erf(v) for v in x])
+    ulps = np.abs(ours - theirs) / np.spacing(np.maximum(np.abs(theirs), np.finfo(np.float64).tiny))
+    print(f"erf: max |engine - libm| = {np.abs(ours - theirs).max():.3e}, max {ulps.max():.1f} ulp of the value")
+    assert ulps.max() <= 16                      # float64 precision: ~1e-15 relative, far below float32's 6e-8
+    assert np.array_equal(np.signbit(ours), np.signbit(theirs))
+    assert K.erf(np.float32(0.5)).dtype == np.float64
+    ours_c = K.erfc(x)
+    theirs_c = np.array([math.erfc(v) for v in x])
+    relative = np.abs(ours_c - theirs_c) / np.maximum(theirs_c, np.finfo(np.float64).tiny)
+    print(f"erfc: max relative difference from libm = {relative.max():.3e}")
+    assert relative.max() <= 1e-13                # relative precision where erfc is tiny (x up to 7: 4e-23)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_erf_matches_tf(rng, dtype):
+    x = np.concatenate([rng.normal(0, 3, 10000), np.linspace(-12, 12, 2001), [0.0, -0.0, 1e-30, -50, 50]]).astype(dtype)
+    ours = K.gelu_erf(x)
+    assert ours.dtype == dtype
+    theirs = tf.nn.gelu(tf.constant(x), approximate=False).numpy()
+    exact = 0.5 * x.astype(np.float64) * np.array([math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    ours_error, tf_error = np.abs(ours - exact), np.abs(theirs - exact)
+    # float32: 2 ulps of the result plus |x| ulp(1), as gelu_tanh; float64 (the truth of the verdicts):
+    # 1e-13 relative, a million times below float32's rounding
+    bound = (2 * np.spacing(np.abs(exact).astype(dtype)) + np.abs(x) * np.finfo(dtype).eps if dtype == np.float32
+             else 1e-13 * np.abs(exact))
+    print(f"gelu_erf {np.dtype(dtype).name}: max|engine-exact| = {ours_error.max():.3e}, "
+          f"max|TF-exact| = {tf_error.max():.3e}, max|engine-TF| = {np.abs(ours - theirs).max():.3e}")
+    assert np.all(ours_error <= bound)
+    assert ours_error.max() <= tf_error.max() * 1.01 + np.finfo(dtype).tiny   # at least as accurate as TF
+
+
 @pytest.mark.parametrize("shape", [(3, 7, 64), (2, 768), (1, 1, 5)])
 def test_layer_norm_matches_keras(rng, shape):
     H = shape[-1]
@@ -127,7 +163,7 @@ def test_geglu_feedforward_matches_gated_feedforward(rng):
         w[key] = value.astype(np.float32)
     p = FeedForwardWeights(w["intermediate_0/kernel"], w["intermediate_0/bias"], w["gate_0/kernel"], w["gate_0/bias"],
                            w["output_0/kernel"], w["output_0/bias"])
-    ours = K.layer_norm(T.geglu_feedforward(x, p) + x, w["output_layer_norm_0/gamma"], w["output_layer_norm_0/beta"], 1e-12)
+    ours = K.layer_norm(T.feedforward(x, p, "gelu_tanh") + x, w["output_layer_norm_0/gamma"], w["output_layer_norm_0/beta"], 1e-12)
     report_close("geglu_feedforward+LN", ours, layer(tf.constant(x)).numpy(), rtol=2e-6)
 
 

@@ -66,7 +66,7 @@ def trace_bytes(config, batch: int, seq_length: int, positions: int | None, item
     from engine.core.trace import dims, expected_shape, steps
     sizes = dims(config, batch, seq_length, positions)
     return sum(math.prod(expected_shape(letters, sizes))
-               for _, letters, _ in steps(config.num_layers, positions is not None)) * itemsize
+               for _, letters, _ in steps(config.num_layers, positions is not None, config)) * itemsize
 
 
 class _Counted:

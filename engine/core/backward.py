@@ -86,12 +86,29 @@ def gelu_tanh_backward(x, dy):
     return dy * (half * (one + t) + half * x * (one - t * t) * k * (one + three * c * (x * x)))
 
 
-def geglu_backward(x, gate, dy):
+def gelu_erf_backward(x, dy):
+    """y = 0.5x(1 + erf(x/sqrt2)):
+        dy/dx = 0.5(1 + erf(x/sqrt2)) + x e^(-x^2/2) / sqrt(2 pi).              [...] -> [...]"""
+    xp = array_module(x)
+    x64 = x.astype("float64")
+    slope = 0.5 * K.erfc(-x64 * K.SQRT_HALF) + x64 * xp.exp(-0.5 * x64 * x64) / math.sqrt(2.0 * math.pi)
+    return dy * slope.astype(x.dtype)     # the slope in float64 as the forward, rounded once
+
+
+GELU_BACKWARDS = {"gelu_tanh": gelu_tanh_backward, "gelu_erf": gelu_erf_backward}
+
+
+def gelu_backward(x, dy, kind="gelu_tanh"):
+    """The backward of K.gelu(x, kind). [...] -> [...]"""
+    return GELU_BACKWARDS[kind](x, dy)
+
+
+def geglu_backward(x, gate, dy, kind="gelu_tanh"):
     """y = gelu(x) * gate, the product rule:
         dx = gelu'(x) * (dy * gate),  dgate = dy * gelu(x).                     [...] -> ([...], [...])
     gelu(x) is recomputed rather than kept: the tape keeps y (the output product's input) instead."""
-    dgate = dy * K.gelu_tanh(x)
-    return gelu_tanh_backward(x, dy * gate), dgate
+    dgate = dy * K.gelu(x, kind)
+    return gelu_backward(x, dy * gate, kind), dgate
 
 
 def layer_norm_backward(x, gamma, beta, eps, dy):

@@ -23,6 +23,11 @@ from engine.core.backend import array_module
 
 GELU_TANH_COEFF = 0.044715
 SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi), the constant in tf.nn.gelu(approximate=True)
+SQRT_HALF = 0.7071067811865476       # 1/sqrt(2)
+TWO_OVER_SQRT_PI = 1.1283791670955126
+ERF_SERIES_BELOW = 1.5    # |x| below: erf by its series; at or above: erfc by its continued fraction
+ERF_SERIES_TERMS = 30     # enough below 1.5 for float64 precision (tests/test_kernels.py measures it)
+ERFC_FRACTION_DEPTH = 100 # enough at and above 1.5
 
 
 # ---------------------------------------------------------------------------- elementwise & norms
@@ -36,10 +41,79 @@ def gelu_tanh(x):
     return half * x * (one + xp.tanh(k * (x + c * (x * x * x))))
 
 
-def geglu(x, gate):
+def _erf_series(a):
+    """erf(a) for 0 <= a < 1.5 by the series of all-positive terms (Abramowitz & Stegun 7.1.6):
+        erf(a) = 2/sqrt(pi) e^(-a^2) sum_n 2^n a^(2n+1) / (1*3*...*(2n+1)).     float64 [M] -> [M]"""
+    xp = array_module(a)
+    two_a2 = 2.0 * a * a
+    term, total = a.copy(), a.copy()
+    for n in range(1, ERF_SERIES_TERMS):
+        term *= two_a2
+        term *= 1.0 / (2 * n + 1)
+        total += term
+    return TWO_OVER_SQRT_PI * xp.exp(-0.5 * two_a2) * total
+
+
+def _erfc_fraction(a):
+    """erfc(a) for a >= 1.5 by its continued fraction (A&S 7.1.14), evaluated from the tail:
+        erfc(a) = e^(-a^2)/sqrt(pi) / (a + (1/2)/(a + 1/(a + (3/2)/(a + 2/(a + ...))))).   float64 [M] -> [M]"""
+    xp = array_module(a)
+    fraction = a.copy()
+    for k in range(ERFC_FRACTION_DEPTH, 0, -1):
+        fraction = a + (0.5 * k) / fraction
+    return xp.exp(-a * a) / (math.sqrt(math.pi) * fraction)
+
+
+def _erf_and_erfc_of_abs(x):
+    """(|x| as float64, erf(|x|), erfc(|x|)): each side computed where it has no cancellation, the
+    other as 1 minus it; erf to ~1e-15 absolute, erfc to ~1e-14 relative (NumPy has no erf, and the
+    core needs no SciPy). [...] -> float64 [...] x3"""
+    xp = array_module(x)
+    a = xp.abs(xp.asarray(x, dtype=xp.float64))
+    erf_a, erfc_a = xp.empty_like(a), xp.empty_like(a)
+    near = a < ERF_SERIES_BELOW
+    erf_a[near] = _erf_series(a[near])
+    erfc_a[~near] = _erfc_fraction(a[~near])
+    erfc_a[near] = 1.0 - erf_a[near]
+    erf_a[~near] = 1.0 - erfc_a[~near]
+    return a, erf_a, erfc_a
+
+
+def erf(x):
+    """The error function, in float64 whatever x's dtype. [...] -> float64 [...]"""
+    xp = array_module(x)
+    _, erf_a, _ = _erf_and_erfc_of_abs(x)
+    return xp.copysign(erf_a, xp.asarray(x, dtype=xp.float64))
+
+
+def erfc(x):
+    """1 - erf(x) without the cancellation: accurate in relative terms where it is tiny (x >> 0).
+    float64 whatever x's dtype. [...] -> float64 [...]"""
+    xp = array_module(x)
+    _, _, erfc_a = _erf_and_erfc_of_abs(x)
+    return xp.where(xp.asarray(x) < 0, 2.0 - erfc_a, erfc_a)
+
+
+def gelu_erf(x):
+    """GELU, exact form (BERT's original, Hugging Face's "gelu"): 0.5x(1+erf(x/sqrt(2))), written
+    0.5x erfc(-x/sqrt(2)) so that negative x keeps its relative precision; computed in float64 and
+    rounded once to x's dtype (float32 results within about half an ulp). [...] -> [...]"""
+    x64 = x.astype("float64")
+    return (0.5 * x64 * erfc(-x64 * SQRT_HALF)).astype(x.dtype)
+
+
+GELUS = {"gelu_tanh": gelu_tanh, "gelu_erf": gelu_erf}
+
+
+def gelu(x, kind="gelu_tanh"):
+    """The GELU a config names (ModelConfig.hidden_activation): gelu_tanh or gelu_erf. [...] -> [...]"""
+    return GELUS[kind](x)
+
+
+def geglu(x, gate, kind="gelu_tanh"):
     """The gated GELU of the feed-forward block: gelu(x) * gate (x and gate: the two input
     products, biased). [...], [...] -> [...]"""
-    return gelu_tanh(x) * gate
+    return gelu(x, kind) * gate
 
 
 def layer_norm(x, gamma, beta, eps):

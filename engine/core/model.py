@@ -8,6 +8,10 @@
     pooled = tanh(x[:,0]·Wp + bp)                            [B,H]
     mlm    = LN(gelu(x[b,pos]·Wd + bd)) · word^T + bias      [B,P,V]
 
+Standard BERT is the special case the config names (weights.format.ModelConfig): attention
+"multi_head" mixes nothing (no pre/post-softmax weights), feed_forward "dense" is gelu(x·Wi+bi)·Wo+bo
+(no gate), hidden_activation "gelu_erf" the exact GELU of BERT's checkpoints.
+
 The forward pass is written once, in engine/core/tape.py (encoder_forward, block_forward,
 mlm_forward): `model(inputs)` and `model.mlm(inputs)` run it keeping nothing, `model.tape` keeping
 what the backward needs, `model.trace` recording every intermediate. Letters: see
@@ -24,12 +28,13 @@ from engine.core import backend as backend_mod
 from engine.core import tape as tape_mod
 from engine.core import trace as trace_mod
 from engine.core.inputs import validate
-from weights.format import BLOCK_TENSORS, ModelConfig, block_path, expected_shapes
+from weights.format import BLOCK_TENSORS, ModelConfig, block_path, block_tensor_names, expected_shapes
 
 
 @dataclasses.dataclass
 class AttentionWeights:
-    """Talking-heads attention weights of one block (arrays of the model's backend and dtype)."""
+    """Attention weights of one block (arrays of the model's backend and dtype); the two mixing
+    weights are None for multi-head attention (standard BERT)."""
     query_kernel: object          # [H,N,D]
     query_bias: object            # [N,D]
     key_kernel: object            # [H,N,D]
@@ -38,17 +43,17 @@ class AttentionWeights:
     value_bias: object            # [N,D]
     output_kernel: object         # [N,D,H]
     output_bias: object           # [H]
-    pre_softmax_weight: object    # [N,N]
-    post_softmax_weight: object   # [N,N]
+    pre_softmax_weight: object    # [N,N] or None
+    post_softmax_weight: object   # [N,N] or None
 
 
 @dataclasses.dataclass
 class FeedForwardWeights:
-    """GEGLU weights of one block."""
+    """Feed-forward weights of one block: GEGLU, or with the gate None a dense GELU layer."""
     intermediate_kernel: object   # [H,I]  GELU branch ("intermediate_0")
     intermediate_bias: object     # [I]
-    gate_kernel: object           # [H,I]  linear branch ("gate_0")
-    gate_bias: object             # [I]
+    gate_kernel: object           # [H,I]  linear branch ("gate_0"), or None
+    gate_bias: object             # [I] or None
     output_kernel: object         # [I,H]  ("output_0")
     output_bias: object           # [H]
 
@@ -91,19 +96,25 @@ TOP_FIELDS = {
 }
 
 
-def block_weights(i: int, tensor) -> BlockWeights:
-    """Block i's weights, each read as tensor(HDF5 dataset path)."""
+def block_weights(i: int, tensor, config: ModelConfig) -> BlockWeights:
+    """Block i's weights, each read as tensor(HDF5 dataset path); None for the tensors the config's
+    family does without (weights.format.block_tensor_names)."""
     parts = {"attention": {}, "feedforward": {}, "attention_ln": [None, None], "feedforward_ln": [None, None]}
+    present = block_tensor_names(config)
     for name, (part, key) in BLOCK_FIELDS.items():
-        parts[part][key] = tensor(block_path(i, name))
+        parts[part][key] = tensor(block_path(i, name)) if name in present else None
     return BlockWeights(AttentionWeights(**parts["attention"]), tuple(parts["attention_ln"]),
                         FeedForwardWeights(**parts["feedforward"]), tuple(parts["feedforward_ln"]))
 
 
 def block_parameters(i: int, w: BlockWeights) -> dict:
-    """{HDF5 dataset path: array} of block i's weights."""
-    return {block_path(i, name): (getattr(w, part)[key] if isinstance(key, int) else getattr(getattr(w, part), key))
-            for name, (part, key) in BLOCK_FIELDS.items()}
+    """{HDF5 dataset path: array} of block i's weights (those it has)."""
+    out = {}
+    for name, (part, key) in BLOCK_FIELDS.items():
+        value = getattr(w, part)[key] if isinstance(key, int) else getattr(getattr(w, part), key)
+        if value is not None:
+            out[block_path(i, name)] = value
+    return out
 
 
 OUTPUT_NAMES = ("pooled_output", "sequence_output", "encoder_outputs", "default")
@@ -126,7 +137,8 @@ def named_outputs(layers, pooled, names) -> dict:
 
 
 class Model:
-    """Talking-heads GEGLU BERT on NumPy or CuPy, called like the TF Hub SavedModel.
+    """A BERT-family encoder on NumPy or CuPy, called like the TF Hub SavedModel: talking-heads GEGLU
+    BERT, standard BERT (multi-head attention, a dense GELU feed-forward) or a mix, as its config says.
 
         out = model({"input_word_ids": ids, "input_mask": mask, "input_type_ids": types})
         out["pooled_output"]    # [B,H]    (also out["default"])
@@ -163,7 +175,7 @@ class Model:
                 else:
                     parts[attr][key] = put(path)
         self.embedding_ln, self.mlm_weights = tuple(parts["embedding_ln"]), parts["mlm_weights"]
-        self.blocks = [block_weights(i, put) for i in range(config.num_layers)]
+        self.blocks = [block_weights(i, put, config) for i in range(config.num_layers)]
 
     # -------------------------------------------------------------------------------- forward
 

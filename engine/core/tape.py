@@ -106,23 +106,37 @@ NO_DROPOUT = DropoutMasks(np, None, Dropout())   # every keep() None: nothing dr
 
 # ---------------------------------------------------------------------------- attention, scores to context
 
+def mix_heads(x, weight):
+    """Talking-heads mixing, or nothing when the model has no mixing weight (multi-head attention:
+    each head attends alone, which is mixing by the identity). [B,N,S,T] -> [B,N,S,T]"""
+    return x if weight is None else K.talking_heads_mix(x, weight)
+
+
+def mix_heads_backward(x, weight, dy):
+    """The VJP of mix_heads: (dx, dweight), dweight None without a weight."""
+    return (dy, None) if weight is None else KB.talking_heads_mix_backward(x, weight, dy)
+
+
 def attention(q, k, v, pre_softmax_weight, post_softmax_weight, mask_adder, keep_probs, rate, record=None):
     """Talking-heads attention from the projections to the context, with dropout on the mixed
-    probabilities. [B,S,N,D] x3 -> (ctx [B,S,N,D], probs [B,N,S,T], dropped_probs [B,N,S,T]):
-    the context and what the backward needs."""
+    probabilities; with both mixing weights None, standard multi-head attention (nothing mixed,
+    the mixed_* steps not recorded). [B,S,N,D] x3 -> (ctx [B,S,N,D], probs [B,N,S,T],
+    dropped_probs [B,N,S,T]): the context and what the backward needs."""
     rec = record or _ignore
     raw = K.raw_attention_scores(q, k)                                           # [B,N,S,T]
     rec("raw_scores", raw)
     scores = K.scale_scores(raw, q.shape[-1])                                    # [B,N,S,T]
     rec("scaled_scores", scores)
-    mixed = K.talking_heads_mix(scores, pre_softmax_weight)                      # [B,N,S,T]
-    rec("mixed_scores", mixed)
+    mixed = mix_heads(scores, pre_softmax_weight)                                # [B,N,S,T]
+    if pre_softmax_weight is not None:
+        rec("mixed_scores", mixed)
     masked = K.apply_attention_mask(mixed, mask_adder)                           # [B,N,S,T]
     rec("masked_scores", masked)
     probs = K.softmax(masked)                                                    # [B,N,S,T]
     rec("probs", probs)
-    mixed_probs = K.talking_heads_mix(probs, post_softmax_weight)                # [B,N,S,T]
-    rec("mixed_probs", mixed_probs)
+    mixed_probs = mix_heads(probs, post_softmax_weight)                          # [B,N,S,T]
+    if post_softmax_weight is not None:
+        rec("mixed_probs", mixed_probs)
     dropped_probs = K.dropout(mixed_probs, keep_probs, rate)                     # [B,N,S,T]
     return K.attention_context(dropped_probs, v), probs, dropped_probs           # [B,S,N,D]
 
@@ -135,14 +149,16 @@ def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_ad
     rec = record or _ignore
     ddropped, dv = KB.attention_context_backward(dropped_probs, v, dctx)         # [B,N,S,T], [B,T,N,D]
     dmixed_probs = KB.dropout_backward(None, keep_probs, rate, ddropped)
-    rec("mixed_probs", dmixed_probs)
-    dprobs, dpost = KB.talking_heads_mix_backward(probs, post_softmax_weight, dmixed_probs)
+    if post_softmax_weight is not None:
+        rec("mixed_probs", dmixed_probs)
+    dprobs, dpost = mix_heads_backward(probs, post_softmax_weight, dmixed_probs)
     rec("probs", dprobs)
     dmasked = KB.softmax_backward(probs, dprobs)                                 # [B,N,S,T]
     rec("masked_scores", dmasked)
     dmixed = KB.apply_attention_mask_backward(None, mask_adder, dmasked)
-    scores = K.scale_scores(K.raw_attention_scores(q, k), q.shape[-1])          # recomputed
-    dscores, dpre = KB.talking_heads_mix_backward(scores, pre_softmax_weight, dmixed)
+    scores = None if pre_softmax_weight is None else \
+        K.scale_scores(K.raw_attention_scores(q, k), q.shape[-1])               # recomputed for dpre
+    dscores, dpre = mix_heads_backward(scores, pre_softmax_weight, dmixed)
     rec("scaled_scores", dscores)
     draw = KB.scale_scores_backward(None, q.shape[-1], dscores)
     dq, dk = KB.raw_attention_scores_backward(q, k, draw)                        # [B,S,N,D], [B,T,N,D]
@@ -156,9 +172,11 @@ class TapeKernels:
     call). A set with the same signatures can be handed to Model.tape(kernels=...):
     engine/fast/tape_kernels.py holds the fused set (the core never imports it)."""
     layer_norm: Callable = lambda x, gamma, beta, eps: K.layer_norm(x, gamma, beta, eps)              # noqa: E731
-    geglu: Callable = lambda x, gate: K.geglu(x, gate)                                              # noqa: E731
+    geglu: Callable = lambda x, gate, kind: K.geglu(x, gate, kind)                                  # noqa: E731
+    gelu: Callable = lambda x, kind: K.gelu(x, kind)                                                # noqa: E731
     layer_norm_backward: Callable = lambda x, gamma, beta, eps, dy: KB.layer_norm_backward(x, gamma, beta, eps, dy)  # noqa: E731
-    geglu_backward: Callable = lambda x, gate, dy: KB.geglu_backward(x, gate, dy)                   # noqa: E731
+    geglu_backward: Callable = lambda x, gate, dy, kind: KB.geglu_backward(x, gate, dy, kind)       # noqa: E731
+    gelu_backward: Callable = lambda x, dy, kind: KB.gelu_backward(x, dy, kind)                     # noqa: E731
     attention: Callable = attention
     attention_backward: Callable = attention_backward
 
@@ -190,14 +208,22 @@ def talking_heads_attention(x, mask_adder, a, *, kernels=READABLE_KERNELS, masks
     return out
 
 
-def geglu_feedforward(x, f, *, kernels=READABLE_KERNELS, saved=None, record=None):
-    """The gated GELU feed-forward, before the residual: (gelu(x·Wi+bi) * (x·Wg+bg))·Wo + bo.
-    `f`: engine.core.model.FeedForwardWeights. [B,S,H] -> [B,S,I] -> [B,S,H]"""
+def feedforward(x, f, activation, *, kernels=READABLE_KERNELS, saved=None, record=None):
+    """The feed-forward, before the residual: gated, (gelu(x·Wi+bi) * (x·Wg+bg))·Wo + bo (GEGLU);
+    without a gate kernel, standard BERT's gelu(x·Wi+bi)·Wo + bo. `f`:
+    engine.core.model.FeedForwardWeights; activation: "gelu_tanh" | "gelu_erf".
+    [B,S,H] -> [B,S,I] -> [B,S,H]"""
     pre_gelu = K.dense(x, f.intermediate_kernel, f.intermediate_bias)            # [B,S,I]
-    gate = K.dense(x, f.gate_kernel, f.gate_bias)                                # [B,S,I]
-    hidden = kernels.geglu(pre_gelu, gate)                                       # [B,S,I]
-    if record is not None:   # the GELU branch alone exists only for the trace
-        record("gelu_branch", K.gelu_tanh(pre_gelu)), record("gate_branch", gate), record("geglu", hidden)
+    if f.gate_kernel is None:
+        gate = None
+        hidden = kernels.gelu(pre_gelu, activation)                              # [B,S,I]
+        (record or _ignore)("gelu_branch", hidden)
+    else:
+        gate = K.dense(x, f.gate_kernel, f.gate_bias)                            # [B,S,I]
+        hidden = kernels.geglu(pre_gelu, gate, activation)                       # [B,S,I]
+        if record is not None:   # the GELU branch alone exists only for the trace
+            record("gelu_branch", K.gelu(pre_gelu, activation)), record("gate_branch", gate)
+            record("geglu", hidden)
     out = K.dense(hidden, f.output_kernel, f.output_bias)                        # [B,S,H]
     (record or _ignore)("feedforward_output", out)
     if saved is not None:
@@ -205,11 +231,11 @@ def geglu_feedforward(x, f, *, kernels=READABLE_KERNELS, saved=None, record=None
     return out
 
 
-def block_forward(x, mask_adder, w, eps, *, kernels=READABLE_KERNELS, masks=None, prefix="", saved=None,
-                  record=None):
-    """One post-LN block: x1 = LN_attn(x + attention(x)), y = LN_ffn(GEGLU(x1) + x1), with dropout
-    before each residual. `w`: engine.core.model.BlockWeights. `saved`: a dict to fill with what
-    block_backward needs (None: nothing is kept); `record(name, array)`: every intermediate.
+def block_forward(x, mask_adder, w, eps, activation="gelu_tanh", *, kernels=READABLE_KERNELS, masks=None,
+                  prefix="", saved=None, record=None):
+    """One post-LN block: x1 = LN_attn(x + attention(x)), y = LN_ffn(feedforward(x1) + x1), with
+    dropout before each residual. `w`: engine.core.model.BlockWeights. `saved`: a dict to fill with
+    what block_backward needs (None: nothing is kept); `record(name, array)`: every intermediate.
     [B,S,H] -> [B,S,H]"""
     rec, masks = record or _ignore, masks or NO_DROPOUT
     rate = masks.rates.hidden
@@ -219,7 +245,7 @@ def block_forward(x, mask_adder, w, eps, *, kernels=READABLE_KERNELS, masks=None
     h1 = x + K.dropout(attn, keep_attn, rate)                                    # [B,S,H]
     x1 = kernels.layer_norm(h1, *w.attention_ln, eps)                            # [B,S,H]
     rec("attention_layer_norm", x1)
-    out = geglu_feedforward(x1, w.feedforward, kernels=kernels, saved=saved, record=record)  # [B,S,H]
+    out = feedforward(x1, w.feedforward, activation, kernels=kernels, saved=saved, record=record)  # [B,S,H]
     keep_out = masks.keep(prefix + "feedforward_output", out.shape, rate)
     h2 = K.dropout(out, keep_out, rate) + x1                                     # [B,S,H]
     y = kernels.layer_norm(h2, *w.feedforward_ln, eps)                           # [B,S,H]
@@ -244,7 +270,8 @@ def encoder_forward(model, ids, mask, types, *, kernels=READABLE_KERNELS, masks=
     layers, caches = [], []
     for i, w in enumerate(model.blocks):
         cache = None if saved is None else {}
-        x = block_forward(x, mask_adder, w, eps, kernels=kernels, masks=masks, prefix=block_prefix(i),
+        x = block_forward(x, mask_adder, w, eps, cfg.hidden_activation, kernels=kernels, masks=masks,
+                          prefix=block_prefix(i),
                           saved=cache, record=_prefixed(record, block_prefix(i)))   # [B,S,H]
         layers.append(x)
         caches.append(cache)
@@ -256,12 +283,12 @@ def encoder_forward(model, ids, mask, types, *, kernels=READABLE_KERNELS, masks=
 
 
 def mlm_head(gathered, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias, eps,
-             saved=None, record=None):
+             activation="gelu_tanh", saved=None, record=None):
     """The MLM head on the gathered vectors only: LN(gelu(g·Wd+bd)) · word^T + bias, the output
     matrix the word-embedding table (tied weights). [B,P,H] -> [B,P,V]"""
     rec = record or _ignore
     pre = K.dense(gathered, transform_kernel, transform_bias)                    # [B,P,H]
-    act = K.gelu_tanh(pre)                                                       # [B,P,H]
+    act = K.gelu(pre, activation)                                                # [B,P,H]
     rec("mlm_dense", act)
     t = K.layer_norm(act, ln_gamma, ln_beta, eps)                                # [B,P,H]
     rec("mlm_transform", t)
@@ -278,14 +305,14 @@ def mlm_forward(model, sequence_output, positions, *, saved=None, record=None):
     (record or _ignore)("mlm/gathered", gathered)
     m = model.mlm_weights
     return mlm_head(gathered, m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"],
-                    model.word_table, m["output_bias"], model.config.layer_norm_epsilon, saved=saved,
-                    record=_prefixed(record, "mlm/"))
+                    model.word_table, m["output_bias"], model.config.layer_norm_epsilon,
+                    model.config.hidden_activation, saved=saved, record=_prefixed(record, "mlm/"))
 
 
 # ---------------------------------------------------------------------------- the backward
 
 def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
-                   kernels: TapeKernels = READABLE_KERNELS):
+                   kernels: TapeKernels = READABLE_KERNELS, activation="gelu_tanh"):
     """The VJP of block_forward: its steps in reverse. [B,S,H] -> ([B,S,H], {weight path: grad})
     record(name, array), when given, receives the gradient with respect to the trace's intermediates
     (engine/core/trace.py names): feedforward_layer_norm, attention_layer_norm, context, mixed_probs,
@@ -300,12 +327,17 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
     dout = KB.dropout_backward(None, c["keep_out"], rates.hidden, dh2)          # [B,S,H]
     dhidden, grads["feedforward/output/kernel"], grads["feedforward/output/bias"] = \
         KB.dense_backward(c["hidden"], f.output_kernel, f.output_bias, dout)
-    dpre, dgate = kernels.geglu_backward(c["pre_gelu"], c["gate"], dhidden)      # [B,S,I] each
-    dx1_gate, grads["feedforward/gate/kernel"], grads["feedforward/gate/bias"] = \
-        KB.dense_backward(c["x1"], f.gate_kernel, f.gate_bias, dgate)
+    if f.gate_kernel is None:
+        dpre = kernels.gelu_backward(c["pre_gelu"], dhidden, activation)         # [B,S,I]
+        dx1 = dh2                                                                # the residual
+    else:
+        dpre, dgate = kernels.geglu_backward(c["pre_gelu"], c["gate"], dhidden, activation)  # [B,S,I] each
+        dx1_gate, grads["feedforward/gate/kernel"], grads["feedforward/gate/bias"] = \
+            KB.dense_backward(c["x1"], f.gate_kernel, f.gate_bias, dgate)
+        dx1 = dh2 + dx1_gate                                                     # residual + the gate branch
     dx1_gelu, grads["feedforward/intermediate/kernel"], grads["feedforward/intermediate/bias"] = \
         KB.dense_backward(c["x1"], f.intermediate_kernel, f.intermediate_bias, dpre)
-    dx1 = dh2 + dx1_gelu + dx1_gate                                              # residual + both branches
+    dx1 = dx1 + dx1_gelu
     rec("attention_layer_norm", dx1)
     # x1 = LN_attn(x + dropout(attention(x)))
     dh1, grads["attention_layer_norm/gamma"], grads["attention_layer_norm/beta"] = \
@@ -325,20 +357,20 @@ def block_backward(dy, cache, w, eps, rates: Dropout, mask_adder, record=None,
                                       ("value", dv, a.value_kernel, a.value_bias)):
         dx_part, g[f"{name}/kernel"], g[f"{name}/bias"] = KB.qkv_projection_backward(c["x"], kernel, bias, dproj)
         dx = dx + dx_part
-    grads.update({f"attention/{k}": v for k, v in g.items()})
+    grads.update({f"attention/{k}": v for k, v in g.items() if v is not None})
     return dx, grads
 
 
 def mlm_head_backward(saved, transform_kernel, transform_bias, ln_gamma, ln_beta, word_table, output_bias, eps,
-                      dlogits):
+                      dlogits, activation="gelu_tanh"):
     """The VJP of mlm_head, its steps in reverse: doutput_bias = sum dlogits, dword = dlogits^T·t (the
     tied decoder's share of the word table's gradient), dt = dlogits·word, then layer_norm_backward,
-    gelu_tanh_backward, dense_backward. [B,P,V] -> (dgathered [B,P,H], dword [V,H], {mlm path: gradient})"""
+    gelu_backward, dense_backward. [B,P,V] -> (dgathered [B,P,H], dword [V,H], {mlm path: gradient})"""
     V, H = word_table.shape
     dword = dlogits.reshape(-1, V).T @ saved["t"].reshape(-1, H)                 # [V,M] @ [M,H] -> [V,H]
     dt = K.matmul_2d(dlogits, word_table)                                        # [B,P,V] @ [V,H] -> [B,P,H]
     dact, dgamma, dbeta = KB.layer_norm_backward(saved["act"], ln_gamma, ln_beta, eps, dt)
-    dpre = KB.gelu_tanh_backward(saved["pre"], dact)                             # [B,P,H]
+    dpre = KB.gelu_backward(saved["pre"], dact, activation)                      # [B,P,H]
     dgathered, dkernel, dbias = KB.dense_backward(saved["gathered"], transform_kernel, transform_bias, dpre)
     return dgathered, dword, {"mlm/transform/kernel": dkernel, "mlm/transform/bias": dbias,
                               "mlm/layer_norm/gamma": dgamma, "mlm/layer_norm/beta": dbeta,
@@ -428,7 +460,7 @@ class Tape:
             m = enc.mlm_weights
             dgathered, dword_decoder, head_grads = mlm_head_backward(
                 s["mlm"], m["transform_kernel"], m["transform_bias"], m["ln_gamma"], m["ln_beta"], enc.word_table,
-                m["output_bias"], eps, dlogits)
+                m["output_bias"], eps, dlogits, enc.config.hidden_activation)
             dx = dx + KB.gather_positions_backward(x, s["positions"], dgathered)
             grads.update(head_grads)
         for i in reversed(range(L)):
@@ -437,7 +469,8 @@ class Tape:
                 if extra is not None:
                     dx = dx + extra
             dx, block_grads = block_backward(dx, s["caches"][i], enc.blocks[i], eps, self.rates, s["mask_adder"],
-                                             record=_prefixed(record, block_prefix(i)), kernels=self.kernels)
+                                             record=_prefixed(record, block_prefix(i)), kernels=self.kernels,
+                                             activation=enc.config.hidden_activation)
             grads.update({block_prefix(i) + k: v for k, v in block_grads.items()})
         dx = KB.dropout_backward(None, s["keep_emb"], self.rates.hidden, dx)
         de, grads["embeddings/layer_norm/gamma"], grads["embeddings/layer_norm/beta"] = \

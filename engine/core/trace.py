@@ -38,7 +38,10 @@ N heads, D head size, H hidden, I intermediate (GEGLU width), P masked positions
     mlm/mlm_transform                 B,P,H     LN_mlm(mlm_dense)
     mlm/logits                        B,P,V     mlm_transform · word^T + output_bias
 
-`<i>` runs 0..L-1; the 17 block steps come in the order above, block after block. The `mlm/` steps
+`<i>` runs 0..L-1; the 17 block steps come in the order above, block after block. A standard BERT
+block (multi-head attention, a dense feed-forward: weights.format.ModelConfig) has 13: no
+mixed_scores or mixed_probs (masked_scores is scaled_scores + mask, context is probs · v), no
+gate_branch or geglu (feedforward_output is gelu_branch·Wout + bout). The `mlm/` steps
 are there when the model has the MLM head; without `masked_lm_positions` the trace takes every
 position 0..S-1 (P = S).
 """
@@ -86,11 +89,23 @@ MLM_STEPS = [
 ]
 
 
-def steps(num_layers: int, with_mlm: bool = True) -> list[tuple[str, str, str]]:
-    """(name, letters, description) of every traced intermediate, in recording order."""
+MIXING_STEPS = ("mixed_scores", "mixed_probs")
+GATE_STEPS = ("gate_branch", "geglu")
+
+
+def block_steps(talking_heads: bool = True, gated: bool = True) -> list[tuple[str, str, str]]:
+    """BLOCK_STEPS of a block of that kind (without the mixing steps, without the gate's)."""
+    absent = (() if talking_heads else MIXING_STEPS) + (() if gated else GATE_STEPS)
+    return [step for step in BLOCK_STEPS if step[0] not in absent]
+
+
+def steps(num_layers: int, with_mlm: bool = True, config=None) -> list[tuple[str, str, str]]:
+    """(name, letters, description) of every traced intermediate, in recording order; `config` (a
+    ModelConfig; None: talking-heads GEGLU) says which block steps exist."""
     out = list(EMBEDDING_STEPS)
+    block = block_steps(config.talking_heads, config.gated) if config is not None else BLOCK_STEPS
     for i in range(num_layers):
-        out += [(f"layers/{i}/{name}", letters, what) for name, letters, what in BLOCK_STEPS]
+        out += [(f"layers/{i}/{name}", letters, what) for name, letters, what in block]
     out += POOLER_STEPS
     if with_mlm:
         out += MLM_STEPS
@@ -161,7 +176,7 @@ def run(enc, inputs: dict, sink) -> dict:
     Returns the completed NumPy inputs. Checks that the names come exactly as `steps()` says.
     """
     inputs = complete_inputs(enc, inputs)
-    expected = [name for name, _, _ in steps(enc.config.num_layers, enc.has_mlm)]
+    expected = [name for name, _, _ in steps(enc.config.num_layers, enc.has_mlm, enc.config)]
     seen = []
 
     def record(name, value):
@@ -190,7 +205,7 @@ def trace(enc, inputs: dict) -> Trace:
     """Every intermediate of `enc` on `inputs` (Hub-style dict), in memory. See the module docstring."""
     tensors = OrderedDict()
     done = run(enc, inputs, lambda name, value: tensors.__setitem__(name, value))
-    letters = {name: l for name, l, _ in steps(enc.config.num_layers, enc.has_mlm)}
+    letters = {name: l for name, l, _ in steps(enc.config.num_layers, enc.has_mlm, enc.config)}
     return Trace(tensors, letters, done, dataclasses.asdict(enc.config), base_attrs(enc))
 
 

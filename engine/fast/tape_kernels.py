@@ -82,21 +82,21 @@ def _flat(a):
     return np.ascontiguousarray(a).reshape(-1)
 
 
-def geglu(x, gate):
-    """K.geglu: gelu(x) * gate in one pass. [...], [...] -> [...]"""
-    if not _fits(x, gate) or x.shape != gate.shape:
-        return K.geglu(x, gate)
+def geglu(x, gate, kind="gelu_tanh"):
+    """K.geglu: gelu(x) * gate in one pass (the tanh GELU; the readable kernel for another). [...], [...] -> [...]"""
+    if kind != "gelu_tanh" or not _fits(x, gate) or x.shape != gate.shape:
+        return K.geglu(x, gate, kind)
     flat, gflat = _flat(x), _flat(gate)
     out = np.empty_like(flat)
     _gelu_blocks(flat, lambda s, e, t, k, c: fused.geglu_finish(flat[s:e], gflat[s:e], t, out[s:e]))
     return out.reshape(x.shape)
 
 
-def geglu_backward(x, gate, dy):
+def geglu_backward(x, gate, dy, kind="gelu_tanh"):
     """KB.geglu_backward: (dx, dgate) in one pass, gelu(x) recomputed from the same tanh as its
     derivative. [...] -> ([...], [...])"""
-    if not _fits(x, gate, dy) or not x.shape == gate.shape == dy.shape:
-        return KB.geglu_backward(x, gate, dy)
+    if kind != "gelu_tanh" or not _fits(x, gate, dy) or not x.shape == gate.shape == dy.shape:
+        return KB.geglu_backward(x, gate, dy, kind)
     flat, gflat, dflat = _flat(x), _flat(gate), _flat(dy)
     dx, dgate = np.empty_like(flat), np.empty_like(flat)
     _gelu_blocks(flat, lambda s, e, t, k, c: fused.geglu_backward_finish(flat[s:e], gflat[s:e], t, dflat[s:e],
