@@ -1,21 +1,32 @@
 """The SavedModel's variable names and how they match the HDF5 layout: TensorFlow-free.
 
-A TF Hub talking-heads GGELU BERT names its variables after Model Garden's layers; this module
-holds the one table from each dataset of `weights.format` to the variable it comes from, and the
-matching of a list of variables (names and shapes, as `engine.tf.extract.read_savedmodel` lists
-them) to the datasets of a file:
+A TF Hub BERT names its variables after the Model Garden layers that exported it. Two layouts are
+known, one per Model Garden encoder, each holding one model family of `weights.format`:
+
+    talking-heads GGELU BERT  EncoderScaffold of TransformerScaffold(TalkingHeadsAttention,
+                              GatedFeedforward): talking_heads + geglu (talkheads_ggelu_bert_en_*)
+    standard BERT             BertEncoder (BertEncoderV2: the same names under one more scope):
+                              multi_head + dense (bert_en_uncased_L-*_H-*_A-*, the small BERTs)
+
+This module holds each layout's table from the datasets of `weights.format` to the variables they
+come from, and the matching of a list of variables (names and shapes, as
+`engine.tf.extract.read_savedmodel` lists them) to the datasets of a file:
 
     plan = match_variables(SourceModel(path, variables, ...))   # ExtractionError lists every problem
     plan.config, plan.mapping                                    # {dataset path: SourceVariable}
 
 Variables are matched by structure, not by exact full names: transformer blocks are whatever prefix
-precedes a known block-variable name (`transformer_scaffold`, `transformer_scaffold_7`, ...), sorted
-by the prefix's numeric suffix (none = 0); the MLM scope may or may not start with `bert/`; the `:0`
-suffix is ignored. Every expected tensor must be found with its expected shape and dtype float32,
-and nothing may be left over. The config is inferred from the shapes (a majority vote over every
-tensor that shows a dimension, then every shape is checked against it); the activation, the
-LayerNorm epsilon and the mask constant cannot be seen in any shape and take `ModelConfig`'s
-defaults (the Hub model's values).
+precedes a known block-variable name (`transformer_scaffold_7`, `transformer/layer_7`, ...), sorted
+by the prefix's numeric suffix (none = 0); the embeddings and pooler may sit under one scope
+(BertEncoderV2's `bert_encoder_v2/`); the MLM scope may or may not start with `bert/`; the `:0`
+suffix is ignored. The layout is the one whose own names (those the other layout lacks) most
+variables carry, a tie going to the talking-heads one; a variable named after the other layout is a
+problem, as is every expected tensor not found with its expected shape and dtype float32, and
+anything left over. The sizes are inferred from the shapes (a majority vote over every tensor that
+shows a dimension, then every shape is checked against it). The activation cannot be seen in any
+shape: it is read from the Keras metadata the SavedModel records (`SourceModel.activations`,
+`ACTIVATIONS`), else it takes `ModelConfig`'s default with a warning; the LayerNorm epsilon and the
+mask constant take `ModelConfig`'s defaults (Model Garden's fixed values).
 """
 
 from __future__ import annotations
@@ -34,9 +45,10 @@ class ExtractionError(ValueError):
     """The SavedModel cannot be extracted (wrong layout, missing pieces, bad values, bad output path)."""
 
 
-# ---------------------------------------------------------------------------- the name table
+# ---------------------------------------------------------------------------- the name tables
 # Dataset name (a key of the weights.format tables) -> the TF variable it is read from. Block names
-# are relative to the block's prefix; MLM names follow an optional "bert/" scope.
+# are relative to the block's prefix; MLM names follow an optional "bert/" scope. The TF_* tables
+# are the talking-heads layout's; the standard BERT's differ in the feed-forward and the pooler.
 
 TF_EMBEDDING_NAMES = {
     "embeddings/word": "word_embeddings/embeddings",
@@ -78,13 +90,85 @@ TF_MLM_NAMES = {
     "mlm/layer_norm/beta": "cls/predictions/transform/LayerNorm/beta",
     "mlm/output_bias": "cls/predictions/output_bias/bias",
 }
+# BertEncoder's TransformerEncoderBlock: the same attention, a plain two-layer feed-forward.
+BERT_BLOCK_NAMES = {
+    "attention/query/kernel": "self_attention/query/kernel",
+    "attention/query/bias": "self_attention/query/bias",
+    "attention/key/kernel": "self_attention/key/kernel",
+    "attention/key/bias": "self_attention/key/bias",
+    "attention/value/kernel": "self_attention/value/kernel",
+    "attention/value/bias": "self_attention/value/bias",
+    "attention/output/kernel": "self_attention/attention_output/kernel",
+    "attention/output/bias": "self_attention/attention_output/bias",
+    "attention_layer_norm/gamma": "self_attention_layer_norm/gamma",
+    "attention_layer_norm/beta": "self_attention_layer_norm/beta",
+    "feedforward/intermediate/kernel": "intermediate/kernel",
+    "feedforward/intermediate/bias": "intermediate/bias",
+    "feedforward/output/kernel": "output/kernel",
+    "feedforward/output/bias": "output/bias",
+    "feedforward_layer_norm/gamma": "output_layer_norm/gamma",
+    "feedforward_layer_norm/beta": "output_layer_norm/beta",
+}
+BERT_POOLER_NAMES = {
+    "pooler/kernel": "pooler_transform/kernel",
+    "pooler/bias": "pooler_transform/bias",
+}
 
-# The reverse tables the matching reads: TF name -> dataset name.
-_TF_TOP_NAMES = {**TF_EMBEDDING_NAMES, **TF_POOLER_NAMES}
-_TOP = {tf: path for path, tf in _TF_TOP_NAMES.items()}
-_BLOCK = {tf: name for name, tf in TF_BLOCK_NAMES.items()}
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One Model Garden encoder's variable names, and the model family they hold."""
+    name: str                       # in messages: "the <name> layout"
+    encoder: str                    # the Model Garden class that names them
+    attention: str                  # the family's ModelConfig.attention
+    feed_forward: str               # the family's ModelConfig.feed_forward
+    block_names: dict               # block dataset name -> TF name after the block prefix
+    top_names: dict                 # embedding and pooler dataset path -> TF name
+
+    def tf_name(self, path: str, block_prefixes: list[str]) -> str:
+        """The TF variable name a dataset path is read from (the MLM scope shown as `[bert/]`)."""
+        block = fmt.split_block_path(path)
+        if block:
+            i, name = block
+            return f"{block_prefixes[i] if i < len(block_prefixes) else '<block>'}/{self.block_names[name]}"
+        if path in self.top_names:
+            return self.top_names[path]
+        return "[bert/]" + TF_MLM_NAMES[path]
+
+
+TALKING_HEADS = Layout("talking-heads GGELU BERT",
+                       "EncoderScaffold of TransformerScaffold(TalkingHeadsAttention, GatedFeedforward)",
+                       "talking_heads", "geglu", TF_BLOCK_NAMES, {**TF_EMBEDDING_NAMES, **TF_POOLER_NAMES})
+STANDARD_BERT = Layout("standard BERT", "BertEncoder", "multi_head", "dense", BERT_BLOCK_NAMES,
+                       {**TF_EMBEDDING_NAMES, **BERT_POOLER_NAMES})
+LAYOUTS = (TALKING_HEADS, STANDARD_BERT)  # the first wins a tie
+
+
+def layout_of(config: fmt.ModelConfig) -> Layout | None:
+    """The layout that holds a config's family; None for a family no Model Garden encoder exports."""
+    return next((layout for layout in LAYOUTS
+                 if (layout.attention, layout.feed_forward) == (config.attention, config.feed_forward)), None)
+
+
+# The activations as the Keras metadata names them (tf_keras.activations.serialize) ->
+# ModelConfig.hidden_activation. Model Garden's "gelu" (tf_utils.get_activation("gelu"), what
+# export_tfhub_lib builds from a config's hidden_act "gelu") is registered as "Text>gelu" and is
+# the tanh approximation; Keras' own "gelu" is exact by default (approximate=False).
+ACTIVATIONS = {
+    "Text>gelu": "gelu_tanh",
+    "gelu": "gelu_erf",
+}
+_DEFAULT_ACTIVATION = fmt.ModelConfig.__dataclass_fields__["hidden_activation"].default
+
+# The names the matching reads: every layout's top and block TF names, and each layout's own
+# (the names no other layout has, which tell the layouts apart).
+_TOP_NAMES = frozenset(tf for layout in LAYOUTS for tf in layout.top_names.values())
+_BLOCK_SUFFIXES = sorted({tf for layout in LAYOUTS for tf in layout.block_names.values()}, key=len, reverse=True)
+_OWN_NAMES = {layout.name: frozenset(layout.top_names.values()) | frozenset(layout.block_names.values())
+              for layout in LAYOUTS}
+_OWN_NAMES = {name: own - frozenset().union(*(o for n, o in _OWN_NAMES.items() if n != name))
+              for name, own in _OWN_NAMES.items()}
 _MLM = {tf: path for path, tf in TF_MLM_NAMES.items()}
-_BLOCK_SUFFIXES = sorted(_BLOCK, key=len, reverse=True)
 _MLM_RE = re.compile(r"(?:bert/)?(cls/predictions/.+)")
 _MAX_LISTED = 40  # per category in an error message
 

@@ -5,6 +5,7 @@ release the GIL) in the readable kernels' order of operations.
 
     add_layer_norm(a, bias, residual, gamma, beta, eps, out, threads, use_fused)   # LN(a + bias + residual)
     geglu(hg, bi, bg, out, threads, use_fused)                                     # gelu(h + bi) * (g + bg)
+    feedforward_activation(hg, bi, bg, out, kind, threads, use_fused)              # the above, or gelu(h + bi)
     masked_softmax_in_place(logits, adder, use_fused)                              # softmax(logits + adder)
 
 `buffer(name, shape)`, when given, hands out reusable scratch arrays of the inputs' dtype
@@ -95,6 +96,33 @@ def geglu(hg, bi, bg, out, threads, use_fused, buffer=None):
         np.multiply(t, g, out=t)            # gelu * gate
 
     parallel_rows(run, T, GEGLU_BLOCK, threads)
+
+
+def feedforward_activation(hg, bi, bg, out, kind, threads, use_fused, buffer=None):
+    """The feed-forward's activation: the GEGLU gelu(h + bi) * (g + bg) of [h|g] = hg [T,2I] when
+    bg is given, else a dense layer's gelu(h + bi) of hg [T,I]; kind "gelu_tanh" | "gelu_erf"
+    (engine.core.kernels.GELUS). hg is scratch. -> out [T,I]"""
+    T, I = out.shape
+    if bg is not None and kind == "gelu_tanh":
+        geglu(hg, bi, bg, out, threads, use_fused, buffer)
+    elif bg is not None:        # a gated erf GELU, a combination no checkpoint uses: the readable kernel
+        parallel_rows(lambda s, e, w: np.copyto(out[s:e], K.geglu(hg[s:e, :I] + bi, hg[s:e, I:] + bg, kind)),
+                      T, GEGLU_BLOCK, threads)
+    elif use_fused and kind == "gelu_erf":
+        parallel_rows(lambda s, e, w: fused.gelu_erf_rows(hg, bi, out, s, e, K.SQRT_HALF), T, FUSED_BLOCK, threads)
+    elif use_fused:
+        scratch = buffer("geglu_tanh", (threads, GEGLU_BLOCK, I)) if buffer else \
+            np.empty((threads, GEGLU_BLOCK, I), np.float32)
+        k, coeff = np.float32(K.SQRT_2_OVER_PI), np.float32(K.GELU_TANH_COEFF)
+
+        def fused_block(s, e, w):
+            u = scratch[w][:e - s]
+            fused.geglu_argument_rows(hg, bi, u, s, e, k, coeff)   # k(x + c x^3), x = h + bi
+            np.tanh(u, out=u)
+            fused.gelu_tanh_finish_rows(hg, bi, u, out, s, e)
+        parallel_rows(fused_block, T, GEGLU_BLOCK, threads)
+    else:
+        parallel_rows(lambda s, e, w: np.copyto(out[s:e], K.gelu(hg[s:e] + bi, kind)), T, GEGLU_BLOCK, threads)
 
 
 def masked_softmax_in_place(logits, adder, use_fused):

@@ -111,10 +111,12 @@ class _FastBlock:
         # view): OpenBLAS multiplies x @ W^T-stored faster for few rows (measured at 128 rows, one
         # thread: 92 vs 75 GFLOP/s for [128,768]x[768,2304], 87 vs 77 for [768,6144]) and as fast
         # for many. Q, K and V are one product x·[Wq|Wk|Wv]; the GEGLU's inputs one x·[Wi|Wg].
+        gated = f.gate_kernel is not None
         sources = {"qkv_kernel": [a.query_kernel.reshape(H, ND), a.key_kernel.reshape(H, ND),
                                   a.value_kernel.reshape(H, ND)],                  # [H,3ND]
                    "output_kernel": [a.output_kernel.reshape(ND, H)],              # [ND,H]
-                   "ff_kernel": [f.intermediate_kernel, f.gate_kernel],            # [H,2I]
+                   "ff_kernel": [f.intermediate_kernel, f.gate_kernel] if gated
+                   else [f.intermediate_kernel],                                   # [H,2I] or [H,I]
                    "out_kernel": [f.output_kernel]}                                # [I,H]
         self.packed = {} if packed else None
         for name, parts in sources.items():   # packed, the panels are the one derived copy
@@ -129,9 +131,14 @@ class _FastBlock:
         # out = W^T @ x over the head axis; the score scale folded into W_pre (exact when D = 4^k).
         # W^T is kept in Fortran order (the transpose of a C-order W): OpenBLAS runs [N,N] @ [N,S*T]
         # about 100x faster with 2 threads that way than with a C-order W^T.
+        # Without mixing weights (multi-head attention) the scale is applied as the readable
+        # K.scale_scores does, and nothing is mixed.
         scale = 1.0 / math.sqrt(float(D))
-        self.pre_t = np.ascontiguousarray(np.asarray(a.pre_softmax_weight, np.float64) * scale, dtype).T
-        self.post_t = np.ascontiguousarray(a.post_softmax_weight, dtype).T
+        self.scale = dtype.type(scale)
+        self.pre_t = self.post_t = None
+        if a.pre_softmax_weight is not None:
+            self.pre_t = np.ascontiguousarray(np.asarray(a.pre_softmax_weight, np.float64) * scale, dtype).T
+            self.post_t = np.ascontiguousarray(a.post_softmax_weight, dtype).T
         self.attention_ln, self.feedforward_ln = block.attention_ln, block.feedforward_ln
         self.intermediate_bias, self.gate_bias = f.intermediate_bias, f.gate_bias
         self.out_bias = f.output_bias
@@ -155,7 +162,7 @@ class FastEncoder:
         # anonymous mapping unmapped when the last view of it goes (a freed malloc block of this
         # size would stay in the process's heap: +19 MB resident at base size, measured)
         H, ND, I = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.intermediate_size
-        size = H * max(3 * ND, 2 * I)
+        size = H * max(3 * ND, (2 if cfg.gated else 1) * I)
         scratch = np.frombuffer(mmap.mmap(-1, size * self.dtype.itemsize), self.dtype, size) if packed else None
         self.blocks = [_FastBlock(b, cfg, self.dtype, packed, scratch) for b in model.blocks]
         del scratch
@@ -205,9 +212,12 @@ class FastEncoder:
         elementwise.add_layer_norm(a, bias, residual, gamma, beta, self._c["eps"], out, self._threads(),
                                    self._fused(), self._buffer)
 
-    def _geglu(self, hg, bi, bg, out):
-        """out = gelu(h + bi) * (g + bg) with [h|g] = hg [T,2I]; out [T,I]."""
-        elementwise.geglu(hg, bi, bg, out, self._threads(), self._fused(), self._buffer)
+    def _activation(self, hg, blk, out):
+        """The feed-forward's activation: gelu(h + bi) * (g + bg) with [h|g] = hg [T,2I] (GEGLU), or
+        gelu(h + bi) of hg [T,I] (a dense feed-forward); out [T,I]."""
+        elementwise.feedforward_activation(hg, blk.intermediate_bias, blk.gate_bias, out,
+                                           self.config.hidden_activation, self._threads(), self._fused(),
+                                           self._buffer)
 
     # ------------------------------------------------------------------------ attention
 
@@ -267,15 +277,21 @@ class FastEncoder:
                 np.matmul(q, k, out=scores)                                       # [N,S,T] (unscaled)
                 mark("products")
                 mixed = mbuf[:N * Q * L].reshape(N, Q, L)
-                np.matmul(blk.pre_t, scores.reshape(N, Q * L), out=mixed.reshape(N, Q * L))  # scale*W_pre mix
-                mark("talking-heads mixing")
+                if blk.pre_t is None:                                             # multi-head: scale only
+                    np.multiply(scores, blk.scale, out=mixed)
+                else:
+                    np.matmul(blk.pre_t, scores.reshape(N, Q * L), out=mixed.reshape(N, Q * L))  # scale*W_pre mix
+                    mark("talking-heads mixing")
                 masked_softmax_in_place(mixed, adder, use_fused)
                 mark("softmax")
-                np.matmul(blk.post_t, mixed.reshape(N, Q * L), out=scores.reshape(N, Q * L))  # W_post mix
-                mark("talking-heads mixing")
+                probs = mixed
+                if blk.post_t is not None:
+                    np.matmul(blk.post_t, mixed.reshape(N, Q * L), out=scores.reshape(N, Q * L))  # W_post mix
+                    probs = scores
+                    mark("talking-heads mixing")
                 dest = ctx[i:i + 1] if first_query_only else ctx[s + q0:s + q1]
                 out = dest.reshape(Q, N, D).transpose(1, 0, 2)                    # [N,S,D] view of [S,N,D]
-                np.matmul(scores, v, out=out)
+                np.matmul(probs, v, out=out)
                 mark("products")
 
         self._mark("other")
@@ -389,7 +405,8 @@ class FastEncoder:
         qkv = self._buffer("qkv", (T, 3 * ND))
         ctx = self._buffer("ctx", (T, ND))
         a = self._buffer("a", (T, H))
-        hg = self._buffer("hg", (T, 2 * I))
+        widths = 2 * I if cfg.gated else I
+        hg = self._buffer("hg", (T, widths))
         hid = self._buffer("hid", (T, I))
         f = self._buffer("f", (T, H))
         for li, blk in enumerate(self.blocks):
@@ -403,9 +420,9 @@ class FastEncoder:
             x1 = self._buffer("x1", (T, H))
             self._add_layer_norm(a, blk.output_bias, x, *blk.attention_ln, out=x1)
             self._mark("layer norm")
-            self._product(x1, blk, "ff_kernel", hg)                            # [T,2I]
+            self._product(x1, blk, "ff_kernel", hg)                            # [T,2I] or [T,I]
             self._mark("products")
-            self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)        # [T,I]
+            self._activation(hg, blk, hid)                                    # [T,I]
             self._mark("gelu")
             self._product(hid, blk, "out_kernel", f)                           # [T,H]
             self._mark("products")
@@ -452,10 +469,10 @@ class FastEncoder:
         self._product(ctx, blk, "output_kernel", a)                            # [B',H]
         self._mark("products")
         self._add_layer_norm(a, blk.output_bias, x[first], *blk.attention_ln, out=x1)
-        hg = np.empty((rows, 2 * I), self.dtype)
-        self._product(x1, blk, "ff_kernel", hg)                                # [B',2I]
+        hg = np.empty((rows, 2 * I if self.config.gated else I), self.dtype)
+        self._product(x1, blk, "ff_kernel", hg)                                # [B',2I] or [B',I]
         hid = np.empty((rows, I), self.dtype)
-        self._geglu(hg, blk.intermediate_bias, blk.gate_bias, hid)
+        self._activation(hg, blk, hid)
         f = np.empty((rows, H), self.dtype)
         self._product(hid, blk, "out_kernel", f)                               # [B',H]
         self._mark("products")

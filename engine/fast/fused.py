@@ -32,6 +32,8 @@ Numerics (float32 only; a float64 fast path uses NumPy):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 try:
@@ -50,7 +52,7 @@ def enabled() -> bool:
 def status() -> str:
     if numba is None:
         return f"off: numba not importable ({_IMPORT_ERROR}); NumPy element-wise code runs"
-    return f"available: numba {numba.__version__} (float32 layer norm, GEGLU, softmax, AdamW fused)"
+    return f"available: numba {numba.__version__} (float32 layer norm, GEGLU, GELU, softmax, AdamW fused)"
 
 
 if numba is not None:
@@ -180,6 +182,27 @@ if numba is not None:
                 x = hg[r, j] + intermediate_bias[j]
                 g = hg[r, I + j] + gate_bias[j]
                 out[r, j] = half * x * (one + t[r - start, j]) * g
+
+    @numba.njit(**_FLAGS)
+    def gelu_tanh_finish_rows(h, intermediate_bias, t, out, start, stop):
+        """out[r] = 0.5 x (1 + t), x = h[r] + bi, t = tanh(u) from the block (a dense feed-forward's
+        GELU: geglu_argument_rows computes u on h [T,I]). -> [T,I]"""
+        I = out.shape[1]
+        half, one = np.float32(0.5), np.float32(1.0)
+        for r in range(start, stop):
+            for j in range(I):
+                x = h[r, j] + intermediate_bias[j]
+                out[r, j] = half * x * (one + t[r - start, j])
+
+    @numba.njit(**_FLAGS)
+    def gelu_erf_rows(h, intermediate_bias, out, start, stop, sqrt_half):
+        """out[r] = 0.5 x erfc(-x/sqrt2), x = h[r] + bi, in float64 rounded once (the C library's
+        erfc; engine.core.kernels.gelu_erf's formula and precision). [T,I] -> [T,I]"""
+        I = out.shape[1]
+        for r in range(start, stop):
+            for j in range(I):
+                x = np.float64(h[r, j] + intermediate_bias[j])
+                out[r, j] = np.float32(0.5 * x * math.erfc(-x * sqrt_half))
 
     @numba.njit(**_FLAGS)
     def gelu_argument(x, u, k, c):
