@@ -154,3 +154,32 @@ def test_old_files_read_as_talking_heads_geglu(tmp_path):
             del f.attrs[name]
     loaded = engine.load(path).config
     assert dataclasses.asdict(loaded) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("family", [("multi_head", "dense", "gelu_erf"), ("talking_heads", "dense", "gelu_tanh"),
+                                    ("multi_head", "geglu", "gelu_erf")])
+def test_onnx_graph_of_the_family_matches_the_readable_model(tmp_path, family):
+    """The ONNX twin (ONNX Runtime) has no mixing MatMul without mixing weights and no gate without a
+    gate; its float32 error against the readable float64 model is of the readable float32 model's size."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from weights.export_onnx import export_onnx
+    cfg = _config(*family)
+    path = _file(tmp_path, cfg, seed=2)
+    out = export_onnx(path, str(tmp_path / "m.onnx"), mlm=True)
+    names = [n.name for n in onnx.load(out).graph.node]
+    assert any("pre_softmax_mix" in n for n in names) == cfg.talking_heads
+    assert any("feedforward/gate" in n for n in names) == cfg.gated
+    assert any(n.endswith("/Erf") for n in names) == (cfg.hidden_activation == "gelu_erf")
+    inputs = _inputs(cfg, batch=3, seq=9)
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {k: v.astype(np.int32) for k, v in inputs.items()})))
+    truth = engine.load(path, dtype="float64").mlm(inputs)
+    readable = engine.load(path).mlm(inputs)
+    for name in ("sequence_output", "pooled_output", "mlm_logits"):
+        scale = np.abs(truth[name]).max()
+        onnx_err = np.abs(got[name] - truth[name]).max() / scale
+        readable_err = np.abs(readable[name] - truth[name]).max() / scale
+        print(f"{'+'.join(family)} {name}: onnxruntime {onnx_err:.2e}, readable {readable_err:.2e}")
+        assert onnx_err <= 4 * readable_err + 2e-7

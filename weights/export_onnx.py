@@ -24,7 +24,10 @@ a reason:
 - The 1/sqrt(D) scale is a Mul after q.k, as in TalkingHeadsAttention; folded into W_pre only
   where that is exact (1/sqrt(D) a power of two, e.g. D = 64).
 - Layer norm is the opset-17 LayerNormalization operator; the tanh GELU is written out
-  (0.5x(1+tanh(k(x+0.044715x^3)))), which ONNX Runtime fuses into its own GELU kernel.
+  (0.5x(1+tanh(k(x+0.044715x^3)))), which ONNX Runtime fuses into its own GELU kernel; the erf GELU
+  is 0.5x(1+Erf(x/sqrt2)) with ONNX's Erf.
+- The family follows the config: multi-head attention has no mixing MatMuls (the scale stays a
+  Mul), a dense feed-forward no gate.
 - The MLM decoder is a Gemm with transB on the word table: the tied weight is stored once.
 - The mask adder is (1 - mask) * -1e9 in float32, as the Hub model computes it.
 The model's config and the weights file's provenance travel in the graph's metadata_props.
@@ -95,9 +98,10 @@ def build_model(weights, mlm: bool = False):
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
     one, half = g.const("one", f32(1.0)), g.const("half", f32(0.5))
     gelu_c, gelu_k = g.const("gelu_coeff", f32(0.044715)), g.const("sqrt_2_over_pi", f32(0.7978845608028654))
+    sqrt_half = g.const("sqrt_half", f32(0.7071067811865476))
     mask_constant = g.const("mask_constant", f32(cfg.attention_mask_constant))
     scale = 1.0 / math.sqrt(float(D))
-    fold_scale = _power_of_two(scale)
+    fold_scale = _power_of_two(scale) and cfg.talking_heads   # folded into W_pre; without mixing, a Mul
     score_scale = None if fold_scale else g.const("score_scale", f32(scale))
     shape_bnx = g.const("shape_b_n_rest", np.array([0, N, -1], np.int64))      # [B,N,S*T]
     shape_bsnd = g.const("shape_b_s_n_d", np.array([0, 0, N, D], np.int64))    # [B,S,N,D]
@@ -105,6 +109,15 @@ def build_model(weights, mlm: bool = False):
     split_sizes = g.const("qkv_split", np.array([ND, ND, ND], np.int64))
 
     def gelu(x, name):
+        """The config's GELU: gelu_tanh or gelu_erf."""
+        return gelu_tanh(x, name) if cfg.hidden_activation == "gelu_tanh" else gelu_erf(x, name)
+
+    def gelu_erf(x, name):
+        """0.5 x (1 + erf(x / sqrt 2)), ONNX's Erf in float32 (the engine computes it in float64)."""
+        erf = g.op("Erf", [g.op("Mul", [x, sqrt_half])])
+        return g.op("Mul", [g.op("Mul", [half, x]), g.op("Add", [one, erf])], name=name)
+
+    def gelu_tanh(x, name):
         """0.5 x (1 + tanh(k (x + c x^3))), in engine.core.kernels.gelu_tanh's order."""
         cube = g.op("Mul", [g.op("Mul", [x, x]), x])
         inner = g.op("Mul", [gelu_k, g.op("Add", [x, g.op("Mul", [gelu_c, cube])])])
@@ -158,24 +171,27 @@ def build_model(weights, mlm: bool = False):
         k = g.op("Transpose", [g.op("Reshape", [k, shape_bsnd])], perm=[0, 2, 3, 1])  # [B,N,D,T]
         v = g.op("Transpose", [g.op("Reshape", [v, shape_bsnd])], perm=[0, 2, 1, 3])  # [B,N,T,D]
         scores = g.op("MatMul", [q, k], name=f"{p}/attention/raw_scores")             # [B,N,S,T]
-        pre = w("attention/pre_softmax_weight")
-        if fold_scale:   # exact: multiplying by a power of two commutes with every rounding
-            pre = pre * np.float32(scale)
-        else:
+        if not fold_scale:
             scores = g.op("Mul", [scores, score_scale], name=f"{p}/attention/scaled_scores")
-        mixed = mix(scores, pre, f"{p}/attention/pre_softmax_mix")                    # [B,N,S,T]
-        probs = g.op("Softmax", [g.op("Add", [mixed, adder])], name=f"{p}/attention/probs", axis=-1)
-        mixed_probs = mix(probs, w("attention/post_softmax_weight"), f"{p}/attention/post_softmax_mix")
-        ctx = g.op("MatMul", [mixed_probs, v])                                         # [B,N,S,D]
+        if cfg.talking_heads:
+            pre = w("attention/pre_softmax_weight")
+            if fold_scale:   # exact: multiplying by a power of two commutes with every rounding
+                pre = pre * np.float32(scale)
+            scores = mix(scores, pre, f"{p}/attention/pre_softmax_mix")               # [B,N,S,T]
+        probs = g.op("Softmax", [g.op("Add", [scores, adder])], name=f"{p}/attention/probs", axis=-1)
+        if cfg.talking_heads:
+            probs = mix(probs, w("attention/post_softmax_weight"), f"{p}/attention/post_softmax_mix")
+        ctx = g.op("MatMul", [probs, v])                                               # [B,N,S,D]
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), shape_bsx])  # [B,S,ND]
         a = dense(ctx, w("attention/output/kernel").reshape(ND, H), w("attention/output/bias"), f"{p}/attention/output")
         x = layer_norm(g.op("Add", [x, a]), w("attention_layer_norm/gamma"), w("attention_layer_norm/beta"),
                        f"{p}/attention_layer_norm")                                    # [B,S,H]
-        # GEGLU feed-forward
-        h = gelu(dense(x, w("feedforward/intermediate/kernel"), w("feedforward/intermediate/bias"),
-                       f"{p}/feedforward/intermediate"), f"{p}/feedforward/gelu")     # [B,S,I]
-        gate = dense(x, w("feedforward/gate/kernel"), w("feedforward/gate/bias"), f"{p}/feedforward/gate")
-        hidden = g.op("Mul", [h, gate], name=f"{p}/feedforward/geglu")                # [B,S,I]
+        # feed-forward: GEGLU, or a dense GELU layer
+        hidden = gelu(dense(x, w("feedforward/intermediate/kernel"), w("feedforward/intermediate/bias"),
+                            f"{p}/feedforward/intermediate"), f"{p}/feedforward/gelu")  # [B,S,I]
+        if cfg.gated:
+            gate = dense(x, w("feedforward/gate/kernel"), w("feedforward/gate/bias"), f"{p}/feedforward/gate")
+            hidden = g.op("Mul", [hidden, gate], name=f"{p}/feedforward/geglu")       # [B,S,I]
         f = dense(hidden, w("feedforward/output/kernel"), w("feedforward/output/bias"), f"{p}/feedforward/output")
         x = layer_norm(g.op("Add", [f, x]), w("feedforward_layer_norm/gamma"), w("feedforward_layer_norm/beta"),
                        f"{p}/feedforward_layer_norm")                                  # [B,S,H]

@@ -160,14 +160,19 @@ ACTIVATIONS = {
 }
 _DEFAULT_ACTIVATION = fmt.ModelConfig.__dataclass_fields__["hidden_activation"].default
 
-# The names the matching reads: every layout's top and block TF names, and each layout's own
-# (the names no other layout has, which tell the layouts apart).
+def _names(layout: Layout) -> frozenset:
+    return frozenset(layout.top_names.values()) | frozenset(layout.block_names.values())
+
+
+def _own_names(layout: Layout) -> frozenset:
+    """The layout's TF names that no other layout has: they tell the layouts apart."""
+    return _names(layout).difference(*(_names(other) for other in LAYOUTS if other is not layout))
+
+
+# The names the matching reads: every layout's top and block TF names, and each layout's own.
 _TOP_NAMES = frozenset(tf for layout in LAYOUTS for tf in layout.top_names.values())
 _BLOCK_SUFFIXES = sorted({tf for layout in LAYOUTS for tf in layout.block_names.values()}, key=len, reverse=True)
-_OWN_NAMES = {layout.name: frozenset(layout.top_names.values()) | frozenset(layout.block_names.values())
-              for layout in LAYOUTS}
-_OWN_NAMES = {name: own - frozenset().union(*(o for n, o in _OWN_NAMES.items() if n != name))
-              for name, own in _OWN_NAMES.items()}
+_OWN_NAMES = {layout.name: _own_names(layout) for layout in LAYOUTS}
 _MLM = {tf: path for path, tf in TF_MLM_NAMES.items()}
 _MLM_RE = re.compile(r"(?:bert/)?(cls/predictions/.+)")
 _MAX_LISTED = 40  # per category in an error message
@@ -211,6 +216,10 @@ class SourceModel:
     vocab_source: str | None
     tensorflow_version: str = ""
     source_tensorflow_version: str = ""
+    # The activations the Keras metadata records, as it names them ("Text>gelu", ...):
+    # {"feedforward": [...], "mlm": [...]}; None where nobody read them (a list of variables made by
+    # hand), which takes the default without a warning.
+    activations: dict[str, list[str]] | None = None
 
 
 @dataclasses.dataclass
@@ -266,7 +275,8 @@ def _infer_sizes(found: dict[str, tuple[int, ...]]) -> dict[str, collections.Cou
 
 
 def _sort_variables(source: SourceModel, problems: Problems):
-    """(top-level, MLM, {block prefix: {block name: variable}}, leftovers) by the name table."""
+    """(top-level {TF name: variable}, MLM {dataset path: variable}, {block prefix: {TF name after
+    the prefix: variable}}, leftovers), by every layout's names."""
     top: dict[str, SourceVariable] = {}
     mlm: dict[str, SourceVariable] = {}
     blocks: dict[str, dict[str, SourceVariable]] = {}
@@ -280,8 +290,9 @@ def _sort_variables(source: SourceModel, problems: Problems):
 
     for var in source.variables:
         name = _normalize(var.name)
-        if name in _TOP:
-            claim(top, _TOP[name], var)
+        unscoped = name.split("/", 1)[-1]       # BertEncoderV2 holds its embeddings and pooler under its scope
+        if name in _TOP_NAMES or unscoped in _TOP_NAMES:
+            claim(top, name if name in _TOP_NAMES else unscoped, var)
             continue
         m = _MLM_RE.fullmatch(name)
         if m and m.group(1) in _MLM:
@@ -289,11 +300,36 @@ def _sort_variables(source: SourceModel, problems: Problems):
             continue
         for suffix in _BLOCK_SUFFIXES:
             if name.endswith("/" + suffix) and len(name) > len(suffix) + 1:
-                claim(blocks.setdefault(name[: -len(suffix) - 1], {}), _BLOCK[suffix], var)
+                claim(blocks.setdefault(name[: -len(suffix) - 1], {}), suffix, var)
                 break
         else:
             leftovers.append(var)
     return top, mlm, blocks, leftovers
+
+
+def _own_variables(top: dict, blocks: dict) -> dict[str, list[SourceVariable]]:
+    """{layout name: the variables that carry one of its own names}."""
+    found = list(top.items()) + [item for block in blocks.values() for item in block.items()]
+    return {layout.name: [var for tf, var in found if tf in _OWN_NAMES[layout.name]] for layout in LAYOUTS}
+
+
+def _choose_layout(own: dict[str, list[SourceVariable]]) -> Layout:
+    """The layout whose own names most variables carry; the first of LAYOUTS on a tie."""
+    return max(LAYOUTS, key=lambda layout: (len(own[layout.name]), -LAYOUTS.index(layout)))
+
+
+def _mixed_layouts(layout: Layout, own: dict, problems: Problems) -> None:
+    """Every variable named after another layout than the chosen one is a problem."""
+    for other in LAYOUTS:
+        foreign = own[other.name] if other is not layout else []
+        if foreign:
+            problems.add("mixed layouts", f"{len(own[layout.name])} variables carry names of the {layout.name} "
+                                          f"layout ({layout.encoder}) and {len(foreign)} of the {other.name} "
+                                          f"layout ({other.encoder}), e.g. {foreign[0].name}: a SavedModel "
+                                          "holds one")
+        for var in sorted(foreign, key=lambda v: v.name):
+            problems.add("unexpected", f"{var.name} {_shape_str(var.shape)} {var.dtype} "
+                                       f"(a name of the {other.name} layout)")
 
 
 def _order_blocks(blocks: dict, problems: Problems) -> list[str]:
@@ -308,27 +344,56 @@ def _order_blocks(blocks: dict, problems: Problems) -> list[str]:
     return sorted(blocks, key=lambda p: (keyed[p][1], p))
 
 
-def _hints(source: SourceModel) -> list[str]:
-    names = [_normalize(v.name) for v in source.variables]
-    hints = []
-    if not any(n.endswith(TF_BLOCK_NAMES["attention/pre_softmax_weight"]) for n in names):
-        hints.append("no */self_attention/pre_softmax_weight variable: this does not look like a "
-                     "talking-heads attention model (plain BERT?)")
-    if not any(n.endswith(TF_BLOCK_NAMES["feedforward/gate/kernel"]) for n in names):
-        hints.append("no */feedforward/gate_0/kernel variable: this does not look like a gated-GELU "
-                     "feedforward model")
-    return hints
+def _layout_mapping(layout: Layout, top: dict, blocks: dict, ordered: list[str]) -> dict[str, SourceVariable]:
+    """{dataset path: variable} of the variables named after the layout (the others are problems already)."""
+    top_path = {tf: path for path, tf in layout.top_names.items()}
+    block_name = {tf: name for name, tf in layout.block_names.items()}
+    mapping = {top_path[tf]: var for tf, var in top.items() if tf in top_path}
+    for i, prefix in enumerate(ordered):
+        mapping.update({fmt.block_path(i, block_name[tf]): var for tf, var in blocks[prefix].items()
+                        if tf in block_name})
+    return mapping
 
 
-def tf_name(path: str, block_prefixes: list[str]) -> str:
-    """The TF variable name a dataset path is read from (the MLM scope shown as `[bert/]`)."""
-    block = fmt.split_block_path(path)
-    if block:
-        i, name = block
-        return f"{block_prefixes[i] if i < len(block_prefixes) else '<block>'}/{TF_BLOCK_NAMES[name]}"
-    if path in _TF_TOP_NAMES:
-        return _TF_TOP_NAMES[path]
-    return "[bert/]" + TF_MLM_NAMES[path]
+def _notes(layout: Layout, own: dict) -> list[str]:
+    """What the error message says first: which layout the variables were held against, and why."""
+    if not any(own.values()):
+        names = ", ".join(f"*/{other.block_names['feedforward/intermediate/kernel']}" for other in LAYOUTS)
+        return [f"no variable carries a name of one layout alone (e.g. {names}): held against the {layout.name} "
+                f"layout ({layout.encoder}); not a Model Garden BERT encoder?"]
+    return [f"held against the {layout.name} layout ({layout.encoder}), whose own names "
+            f"{len(own[layout.name])} variables carry"]
+
+
+def _hidden_activation(source: SourceModel, has_mlm: bool, problems: Problems, warnings: list[str]) -> str:
+    """ModelConfig.hidden_activation from the activations the Keras metadata records (ACTIVATIONS)."""
+    if source.activations is None:
+        return _DEFAULT_ACTIVATION
+    feedforward = sorted(set(source.activations.get("feedforward", ())))
+    if not feedforward:
+        warnings.append(f"the SavedModel records no feed-forward activation (no Keras metadata): assuming "
+                        f"hidden_activation={_DEFAULT_ACTIVATION} (Model Garden's gelu, the tanh approximation)")
+        return _DEFAULT_ACTIVATION
+    known = ", ".join(f"{name!r} ({kind})" for name, kind in ACTIVATIONS.items())
+    for name in feedforward:
+        if name not in ACTIVATIONS:
+            problems.add("unsupported", f"the feed-forward's activation {name!r} (Keras metadata) is none the "
+                                        f"engine runs: {known}")
+    if len(feedforward) > 1:
+        problems.add("inconsistent", f"the blocks' feed-forward activations differ: {feedforward}")
+    if len(feedforward) != 1 or feedforward[0] not in ACTIVATIONS:
+        return _DEFAULT_ACTIVATION
+    activation = ACTIVATIONS[feedforward[0]]
+    differing = sorted(name for name in set(source.activations.get("mlm", ())) if ACTIVATIONS.get(name) != activation)
+    if has_mlm and differing:
+        problems.add("inconsistent", f"the MLM transform's activation {differing[0]!r} is not the feed-forward's "
+                                     f"{feedforward[0]!r}: the format has one hidden_activation for both")
+    return activation
+
+
+def tf_name(path: str, block_prefixes: list[str], layout: Layout = TALKING_HEADS) -> str:
+    """The TF variable name a dataset path is read from in a layout (the MLM scope shown as `[bert/]`)."""
+    return layout.tf_name(path, block_prefixes)
 
 
 def match_variables(source: SourceModel) -> Plan:
@@ -336,18 +401,18 @@ def match_variables(source: SourceModel) -> Plan:
     problems = Problems()
     warnings: list[str] = []
     top, mlm, blocks, leftovers = _sort_variables(source, problems)
+    own = _own_variables(top, blocks)
+    layout = _choose_layout(own)
+    _mixed_layouts(layout, own, problems)
     ordered = _order_blocks(blocks, problems)
 
-    mapping: dict[str, SourceVariable] = dict(top)
-    for i, prefix in enumerate(ordered):
-        mapping.update({fmt.block_path(i, name): var for name, var in blocks[prefix].items()})
+    mapping = _layout_mapping(layout, top, blocks, ordered)
     has_mlm = bool(mlm) or source.has_mlm_object
     if has_mlm:
         mapping.update(mlm)
     else:
         warnings.append("the SavedModel has no .mlm sub-object and no MLM variables: "
                         "extracting the encoder only (has_mlm=False, no /mlm group)")
-    hints = _hints(source)
     if not ordered:
         problems.add("missing", "no transformer blocks (no variable named */" +
                      "self_attention/query/kernel or any other block variable)")
@@ -364,11 +429,13 @@ def match_variables(source: SourceModel) -> Plan:
         do_lower_case = True
         warnings.append("the SavedModel has no do_lower_case variable: assuming do_lower_case=True "
                         "(the Hub model is uncased)")
+    family = dict(attention=layout.attention, feed_forward=layout.feed_forward,
+                  hidden_activation=_hidden_activation(source, has_mlm, problems, warnings))
     config = None
     if len(sizes) == len(_SYMBOLIC_SIZES) and ordered:
         try:
             config = fmt.ModelConfig(num_layers=len(ordered), do_lower_case=bool(do_lower_case),
-                                     has_mlm=has_mlm, **sizes)
+                                     has_mlm=has_mlm, **family, **sizes)
         except ValueError as e:
             problems.add("inconsistent", f"{e} (sizes inferred from the shapes: {sizes})")
 
@@ -377,7 +444,7 @@ def match_variables(source: SourceModel) -> Plan:
         for path, shape in expected.items():
             var = mapping.get(path)
             if var is None:
-                problems.add("missing", f"{tf_name(path, ordered)} {_shape_str(shape)} (for {path})")
+                problems.add("missing", f"{tf_name(path, ordered, layout)} {_shape_str(shape)} (for {path})")
             elif tuple(var.shape) != tuple(shape):
                 problems.add("mis-shaped", f"{var.name} has shape {_shape_str(var.shape)}, "
                                            f"expected {_shape_str(shape)} (for {path})")
@@ -388,10 +455,10 @@ def match_variables(source: SourceModel) -> Plan:
     elif ordered:  # sizes unknown: still name every tensor that is missing, without shapes
         placeholder = fmt.ModelConfig(num_layers=len(ordered), hidden_size=1, num_heads=1, head_size=1,
                                       intermediate_size=1, vocab_size=1, max_position_embeddings=1,
-                                      type_vocab_size=1, has_mlm=has_mlm)
+                                      type_vocab_size=1, has_mlm=has_mlm, **family)
         for path in fmt.expected_shapes(placeholder):
             if path not in mapping:
-                problems.add("missing", f"{tf_name(path, ordered)} (for {path})")
+                problems.add("missing", f"{tf_name(path, ordered, layout)} (for {path})")
     for path, var in mapping.items():
         if var.dtype != "float32":
             problems.add("wrong dtype", f"{var.name} has dtype {var.dtype}, expected float32 (for {path})")
@@ -399,6 +466,6 @@ def match_variables(source: SourceModel) -> Plan:
         problems.add("unexpected", f"{var.name} {_shape_str(var.shape)} {var.dtype}")
     for name, dtype in source.other_variables:
         problems.add("unexpected", f"{name} ({dtype}, not float)")
-    problems.raise_if_any(source.path, "the SavedModel does not match the talking-heads GGELU BERT layout",
-                          hints if problems else ())
+    problems.raise_if_any(source.path, f"the SavedModel does not match the {layout.name} layout",
+                          _notes(layout, own) if problems else ())
     return Plan(config=config, mapping=mapping, warnings=warnings)

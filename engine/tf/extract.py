@@ -4,12 +4,16 @@
 
 Reads the SavedModel with `tf.saved_model.load`: the root's `.variables` (the encoder), `.mlm.variables`
 (the encoder's variables again plus the masked-LM head), the non-float `do_lower_case` variable and
-the `vocab.txt` asset, and writes one self-describing HDF5 file in the layout of `weights.format`.
+the `vocab.txt` asset, and the activations its Keras metadata records (read_activations), and
+writes one self-describing HDF5 file in the layout of `weights.format`. A talking-heads GGELU BERT
+(EncoderScaffold) gives a talking_heads + geglu file, a standard BERT (BertEncoder) a multi_head +
+dense one (weights.tf_names.LAYOUTS).
 
 Three steps, of which only the first needs TensorFlow:
 - read_savedmodel (here): the variables' names, shapes and lazy values, do_lower_case, the vocab;
-- weights.tf_names.match_variables: the variables matched to the datasets by the one table of TF
-  names, the config inferred from the shapes; one `ExtractionError` lists everything missing,
+- weights.tf_names.match_variables: the variables matched to the datasets by the table of TF names
+  of their layout, the config inferred from the shapes and the recorded activation; one
+  `ExtractionError` lists everything missing,
   unexpected or mis-shaped. A SavedModel without `.mlm` extracts as an encoder-only file (has_mlm
   false, no `/mlm` group), with a warning;
 - weights.write.write_weights: the atomic write (a temporary file in the output's folder, fsync,
@@ -27,6 +31,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -42,7 +47,7 @@ from engine.tools import cache
 from engine.tools.progress import Progress
 
 __all__ = ["ExtractionError", "ExtractionResult", "SourceModel", "SourceVariable", "Plan", "match_variables",
-           "read_savedmodel", "read_tensors", "extract", "extractor_version", "cached_extraction", "main"]
+           "read_savedmodel", "read_activations", "read_tensors", "extract", "extractor_version", "cached_extraction", "main"]
 
 
 @dataclasses.dataclass
@@ -148,7 +153,76 @@ def read_savedmodel(savedmodel_dir: str) -> SourceModel:
         do_lower_case=None if dlc_var is None else bool(dlc_var.numpy()),
         do_lower_case_source=None if dlc_var is None else dlc_var.name,
         vocab=vocab, vocab_source=vocab_source, tensorflow_version=tf.__version__,
-        source_tensorflow_version=source_version if isinstance(source_version, str) else "")
+        source_tensorflow_version=source_version if isinstance(source_version, str) else "",
+        activations=read_activations(path))
+
+
+# The Keras layers whose config names the feed-forward's activation, by class (package prefix
+# dropped) and key: the block layers of BertEncoder, of older Model Garden and of EncoderScaffold.
+_FEEDFORWARD_KEYS = {
+    "Activation": ("activation",),      # the block's own activation layer, in every Model Garden block
+    "TransformerEncoderBlock": ("inner_activation",),
+    "Transformer": ("intermediate_activation", "inner_activation"),
+    "TransformerScaffold": ("inner_activation", "intermediate_activation"),
+    "GatedFeedforward": ("inner_activation", "intermediate_activation"),
+}
+
+
+def _keras_metadata(path: str) -> list[str]:
+    """The Keras metadata of every object (JSON strings): keras_metadata.pb where Keras wrote one,
+    else the SavedModel's object graph, where Keras kept it before that file existed."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    meta_file = os.path.join(path, "keras_metadata.pb")
+    if os.path.isfile(meta_file):
+        try:
+            from tf_keras.protobuf import saved_metadata_pb2
+        except ImportError:
+            saved_metadata_pb2 = None
+        if saved_metadata_pb2 is not None:
+            meta = saved_metadata_pb2.SavedMetadata()
+            with open(meta_file, "rb") as f:
+                meta.ParseFromString(f.read())
+            return [node.metadata for node in meta.nodes]
+    graph = os.path.join(path, "saved_model.pb")
+    if not os.path.isfile(graph):
+        return []
+    saved = saved_model_pb2.SavedModel()
+    with open(graph, "rb") as f:
+        saved.ParseFromString(f.read())
+    return [node.user_object.metadata for meta_graph in saved.meta_graphs
+            for node in meta_graph.object_graph_def.nodes
+            if node.WhichOneof("kind") == "user_object" and node.user_object.metadata]
+
+
+def _activation_name(value) -> str | None:
+    """An activation as tf_keras.activations.serialize names it: a string ("Text>gelu"), or in
+    Keras' newer format a dict whose config is that string."""
+    if isinstance(value, dict):
+        value = value.get("config") if isinstance(value.get("config"), str) else value.get("registered_name")
+    return value if isinstance(value, str) and value else None
+
+
+def read_activations(path: str) -> dict[str, list[str]]:
+    """{"feedforward": [...], "mlm": [...]}: the activations the SavedModel's Keras metadata records
+    for the blocks' feed-forward and for the MLM transform (the Dense `transform/dense` of
+    MaskedLM, or BertPretrainerV2's mlm_activation), as Keras names them; empty without metadata."""
+    found = {"feedforward": [], "mlm": []}
+    for text in _keras_metadata(path):
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            continue
+        config = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(config, dict):
+            continue
+        kind = str(meta.get("class_name", "")).split(">")[-1]
+        values = [config.get(key) for key in _FEEDFORWARD_KEYS.get(kind, ()) if key in config]
+        found["feedforward"] += [name for name in map(_activation_name, values) if name]
+        if kind == "Dense" and config.get("name") == "transform/dense":
+            found["mlm"] += [name for name in [_activation_name(config.get("activation"))] if name]
+        elif "mlm_activation" in config:
+            found["mlm"] += [name for name in [_activation_name(config["mlm_activation"])] if name]
+    return found
 
 
 def read_tensors(source: SourceModel, plan: Plan, *, progress: bool = True) -> dict[str, np.ndarray]:
@@ -183,7 +257,7 @@ def extract(savedmodel_dir: str, out_path: str, *, force: bool = False, progress
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     c = plan.config
-    _log(f"matched {len(plan.mapping)} tensors: L={c.num_layers} H={c.hidden_size} N={c.num_heads} "
+    _log(f"matched {len(plan.mapping)} tensors ({c.family}): L={c.num_layers} H={c.hidden_size} N={c.num_heads} "
          f"D={c.head_size} I={c.intermediate_size} V={c.vocab_size} P={c.max_position_embeddings} "
          f"T={c.type_vocab_size} mlm={c.has_mlm} do_lower_case={c.do_lower_case}")
     tensors = read_tensors(source, plan, progress=progress)
