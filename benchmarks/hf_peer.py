@@ -39,6 +39,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -94,6 +95,7 @@ def tokenize(folder: str, texts: list, seq_length) -> tuple[dict, list]:
 def run(req: dict) -> tuple[dict, dict]:
     import torch
     import transformers
+    transformers.utils.logging.disable_progress_bar()
 
     folder = req.get("model")
     kind = req.get("kind")

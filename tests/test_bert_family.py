@@ -183,3 +183,12 @@ def test_onnx_graph_of_the_family_matches_the_readable_model(tmp_path, family):
         readable_err = np.abs(readable[name] - truth[name]).max() / scale
         print(f"{'+'.join(family)} {name}: onnxruntime {onnx_err:.2e}, readable {readable_err:.2e}")
         assert onnx_err <= 4 * readable_err + 2e-7
+
+
+def test_the_fused_gpu_path_refuses_another_family_by_name():
+    """The CUDA kernels compute talking-heads GEGLU blocks; another family is refused with the way
+    out (checked with the kernels' NumPy twins, so without a GPU too)."""
+    from engine.gpu import forward as gpu
+    cfg = _config()
+    with pytest.raises(ValueError, match=r"this model is multi_head\+dense\+gelu_erf: load it with gpu_path='plain'"):
+        gpu.GpuForward(engine.Encoder(cfg, random_tensors(cfg)), ops="numpy")

@@ -43,6 +43,7 @@ STORAGE_TYPES = {
     "ShortStorage": ("I16", "i2"), "CharStorage": ("I8", "i1"), "ByteStorage": ("U8", "u1"),
     "BoolStorage": ("BOOL", "?"),
 }
+NUMPY_DTYPES = dict(STORAGE_TYPES.values())   # dtype name -> NumPy dtype of the stored bytes
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"   # pickled magic number of torch < 1.6
 
 
@@ -219,7 +220,7 @@ class TorchCheckpoint:
         """Tensor `name`'s stored values, C-contiguous, in their own dtype (BF16 as uint16 bits)."""
         ref = self.entries[name]
         s = ref.storage
-        dtype = np.dtype(dict(STORAGE_TYPES.values())[s.dtype]).newbyteorder(self._order)
+        dtype = np.dtype(NUMPY_DTYPES[s.dtype]).newbyteorder(self._order)
         data = self._read_member(f"{self._prefix}data/{s.key}")
         if len(data) < s.numel * dtype.itemsize:
             raise TorchCheckpointError(f"{self.path}: tensor {name}: its storage data/{s.key} has {len(data)} bytes, "

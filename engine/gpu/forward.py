@@ -88,6 +88,9 @@ class _Workspace:
         self.embeddings = e((B, S, H))
 
 
+FUSED_FAMILY = "talking_heads+geglu+gelu_tanh"   # what the CUDA kernels of engine/gpu/kernels.cu compute
+
+
 class GpuForward:
     """The fused encoder forward over a model's weights (an engine.core.model.Model), with CudaOps
     (GPU) or NumpyOps (CPU).
@@ -101,10 +104,13 @@ class GpuForward:
     skips_padding = False
 
     def __init__(self, model, precision: str = "float32", ops: str = "cuda", cuda_graphs: bool = False):
+        cfg = model.config
+        if cfg.family != FUSED_FAMILY:
+            raise ValueError(f"the fused GPU path runs {FUSED_FAMILY} models; this model is {cfg.family}: "
+                             "load it with gpu_path='plain' (the readable model on CuPy)")
         self.precision = G.check_precision(precision)
         self.ops = G.CudaOps(self.precision) if ops == "cuda" else G.NumpyOps(self.precision)
         xp = self.ops.xp
-        cfg = model.config
         self.config = cfg
         self.H, self.N, self.I = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
         self.eps = float(cfg.layer_norm_epsilon)
