@@ -2,17 +2,19 @@
 
     from engine.tools import stream
     stream.encode(enc, prep, "corpus.txt", "out.h5", key="pooled_output", seq_length=None,
-                  max_tokens=2048, resume=False, force=False)
+                  max_tokens=2048, resume=False, force=False, normalize=False)
 
     python -m engine encode --weights H5 --input corpus.txt --output out.{npy,h5,jsonl} \
-        [--seq-length S] [--max-tokens 2048] [--batch-size ROWS] [--resume | --force] [--sequence]
+        [--seq-length S] [--max-tokens 2048] [--batch-size ROWS] [--resume | --force]
+        [--sequence | --pooling pooled|cls|mean [--normalize]]
 
 Reading. The input is read lazily, one line at a time (one text per line, UTF-8, the trailing "\\n"
 removed; an undecodable line is an error naming its number). Nothing is sorted: rows come out in
 input order.
 
 Length. Each text is packed as the Hub preprocessor packs it ([CLS] text [SEP]), truncated to
-`seq_length` tokens: by default the model's positions (512 for the Hub model), so that no text is
+`seq_length` tokens: by default the file's `max_seq_length` when it sets one (a sentence-embedding
+model's training length), else the model's positions (512 for the Hub model), so that no text is
 cut that the model could read whole. Truncated texts are counted and reported (the first line
 number too). pooled_output rows are packed to the longest text of their batch: the tokens are the
 Hub preprocessor's, only the padding is shorter, and padded keys get exactly zero attention.
@@ -69,6 +71,7 @@ import time
 import numpy as np
 
 from engine.core import backend as backend_mod
+from engine.tools import pooling
 from engine.tools.workfile import (PROGRESS_VERSION, Partial, WorkfileError, fsync_dir, read_progress, read_rows,
                                    remove, write_json_atomic)
 
@@ -187,7 +190,8 @@ def weights_fingerprint(enc) -> str:
     arrays = [enc.word_table, enc.position_table, enc.type_table, *enc.embedding_ln,
               enc.pooler_kernel, enc.pooler_bias]
     for block in enc.blocks:
-        arrays += [v for v in vars(block.attention).values()] + [v for v in vars(block.feedforward).values()]
+        arrays += [v for part in (block.attention, block.feedforward) for v in vars(part).values()
+                   if v is not None]                                  # a standard BERT has no mixing, no gate
         arrays += [*block.attention_ln, *block.feedforward_ln]
     for a in arrays:
         a = np.ascontiguousarray(backend_mod.to_numpy(a)).ravel()
@@ -278,8 +282,8 @@ def check_arguments(enc, output: str, key: str, seq_length, max_tokens, max_rows
     if kind is None:
         raise StreamError(f"--output {output}: unknown extension {os.path.splitext(output)[1]!r} "
                           f"(use .npy, .h5 or .jsonl)")
-    if key not in ("pooled_output", "sequence_output"):
-        raise StreamError(f"key {key!r}: expected pooled_output or sequence_output")
+    if key not in ("sequence_output", *pooling.POOLINGS):
+        raise StreamError(f"key {key!r}: expected sequence_output or one of {list(pooling.POOLINGS)}")
     positions = enc.config.max_position_embeddings
     if seq_length is not None:
         _positive("--seq-length", seq_length, 2)
@@ -351,7 +355,7 @@ def encode_batches(enc, prep, lines: Lines, writer: Partial, record: dict, diges
                                                 first_line=lines.lines + 1):
             packed = prep.bert_pack_inputs([rows], seq_length=width)
             batch_tokens = int(packed["input_mask"].sum())
-            out = backend_mod.to_numpy(enc(packed, skip_padding=skip_padding, outputs=(key,))[key])
+            out = pooling.embed(enc, packed, key, skip_padding, params["normalize"])
             writer.append(out)
             writer.commit()
             for raw in raws:
@@ -388,10 +392,12 @@ def encode_batches(enc, prep, lines: Lines, writer: Partial, record: dict, diges
 
 def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_length: int | None = None,
            max_tokens: int = 2048, max_rows: int | None = None, resume: bool = False, force: bool = False,
-           progress=None, progress_every: float = 1.0, bar=None) -> dict:
+           progress=None, progress_every: float = 1.0, bar=None, normalize: bool = False) -> dict:
     """Encodes every line of `source` (a text file's path, or a list of texts) into `output`
-    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. seq_length: the truncation length
-    (default: the model's positions). `bar(done_fraction, rows, tokens)`: called after each batch,
+    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. key: sequence_output, or the pooled
+    rows of engine.tools.pooling (pooled_output, cls_embedding, mean_embedding), L2-normalized with
+    normalize. seq_length: the truncation length (default: the file's max_seq_length, else the
+    model's positions). `bar(done_fraction, rows, tokens)`: called after each batch,
     for a progress bar. Returns a summary dict: rows and tokens (all of the output's, a resumed
     run's included), resumed_from, tokens_this_run, truncated, first_truncated_line, shape,
     batches, seconds. Raises StreamError on a user-facing problem."""
@@ -401,11 +407,12 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
     partial, record_path = paths(output)
     positions = enc.config.max_position_embeddings
     if seq_length is None:
-        seq_length = longest_text(source, prep, positions) if key == "sequence_output" else positions
+        cap = getattr(enc.config, "max_seq_length", 0) or positions
+        seq_length = longest_text(source, prep, cap) if key == "sequence_output" else cap
     row_shape = (seq_length, enc.config.hidden_size) if key == "sequence_output" else (enc.config.hidden_size,)
     lines = Lines(source)
     params = {"kind": kind, "key": key, "seq_length": int(seq_length), "max_tokens": int(max_tokens),
-              "max_rows": None if max_rows is None else int(max_rows),
+              "max_rows": None if max_rows is None else int(max_rows), "normalize": bool(normalize),
               "skip_padding": bool(getattr(enc.fast_forward, "skips_padding", False)),
               "dtype": np.dtype(enc.dtype).str, "row_shape": list(row_shape), "weights": weights_fingerprint(enc),
               "input": lines.name}
