@@ -161,36 +161,46 @@ def test_fast_twin_leaves_the_model_alone_and_keeps_the_readable_path(tiny_h5):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_fast_load_holds_the_block_matrices_twice_at_most(tiny_h5, packed, monkeypatch):
-    """engine.load(fast=True) keeps the file's arrays as the model's own (float32: no copy), and the
-    twin one derived copy of the block matrices: the packed panels alone when packing (the fused
-    matrices they were packed from are dropped), else the fused matrices in Fortran order."""
+def test_fast_load_holds_the_block_matrices_once(tiny_h5, packed, monkeypatch):
+    """engine.load(fast=True) keeps the file's arrays as the model's own (float32: no copy), the twin
+    one derived copy of the block matrices (the packed panels alone when packing, else the fused
+    matrices in Fortran order), and lets the readable copies of those matrices go; reading the
+    readable blocks (parameters()) restores them exactly, and from then on both are held."""
     import weakref
     import weights
+    from engine.api import PRODUCT_MATRICES
     from engine.fast import gemm
-    originals = {}
+    originals, values = {}, {}
     real_load = weights.load
 
     def load_and_watch(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
         originals.update({name: weakref.ref(a) for name, a in loaded.tensors.items()})
+        values.update({name: a.copy() for name, a in loaded.tensors.items()})
         return loaded
     monkeypatch.setattr(weights, "load", load_and_watch)
     fast = engine.load(tiny_h5, fast=True, packed=packed)
-    params = fast.parameters()
-    assert all(originals[path]() is a for path, a in params.items()), "the model holds the file's arrays"
-    twin_bytes = model_bytes = 0
-    for i, blk in enumerate(fast.fast_forward.blocks):
-        model_bytes += sum(a.nbytes for path, a in params.items()
-                           if path.startswith(f"layers/{i}/") and path.endswith("/kernel"))
+    held = [getattr(getattr(b, part), field) for b in fast._blocks for part, field in PRODUCT_MATRICES]
+    assert all(a is None for a in held), "the readable product matrices are let go"
+    twin_bytes = 0
+    for blk in fast.fast_forward.blocks:
         if blk.packed is not None:
             assert all(getattr(blk, n) is None for n in blk.MATRICES)
             twin_bytes += sum(m.panels.nbytes + (0 if m.tail is None else m.tail.nbytes) for m in blk.packed.values())
         else:
             twin_bytes += sum(getattr(blk, n).nbytes for n in blk.MATRICES)
     assert (fast.fast_forward.blocks[0].packed is not None) == (packed and gemm.enabled())
-    print(f"packed={packed}: block matrices {model_bytes} bytes in the model, {twin_bytes} in the twin")
-    assert twin_bytes == model_bytes
+    kernels = [p for p in values if p.startswith("layers/") and p.endswith("/kernel")]
+    file_bytes = sum(values[p].nbytes for p in kernels)
+    print(f"packed={packed}: block matrices {file_bytes} bytes in the file, {twin_bytes} in the twin, "
+          f"{sum(originals[p]() is not None for p in kernels)} readable kept")
+    assert twin_bytes == file_bytes
+    assert all(originals[p]() is None for p in kernels), "nothing else keeps a readable matrix alive"
+    params = fast.parameters()                                   # restores the readable copies
+    assert all(np.array_equal(params[p], values[p]) for p in values), "restored exactly"
+    assert all(originals[p]() is params[p] for p in values if p not in kernels), "the rest is the file's arrays"
+    fast.weights_changed()
+    assert fast.fast_forward is not None and fast._blocks[0].attention.query_kernel is not None, "both held now"
 
 
 def test_fast_numpy_only(tiny_h5):

@@ -1,6 +1,6 @@
 """The HDF5 weight format: one self-describing file per model. h5py and NumPy only.
 
-Layout (format "talkheads-ggelu-bert", version 2; version 1 files, which predate the model-family
+Layout (format "talkheads-ggelu-bert", version 2; version 1 files, without the model-family
 attributes, read as talking-heads GEGLU with the Hub model's defaults). Letters: L layers, H hidden, N heads, D head size,
 I intermediate, V vocab, P positions, T type vocab. Every tensor is float32 in its natural shape.
 

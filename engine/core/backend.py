@@ -70,6 +70,21 @@ def check_dtype(dtype) -> str:
 _MALLOC_TUNED = False
 
 
+def return_freed_memory() -> bool:
+    """Asks glibc's malloc to give the free memory at the top of its heaps back to the OS
+    (malloc_trim(0)); returns whether it ran. Why: arrays freed after glibc raised its mmap threshold
+    (it does after the first big free) stay in the heap, resident: a fast encoder that lets 340 MB of
+    readable matrices go would not shrink without it (measured: 1078 -> 645 MB at base size). A
+    no-op elsewhere than Linux/glibc and once reuse_freed_memory asked malloc to keep memory."""
+    if _MALLOC_TUNED:
+        return False
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) in (0, 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def reuse_freed_memory() -> bool:
     """Asks glibc's malloc to keep freed large blocks for reuse instead of returning them to the OS
     (mallopt: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 2 GiB - 1, the largest value mallopt's int

@@ -51,7 +51,6 @@ threads' NumPy products run single-threaded during a call.
 
 from __future__ import annotations
 
-import math
 import mmap
 import time
 
@@ -60,6 +59,7 @@ import numpy as np
 from engine.core import kernels as K
 from engine.core.settings import Settings
 from engine.fast import elementwise, fused, gemm
+from engine.fast.blocks import FastBlock
 from engine.fast.elementwise import masked_softmax_in_place
 from engine.fast.threads import blas_thread_setter, packed_product, parallel_rows, single_threaded_blas, thread_pool
 
@@ -75,84 +75,17 @@ def _touched_empty(shape, dtype):
     return out
 
 
-def _side_by_side(parts, dtype, fortran, scratch=None):
-    """The matrices [K,n_1], [K,n_2], ... as one [K,n_1+n_2+...] product matrix, in Fortran order
-    (the transpose of a C-order array: what OpenBLAS multiplies fastest for few rows) or C order
-    (what engine/fast/gemm.py packs from: one C-order part is itself, no copy; several are copied
-    into `scratch` when given, a buffer reused from block to block)."""
-    if len(parts) == 1 and not fortran:
-        return np.ascontiguousarray(parts[0], dtype)
-    K, N = parts[0].shape[0], sum(p.shape[1] for p in parts)
-    if fortran:
-        out = np.empty((N, K), dtype).T
-    else:
-        out = np.empty((K, N), dtype) if scratch is None else scratch[:K * N].reshape(K, N)
-    start = 0
-    for p in parts:
-        out[:, start:start + p.shape[1]] = p
-        start += p.shape[1]
-    return out
-
-
-class _FastBlock:
-    """One block's weights in the fast layout, derived from the readable block (whose arrays are
-    read, never rebound or re-laid). The four product matrices are held either packed for
-    engine/fast/gemm.py (`packed`, float32 with Numba; then no other copy of them) or in Fortran
-    order for np.matmul (qkv_kernel, output_kernel, ff_kernel, out_kernel); the fused q/k/v bias
-    and the scaled W_pre^T are its own; biases and layer norms are the readable block's arrays."""
-
-    MATRICES = ("qkv_kernel", "output_kernel", "ff_kernel", "out_kernel")
-
-    def __init__(self, block, config, dtype, packed: bool, scratch=None):
-        a, f = block.attention, block.feedforward
-        H, N, D = config.hidden_size, config.num_heads, config.head_size
-        ND = N * D
-        # Unpacked, every matrix is stored transposed ([out,in] in C order, used as its [in,out]
-        # view): OpenBLAS multiplies x @ W^T-stored faster for few rows (measured at 128 rows, one
-        # thread: 92 vs 75 GFLOP/s for [128,768]x[768,2304], 87 vs 77 for [768,6144]) and as fast
-        # for many. Q, K and V are one product x·[Wq|Wk|Wv]; the GEGLU's inputs one x·[Wi|Wg].
-        gated = f.gate_kernel is not None
-        sources = {"qkv_kernel": [a.query_kernel.reshape(H, ND), a.key_kernel.reshape(H, ND),
-                                  a.value_kernel.reshape(H, ND)],                  # [H,3ND]
-                   "output_kernel": [a.output_kernel.reshape(ND, H)],              # [ND,H]
-                   "ff_kernel": [f.intermediate_kernel, f.gate_kernel] if gated
-                   else [f.intermediate_kernel],                                   # [H,2I] or [H,I]
-                   "out_kernel": [f.output_kernel]}                                # [I,H]
-        self.packed = {} if packed else None
-        for name, parts in sources.items():   # packed, the panels are the one derived copy
-            matrix = _side_by_side(parts, dtype, fortran=not packed, scratch=scratch)
-            if packed:
-                self.packed[name] = p = gemm.PackedMatrix(matrix)
-                if p.tail is not None and scratch is not None and np.shares_memory(p.tail, scratch):
-                    p.tail = p.tail.copy()          # the whole matrix when narrower than a panel
-            setattr(self, name, None if packed else matrix)
-        self.qkv_bias = np.concatenate([b.reshape(ND) for b in (a.query_bias, a.key_bias, a.value_bias)])  # [3ND]
-        self.output_bias = a.output_bias
-        # out = W^T @ x over the head axis; the score scale folded into W_pre (exact when D = 4^k).
-        # W^T is kept in Fortran order (the transpose of a C-order W): OpenBLAS runs [N,N] @ [N,S*T]
-        # about 100x faster with 2 threads that way than with a C-order W^T.
-        # Without mixing weights (multi-head attention) the scale is applied as the readable
-        # K.scale_scores does, and nothing is mixed.
-        scale = 1.0 / math.sqrt(float(D))
-        self.scale = dtype.type(scale)
-        self.pre_t = self.post_t = None
-        if a.pre_softmax_weight is not None:
-            self.pre_t = np.ascontiguousarray(np.asarray(a.pre_softmax_weight, np.float64) * scale, dtype).T
-            self.post_t = np.ascontiguousarray(a.post_softmax_weight, dtype).T
-        self.attention_ln, self.feedforward_ln = block.attention_ln, block.feedforward_ln
-        self.intermediate_bias, self.gate_bias = f.intermediate_bias, f.gate_bias
-        self.out_bias = f.output_bias
-
-
 class FastEncoder:
     """The fast forward pass of an engine.core.model.Model (NumPy backend), a twin that owns the
-    arrays it derives from the model's weights (see _FastBlock) and reads the rest (embedding tables,
+    arrays it derives from the model's weights (see engine.fast.blocks.FastBlock) and reads the rest (embedding tables,
     layer norms, biases, pooler) from the model. Built by engine.Encoder(..., fast=True) /
     engine.load(..., fast=True), rebuilt by the Encoder after its weights change."""
 
     skips_padding = True     # encode(..., skip_padding=True) packs the real tokens
 
-    def __init__(self, model, settings=None):
+    def __init__(self, model, settings=None, on_block=None):
+        """on_block(i), when given, is called once block i's twin is built (engine.Encoder lets the
+        readable copies of its matrices go there, so the two are never all held at once)."""
         self.config = cfg = model.config
         self.dtype = np.dtype(model.dtype)
         self.encoder = model                       # the readable model whose twin this is
@@ -164,7 +97,11 @@ class FastEncoder:
         H, ND, I = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.intermediate_size
         size = H * max(3 * ND, (2 if cfg.gated else 1) * I)
         scratch = np.frombuffer(mmap.mmap(-1, size * self.dtype.itemsize), self.dtype, size) if packed else None
-        self.blocks = [_FastBlock(b, cfg, self.dtype, packed, scratch) for b in model.blocks]
+        self.blocks = []
+        for i, b in enumerate(model.blocks):
+            self.blocks.append(FastBlock(b, cfg, self.dtype, packed, scratch))
+            if on_block is not None:
+                on_block(i)
         del scratch
         t = self.dtype.type
         self._c = {"half": t(0.5), "one": t(1.0), "coeff": t(K.GELU_TANH_COEFF), "k": t(K.SQRT_2_OVER_PI), "minus_2k": t(-2.0 * K.SQRT_2_OVER_PI),

@@ -228,6 +228,16 @@ class PackedMatrix:
         self.tail = np.ascontiguousarray(w[:, P * NR:]) if N > P * NR else None   # [K,N%NR]
         self.no_bias = np.zeros(N, np.float32)       # the tile always adds a bias row: zeros for none
 
+    def to_dense(self):
+        """W [K,N] again, C order: the panels and the tail copied back (exact: packing only moves values)."""
+        K, N = self.shape
+        P, NR = self.num_panels, self.nr
+        w = np.empty((K, N), np.float32)
+        w[:, :P * NR] = self.panels.transpose(1, 0, 2).reshape(K, P * NR)          # [P,K,NR] -> [K,P*NR]
+        if self.tail is not None:
+            w[:, P * NR:] = self.tail
+        return w
+
     def matmul(self, x, out, p0, p1, bias=None):
         """out[:, p0*NR:p1*NR] = x @ W[:, same] (+ bias[same]); x [T,K], out [T,N] float32, each row
         contiguous; bias [N] float32 or None. Releases the GIL."""
