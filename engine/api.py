@@ -17,6 +17,15 @@ from engine.core.model import Model, named_outputs, output_names
 from engine.core.settings import Settings
 from weights.format import ModelConfig
 
+POOLINGS = ("pooled", "cls", "mean")
+# sentence-transformers' floors: a row of padding alone has no token to average; a zero vector stays zero.
+MIN_TOKENS, MIN_NORM = 1e-9, 1e-12
+
+# The BlockWeights fields a fast twin re-lays into its own product matrices: (part, field).
+PRODUCT_MATRICES = (("attention", "query_kernel"), ("attention", "key_kernel"), ("attention", "value_kernel"),
+                    ("attention", "output_kernel"), ("feedforward", "intermediate_kernel"),
+                    ("feedforward", "gate_kernel"), ("feedforward", "output_kernel"))
+
 
 class Encoder(Model):
     """engine.core.model.Model, plus the choice of its forward path:
@@ -32,19 +41,62 @@ class Encoder(Model):
 
     Gradients and training work on the model's arrays (parameters()); the twin's derived arrays
     follow them through weights_changed() (engine.train's Trainer calls it after every step).
+
+    Memory: a fast encoder holds each block's product matrices once. The fast twin keeps them
+    (packed panels, or re-laid for np.matmul), so once it is built the readable copies are let go;
+    anything that reads the readable blocks (enc.blocks, parameters(), tape, trace, a readable
+    call) restores them from the twin, exactly (packing only moves values), and from then on both
+    are held: training a fast encoder holds both, inference one.
     """
 
     def __init__(self, config: ModelConfig, tensors: dict, *, backend: str | None = None,
                  dtype: str = "float32", vocab=None, fast: bool = False, settings: Settings | None = None,
-                 **options):
+                 take_tensors: bool = False, **options):
         if settings is not None and (backend is not None or options):
             raise TypeError("Encoder: give either settings or the settings' fields (backend=, ...), not both")
         settings = settings if settings is not None else Settings.resolve(backend=backend, **options)
         _check_fast(fast, settings.backend)
         super().__init__(config, tensors, backend=settings.backend, dtype=dtype, vocab=vocab)
+        if take_tensors:    # the caller's dict let go: the model's arrays are then its only references
+            tensors.clear()
         self.settings = settings
         self.fast = fast
+        self._hold_both = False     # True once the readable matrices were asked for after a release
         self._twin, self._twin_stale = self._build_twin(), False
+
+    # -------------------------------------------------------------------------------- the blocks
+
+    @property
+    def blocks(self):
+        """The readable model's BlockWeights (engine.core.model), restored from the fast twin first
+        when they were let go (see the class docstring)."""
+        if getattr(self, "_released", False):
+            self._restore_readable_matrices()
+        return self._blocks
+
+    @blocks.setter
+    def blocks(self, value):
+        self._blocks, self._released = value, False
+
+    def _release_block(self, i: int) -> None:
+        """Drops the readable copies of block i's product matrices, which its fast twin now holds."""
+        for part, field in PRODUCT_MATRICES:
+            setattr(getattr(self._blocks[i], part), field, None)
+
+    def readable_block_matrices(self, i: int) -> dict:
+        """{(part, field): array} of block i's product matrices without keeping them: the readable
+        arrays, or a transient copy from the fast twin when they were let go (for a fingerprint)."""
+        if self._released:
+            return self._twin.blocks[i].readable_matrices(self.config)
+        block = self._blocks[i]
+        return {(part, field): getattr(getattr(block, part), field) for part, field in PRODUCT_MATRICES
+                if getattr(getattr(block, part), field) is not None}
+
+    def _restore_readable_matrices(self) -> None:
+        for block, twin_block in zip(self._blocks, self._twin.blocks):
+            for (part, field), array in twin_block.readable_matrices(self.config).items():
+                setattr(getattr(block, part), field, array)
+        self._released, self._hold_both = False, True
 
     # -------------------------------------------------------------------------------- the path
 
@@ -60,7 +112,12 @@ class Encoder(Model):
     def _build_twin(self):
         if self.fast:
             from engine.fast.forward import FastEncoder
-            return FastEncoder(self, self.settings)
+            if self._hold_both:
+                return FastEncoder(self, self.settings)
+            twin = FastEncoder(self, self.settings, on_block=self._release_block)
+            self._twin, self._released = twin, True
+            backend_mod.return_freed_memory()
+            return twin
         if self.backend == "cupy" and self.dtype == "float32" and self.settings.gpu_path == "fused":
             from engine.gpu import forward as gpu
             return gpu.GpuForward(self, precision=self.settings.precision, cuda_graphs=self.settings.cuda_graphs)
@@ -92,6 +149,29 @@ class Encoder(Model):
         keep = "all" if "encoder_outputs" in names else "last" if "sequence_output" in names else "pooled"
         ids, mask, types, _ = self.device_inputs(inputs, with_positions=False)
         return named_outputs(*self._encode_by_path(ids, mask, types, skip_padding, keep), names)
+
+    def embed(self, inputs, pooling: str | None = None, normalize: bool | None = None, skip_padding=False):
+        """Sentence embeddings [B,H] (arrays of the backend): pooling "pooled" (pooled_output),
+        "cls" (sequence_output[:, 0]) or "mean" (the mean of sequence_output over the input_mask
+        positions: sentence-transformers' mean pooling); normalize divides each row by its L2 norm
+        (its Normalize module). None: the file's config (`pooling`, `normalize`). The encoder runs
+        as enc(inputs) does; pooling only reads its outputs."""
+        pooling = self.config.pooling if pooling is None else pooling
+        normalize = self.config.normalize if normalize is None else normalize
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: expected one of {list(POOLINGS)}")
+        if pooling == "pooled":
+            rows = self(inputs, skip_padding, outputs=("pooled_output",))["pooled_output"]        # [B,H]
+        else:
+            seq = self(inputs, skip_padding, outputs=("sequence_output",))["sequence_output"]     # [B,S,H]
+            if pooling == "cls":
+                rows = seq[:, 0]
+            else:
+                mask = self.xp.asarray(np.asarray(inputs["input_mask"]), dtype=seq.dtype)[:, :, None]  # [B,S,1]
+                rows = (seq * mask).sum(axis=1) / self.xp.maximum(mask.sum(axis=1), MIN_TOKENS)
+        if normalize:
+            rows = rows / self.xp.maximum(self.xp.linalg.norm(rows, axis=-1, keepdims=True), MIN_NORM)
+        return self.xp.ascontiguousarray(rows)
 
     def mlm(self, inputs, record=None, skip_padding=False):
         """The `.mlm` call: the encoder outputs plus mlm_logits [B,P,V] at masked_lm_positions [B,P].
@@ -143,4 +223,5 @@ def load(path: str, backend: str | None = None, dtype: str = "float32", fast: bo
                                 malloc_tuning=malloc_tuning)
     _check_fast(fast, settings.backend)
     loaded = weights.load(path, verify_checksums=verify_checksums)
-    return Encoder(loaded.config, loaded.tensors, dtype=dtype, vocab=loaded.vocab, fast=fast, settings=settings)
+    return Encoder(loaded.config, loaded.tensors, dtype=dtype, vocab=loaded.vocab, fast=fast, settings=settings,
+                   take_tensors=True)

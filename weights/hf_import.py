@@ -9,11 +9,13 @@ library only: no torch, no transformers, no safetensors package.
 
 What the folder holds, and what becomes of it:
 - config.json: model_type "bert" (or none, as the oldest configs), architectures BertModel,
-  BertForMaskedLM or BertForPreTraining (or none), absolute position embeddings, an encoder (not a
-  decoder, no cross-attention). The sizes (transformers' BertConfig defaults where a key is
-  absent), `layer_norm_eps` and `hidden_act` ("gelu" is the erf GELU; "gelu_new",
-  "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate" and "gelu_python_tanh" all compute the tanh
-  formula) become the file's config; anything else is refused by name.
+  BertForMaskedLM or BertForPreTraining (or none; another transformers Bert* class is refused, a
+  custom class built on BertModel, such as AntiBERTy, is read by its tensors with a warning),
+  absolute position embeddings, an encoder (not a decoder, no cross-attention). The sizes
+  (transformers' BertConfig defaults where a key is absent), `layer_norm_eps` and `hidden_act`
+  ("gelu" is the erf GELU; "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate" and
+  "gelu_python_tanh" all compute the tanh formula) become the file's config; anything else is
+  refused by name.
 - model.safetensors (preferred) or pytorch_model.bin (weights/safetensors_file.py,
   weights/torch_checkpoint.py), matched by weights/hf_names.py. The file is standard BERT:
   attention "multi_head", feed_forward "dense"; has_mlm when the checkpoint has the MLM head.
@@ -107,17 +109,23 @@ def sha256_file(path: str) -> str:
 
 # ---------------------------------------------------------------------------- config.json
 
-def check_model(path: str, hf: dict) -> None:
-    """Refuses, by name, every config.json that is not a BERT encoder with absolute positions."""
+def check_model(path: str, hf: dict) -> list[str]:
+    """Refuses, by name, every config.json that is not a BERT encoder with absolute positions;
+    returns the warnings (a custom architecture, read by its tensors)."""
     model_type = hf.get("model_type", "bert")
     if model_type != "bert":
         raise HfImportError(f"{path}: model_type {model_type!r} is not supported: import-hf reads BERT checkpoints "
                             f"(BertModel, BertForMaskedLM)")
     architectures = hf.get("architectures") or []
-    other = [a for a in architectures if a not in ARCHITECTURES]
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise HfImportError(f"{path}: architectures is {architectures!r}, not a list of class names")
+    # transformers' other Bert* classes put task layers (a classifier, a decoder) where the format
+    # has none; a class of another name is a model built on BertModel, judged by its tensors.
+    other = [a for a in architectures if a not in ARCHITECTURES and a.startswith("Bert")]
     if other:
         raise HfImportError(f"{path}: architectures {other} are not supported: import-hf reads "
                             f"{', '.join(ARCHITECTURES)} (its MLM part)")
+    custom = [a for a in architectures if not a.startswith("Bert")]
     position = hf.get("position_embedding_type", "absolute")
     if position != "absolute":
         raise HfImportError(f"{path}: position_embedding_type {position!r} is not supported: the engine adds "
@@ -125,6 +133,8 @@ def check_model(path: str, hf: dict) -> None:
     for key in ("is_decoder", "add_cross_attention"):
         if hf.get(key):
             raise HfImportError(f"{path}: {key} is true: import-hf reads BERT encoders only")
+    return [f"architectures {custom}: not a transformers BERT class; read by its tensor names (the encoder, the "
+            f"MLM head; other heads left out)"] if custom else []
 
 
 def hidden_activation(path: str, hf: dict) -> str:
@@ -289,7 +299,7 @@ def read_hf_folder(folder: str) -> HfModel:
     if not os.path.isfile(config_path):
         raise HfImportError(f"{model_dir}: no config.json: not a Hugging Face model folder")
     hf = read_json(config_path)
-    check_model(config_path, hf)
+    warnings = check_model(config_path, hf)
     size = sizes(config_path, hf)
     lower, lower_source = tokenizer_lower_case(model_dir)
     if sentence and sentence.lower_case and not lower:
@@ -298,7 +308,6 @@ def read_hf_folder(folder: str) -> HfModel:
     if sentence and sentence.dimension not in (None, size["hidden_size"]):
         raise HfImportError(f"{folder}: the Pooling module's word_embedding_dimension {sentence.dimension} differs "
                             f"from the model's hidden_size {size['hidden_size']}")
-    warnings = []
     length = (sentence.max_seq_length or 0) if sentence else 0
     if length > size["max_position_embeddings"]:
         warnings.append(f"sentence_bert_config.json's max_seq_length {length} is more than the model's "
@@ -312,6 +321,7 @@ def read_hf_folder(folder: str) -> HfModel:
                              attention="multi_head", feed_forward="dense",
                              pooling=sentence.pooling if sentence else "pooled",
                              normalize=sentence.normalize if sentence else False, max_seq_length=length)
+    vocab, vocab_path = wordpiece_vocab(model_dir, config.vocab_size)   # before the weights: a refusal costs nothing
     path = weights_file(model_dir)
     tensors, plan, config = read_tensors(path, config, tied=hf.get("tie_word_embeddings", True) is not False)
     if plan.pooler_missing:
@@ -319,7 +329,6 @@ def read_hf_folder(folder: str) -> HfModel:
             config = dataclasses.replace(config, pooling="cls")
         warnings.append(f"{os.path.basename(path)} has no pooler (pooler.dense): written as zeros, so pooled_output "
                         f"is 0; encode's default is {config.pooling} pooling")
-    vocab, vocab_path = wordpiece_vocab(model_dir, config.vocab_size)
     sources = {ours: name for ours, (name, _) in plan.mapping.items()}
     sources.update({p: "zeros: the checkpoint has no pooler" for p in fmt.POOLER_TENSORS if plan.pooler_missing})
     provenance = {
@@ -335,7 +344,7 @@ def read_hf_folder(folder: str) -> HfModel:
         "vocab_source": vocab_path,
         "ignored_tensors": ", ".join(plan.ignored),
         "sentence_transformers": sentence.modules if sentence else "",
-        "import_warnings": "; ".join(warnings),
+        "import_warnings": "\n".join(warnings),
     }
     return HfModel(config, tensors, sources, vocab, provenance)
 

@@ -14,9 +14,11 @@ so every kernel is transposed; the attention kernels are then split into heads: 
 n*D + d of query/key/value is head n, position d.
 
 Kept out of the file, and listed in the provenance: the `position_ids` / `token_type_ids` buffers
-(arange and zeros, not weights) and the next-sentence head of BertForPreTraining. The MLM decoder
-weight is the word table (tied) and must equal it; the decoder bias is the MLM output bias.
-Anything else is refused by name.
+(arange and zeros, not weights) and the task heads beside the MLM head, `cls.<head>.weight` and
+`.bias` (BertForPreTraining's next-sentence head `cls.seq_relationship`, a custom model's
+classifiers on the pooled output): they read the encoder's outputs and change none of them. The
+MLM decoder weight is the word table (tied) and must equal it; the decoder bias is the MLM output
+bias. Anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -113,12 +115,8 @@ MLM_PREFIX = "cls.predictions."
 DECODER_WEIGHT = "cls.predictions.decoder.weight"   # [V,H]: the word table, tied
 DECODER_BIAS = "cls.predictions.decoder.bias"       # [V]: the same parameter as cls.predictions.bias
 # Not weights of the encoder: left out of the file, listed in its provenance.
-IGNORED_NAMES = {
-    "embeddings.position_ids": "a buffer (arange)",
-    "embeddings.token_type_ids": "a buffer (zeros)",
-    "cls.seq_relationship.weight": "the next-sentence head",
-    "cls.seq_relationship.bias": "the next-sentence head",
-}
+IGNORED_NAMES = ("embeddings.position_ids", "embeddings.token_type_ids")   # buffers: arange, zeros
+TASK_HEAD = re.compile(r"cls\.(?!predictions\.)\w+\.(weight|bias)")            # cls.seq_relationship, ...
 _MAX_LISTED = 20
 
 
@@ -137,7 +135,8 @@ def name_table(config: fmt.ModelConfig) -> dict[str, tuple[str, Callable]]:
     the pooler's included, the MLM head's when config.has_mlm."""
     table = dict(HF_EMBEDDING_NAMES)
     for i in range(config.num_layers):
-        table.update({f"encoder.layer.{i}.{hf}": (fmt.block_path(i, ours), t) for hf, (ours, t) in HF_BLOCK_NAMES.items()})
+        table.update({f"encoder.layer.{i}.{hf}": (fmt.block_path(i, ours), t)
+                      for hf, (ours, t) in HF_BLOCK_NAMES.items()})
     table.update(HF_POOLER_NAMES)
     if config.has_mlm:
         table.update(HF_MLM_NAMES)
@@ -196,7 +195,7 @@ def match_names(path: str, shapes: dict[str, tuple], config: fmt.ModelConfig) ->
             continue
         mapping[ours] = (names[hf], transform)
     used = {names[hf] for hf in names if hf in table} | {h for h, _ in mapping.values()}
-    ignored = [names[hf] for hf in names if hf in IGNORED_NAMES]
+    ignored = [names[hf] for hf in names if hf in IGNORED_NAMES or TASK_HEAD.fullmatch(hf)]
     extra = {DECODER_WEIGHT, DECODER_BIAS} if config.has_mlm else set()
     unknown = [name for hf, name in names.items() if name not in used and name not in ignored and hf not in extra]
     problems = [_listed(kind, items) for kind, items in

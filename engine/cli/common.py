@@ -26,7 +26,8 @@ USER_ERRORS = (
     ("engine.train.data", "DataError"), ("engine.train.run", "RunError"), ("engine.train.run", "TrainingError"),
     ("weights.load", "WeightsFileError"), ("weights.write", "WeightsWriteError"),
     ("weights.export_onnx", "OnnxExportError"), ("engine.tf.verify", "VerifyError"),
-    ("weights.tf_names", "ExtractionError"),
+    ("weights.tf_names", "ExtractionError"), ("weights.hf_names", "HfImportError"),
+    ("weights.safetensors_file", "SafetensorsError"), ("weights.torch_checkpoint", "TorchCheckpointError"),
 )
 
 

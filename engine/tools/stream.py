@@ -71,11 +71,13 @@ import time
 import numpy as np
 
 from engine.core import backend as backend_mod
-from engine.tools import pooling
 from engine.tools.workfile import (PROGRESS_VERSION, Partial, WorkfileError, fsync_dir, read_progress, read_rows,
                                    remove, write_json_atomic)
 
 OUTPUT_KINDS = {".npy": "npy", ".h5": "h5", ".hdf5": "h5", ".jsonl": "jsonl"}
+# enc.embed's pooling -> the name of what encode writes (the .h5 dataset, the .jsonl key)
+OUTPUT_NAMES = {"pooled": "pooled_output", "cls": "cls_embedding", "mean": "mean_embedding"}
+POOLINGS = {name: pooling for pooling, name in OUTPUT_NAMES.items()}
 BLOCK_BYTES = 4 << 20     # bytes of rows per block when OUT.partial is converted to .h5 / .jsonl
 
 
@@ -189,9 +191,17 @@ def weights_fingerprint(enc) -> str:
     h = hashlib.sha256(json.dumps(dataclasses.asdict(enc.config), sort_keys=True).encode())
     arrays = [enc.word_table, enc.position_table, enc.type_table, *enc.embedding_ln,
               enc.pooler_kernel, enc.pooler_bias]
-    for block in enc.blocks:
-        arrays += [v for part in (block.attention, block.feedforward) for v in vars(part).values()
-                   if v is not None]                                  # a standard BERT has no mixing, no gate
+    # a fast encoder holds its block matrices once, in its twin: read them block by block, without
+    # keeping the readable copies (engine.Encoder.readable_block_matrices); a standard BERT has no
+    # mixing and no gate (None)
+    blocks = enc._blocks if hasattr(enc, "readable_block_matrices") else enc.blocks
+    for i, block in enumerate(blocks):
+        matrices = enc.readable_block_matrices(i) if hasattr(enc, "readable_block_matrices") else {}
+        for part in ("attention", "feedforward"):
+            for field, v in vars(getattr(block, part)).items():
+                v = matrices.get((part, field), v)
+                if v is not None:
+                    arrays.append(v)
         arrays += [*block.attention_ln, *block.feedforward_ln]
     for a in arrays:
         a = np.ascontiguousarray(backend_mod.to_numpy(a)).ravel()
@@ -282,8 +292,8 @@ def check_arguments(enc, output: str, key: str, seq_length, max_tokens, max_rows
     if kind is None:
         raise StreamError(f"--output {output}: unknown extension {os.path.splitext(output)[1]!r} "
                           f"(use .npy, .h5 or .jsonl)")
-    if key not in ("sequence_output", *pooling.POOLINGS):
-        raise StreamError(f"key {key!r}: expected sequence_output or one of {list(pooling.POOLINGS)}")
+    if key not in ("sequence_output", *POOLINGS):
+        raise StreamError(f"key {key!r}: expected sequence_output or one of {list(POOLINGS)}")
     positions = enc.config.max_position_embeddings
     if seq_length is not None:
         _positive("--seq-length", seq_length, 2)
@@ -355,7 +365,9 @@ def encode_batches(enc, prep, lines: Lines, writer: Partial, record: dict, diges
                                                 first_line=lines.lines + 1):
             packed = prep.bert_pack_inputs([rows], seq_length=width)
             batch_tokens = int(packed["input_mask"].sum())
-            out = pooling.embed(enc, packed, key, skip_padding, params["normalize"])
+            out = (enc.embed(packed, POOLINGS[key], params["normalize"], skip_padding) if key in POOLINGS
+                   else enc(packed, skip_padding=skip_padding, outputs=(key,))[key])
+            out = backend_mod.to_numpy(out)
             writer.append(out)
             writer.commit()
             for raw in raws:
@@ -394,10 +406,10 @@ def encode(enc, prep, source, output: str, *, key: str = "pooled_output", seq_le
            max_tokens: int = 2048, max_rows: int | None = None, resume: bool = False, force: bool = False,
            progress=None, progress_every: float = 1.0, bar=None, normalize: bool = False) -> dict:
     """Encodes every line of `source` (a text file's path, or a list of texts) into `output`
-    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. key: sequence_output, or the pooled
-    rows of engine.tools.pooling (pooled_output, cls_embedding, mean_embedding), L2-normalized with
-    normalize. seq_length: the truncation length (default: the file's max_seq_length, else the
-    model's positions). `bar(done_fraction, rows, tokens)`: called after each batch,
+    (.npy, .h5/.hdf5 or .jsonl); see the module docstring. key: sequence_output, or a name of
+    OUTPUT_NAMES (the rows of enc.embed with that pooling, L2-normalized with normalize).
+    seq_length: the truncation length (default: the file's max_seq_length, else the model's
+    positions). `bar(done_fraction, rows, tokens)`: called after each batch,
     for a progress bar. Returns a summary dict: rows and tokens (all of the output's, a resumed
     run's included), resumed_from, tokens_this_run, truncated, first_truncated_line, shape,
     batches, seconds. Raises StreamError on a user-facing problem."""
