@@ -282,8 +282,8 @@ def _bad_nan(encoder, mlm):
     return ["non-finite", "transformer_scaffold_7/feedforward/output_0/kernel:0 has 1 NaN/inf", "(3, 1)"]
 
 
-def _bad_plain_bert(encoder, mlm):
-    """A plain BERT's block names: no talking-heads weights, no gated feedforward."""
+def _bad_bert_blocks_scaffold_pooler(encoder, mlm):
+    """A standard BERT's block names (BertEncoder) beside the talking-heads pooler name: two layouts."""
     encoder.clear()
     encoder.update({name: np.ones([SMALL[c] for c in s], np.float32) for name, s in SHAPE_OF_TOP.items()})
     for i in range(2):
@@ -301,9 +301,10 @@ def _bad_plain_bert(encoder, mlm):
         encoder[f"{p}/output/bias"] = np.ones(8, np.float32)
         encoder[f"{p}/output_layer_norm/gamma"] = np.ones(8, np.float32)
         encoder[f"{p}/output_layer_norm/beta"] = np.ones(8, np.float32)
-    return ["not look like a talking-heads", "not look like a gated-GELU", "missing",
-            "transformer/layer_1/self_attention/pre_softmax_weight", "unexpected",
-            "transformer/layer_0/intermediate/kernel:0 (8, 16)"]
+    return ["does not match the standard BERT layout", "mixed layouts: 12 variables carry names only the standard "
+            "BERT layout (BertEncoder) has, 2 names only the talking-heads GGELU BERT layout",
+            "unexpected: cls_transform/kernel:0 (8, 8) float32 (a name of the talking-heads GGELU BERT layout)",
+            "missing: pooler_transform/kernel (8, 8) (for pooler/kernel)"]
 
 
 def _bad_vocab(encoder, mlm):
@@ -311,7 +312,7 @@ def _bad_vocab(encoder, mlm):
 
 
 @pytest.mark.parametrize("breaker", [_bad_removed, _bad_extra, _bad_shape, _bad_mlm_missing, _bad_mlm_twice,
-                                     _bad_all_three, _bad_nan, _bad_plain_bert, _bad_vocab],
+                                     _bad_all_three, _bad_nan, _bad_bert_blocks_scaffold_pooler, _bad_vocab],
                          ids=lambda f: f.__name__[5:])
 def test_bad_savedmodels_fail_with_one_clear_error(tmp_path, breaker):
     extract = _extract_module()

@@ -160,6 +160,7 @@ ACTIVATIONS = {
 }
 _DEFAULT_ACTIVATION = fmt.ModelConfig.__dataclass_fields__["hidden_activation"].default
 
+
 def _names(layout: Layout) -> frozenset:
     return frozenset(layout.top_names.values()) | frozenset(layout.block_names.values())
 
@@ -323,10 +324,10 @@ def _mixed_layouts(layout: Layout, own: dict, problems: Problems) -> None:
     for other in LAYOUTS:
         foreign = own[other.name] if other is not layout else []
         if foreign:
-            problems.add("mixed layouts", f"{len(own[layout.name])} variables carry names of the {layout.name} "
-                                          f"layout ({layout.encoder}) and {len(foreign)} of the {other.name} "
-                                          f"layout ({other.encoder}), e.g. {foreign[0].name}: a SavedModel "
-                                          "holds one")
+            problems.add("mixed layouts", f"{len(own[layout.name])} variables carry names only the {layout.name} "
+                                          f"layout ({layout.encoder}) has, {len(foreign)} names only the "
+                                          f"{other.name} layout ({other.encoder}) has, e.g. {foreign[0].name}: "
+                                          "one SavedModel holds one layout")
         for var in sorted(foreign, key=lambda v: v.name):
             problems.add("unexpected", f"{var.name} {_shape_str(var.shape)} {var.dtype} "
                                        f"(a name of the {other.name} layout)")
@@ -391,11 +392,6 @@ def _hidden_activation(source: SourceModel, has_mlm: bool, problems: Problems, w
     return activation
 
 
-def tf_name(path: str, block_prefixes: list[str], layout: Layout = TALKING_HEADS) -> str:
-    """The TF variable name a dataset path is read from in a layout (the MLM scope shown as `[bert/]`)."""
-    return layout.tf_name(path, block_prefixes)
-
-
 def match_variables(source: SourceModel) -> Plan:
     """Matches the SavedModel's variables to the HDF5 layout; raises one ExtractionError listing all problems."""
     problems = Problems()
@@ -444,7 +440,7 @@ def match_variables(source: SourceModel) -> Plan:
         for path, shape in expected.items():
             var = mapping.get(path)
             if var is None:
-                problems.add("missing", f"{tf_name(path, ordered, layout)} {_shape_str(shape)} (for {path})")
+                problems.add("missing", f"{layout.tf_name(path, ordered)} {_shape_str(shape)} (for {path})")
             elif tuple(var.shape) != tuple(shape):
                 problems.add("mis-shaped", f"{var.name} has shape {_shape_str(var.shape)}, "
                                            f"expected {_shape_str(shape)} (for {path})")
@@ -458,7 +454,7 @@ def match_variables(source: SourceModel) -> Plan:
                                       type_vocab_size=1, has_mlm=has_mlm, **family)
         for path in fmt.expected_shapes(placeholder):
             if path not in mapping:
-                problems.add("missing", f"{tf_name(path, ordered, layout)} (for {path})")
+                problems.add("missing", f"{layout.tf_name(path, ordered)} (for {path})")
     for path, var in mapping.items():
         if var.dtype != "float32":
             problems.add("wrong dtype", f"{var.name} has dtype {var.dtype}, expected float32 (for {path})")

@@ -19,8 +19,9 @@ def cmd_verify(args) -> int:
     verify.import_tensorflow_quietly()
     if args.weights:
         input_file(args.weights, "--weights")
-    options = verify.VerifyOptions(savedmodel=args.savedmodel, weights=args.weights, backend=args.backend,
-                                   readable=args.readable, batch=args.batch, seq_length=args.seq_length,
+    options = verify.VerifyOptions(savedmodel=args.savedmodel, family=args.family, weights=args.weights,
+                                   backend=args.backend, readable=args.readable, batch=args.batch,
+                                   seq_length=args.seq_length,
                                    rtol=args.rtol, pooled_rtol=args.pooled_rtol, seed=args.seed, trace=args.trace)
     result = verify.run(options, say=say)
     if args.json:

@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.tf.extract", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m engine.tf.extract talkheads/ --output talkheads.h5",
-        description="Extract a talking-heads GGELU BERT SavedModel (TF Hub talkheads_ggelu_bert_en_base) "
-                    "into one HDF5 weight file.")
+        description="Extract a TF Hub BERT SavedModel, talking-heads GGELU (talkheads_ggelu_bert_en_base) or "
+                    "standard (bert_en_uncased_L-12_H-768_A-12, the small BERTs), into one HDF5 weight file.")
     parser.add_argument("savedmodel_dir", help="the SavedModel folder (with saved_model.pb)")
     parser.add_argument("--output", required=True, dest="out",
                         help="the .h5 file to write (refused if it exists, unless --force)")

@@ -1,15 +1,22 @@
-"""Builds reference SavedModels the way TF Hub's talkheads_ggelu_bert_en_base/2 was exported.
+"""Builds reference SavedModels the way TF Hub's talkheads_ggelu_bert_en_base/2 and its standard
+BERTs (bert_en_uncased_L-*_H-*_A-*, the small BERTs) were exported.
 
 The real weights cannot be downloaded here, so the ground truth is rebuilt from Model Garden's own
-classes (`tf-models-official`): `EncoderScaffold` whose hidden layers are
-`TransformerScaffold(attention_cls=TalkingHeadsAttention, feedforward_cls=GatedFeedforward)`, the
-`.mlm` sub-object from `BertPretrainerV2`, saved by `official/nlp/tools/export_tfhub_lib.py`'s
+classes (`tf-models-official`), one per family (FAMILIES):
+- talking_heads (the default): `EncoderScaffold` whose hidden layers are
+  `TransformerScaffold(attention_cls=TalkingHeadsAttention, feedforward_cls=GatedFeedforward)`;
+- bert: `BertEncoder` (`TransformerEncoderBlock`s: multi-head attention, a dense feed-forward),
+  what `encoders.build_encoder` makes of a "bert" EncoderConfig;
+with the `.mlm` sub-object from `BertPretrainerV2`, saved by `official/nlp/tools/export_tfhub_lib.py`'s
 `export_model` itself (dict outputs, the `default` alias, the `vocab.txt` asset, `do_lower_case`).
+The GELU is Model Garden's "gelu", the tanh approximation the Hub's models use (activation
+gelu_tanh), or Keras' exact one (gelu_erf), in the blocks and the MLM transform alike.
 
 Every variable is randomized with realistic scales: default initializers leave biases at zero,
 layer-norm gammas at one and talking-heads mixing near zero, which would hide bugs.
 
-    python -m engine.tf.reference --output DIR --config {tiny,small,base} [--seed N] [--layers L --hidden H ...]
+    python -m engine.tf.reference --output DIR --config {tiny,small,base} [--family {talking_heads,bert}]
+        [--activation {gelu_tanh,gelu_erf}] [--seed N] [--layers L --hidden H ...]
 
 It lives in engine/tf/ with everything else that imports TensorFlow.
 """
@@ -66,14 +73,23 @@ def _progress(message: str) -> None:
     print(f"reference: {message}", file=sys.stderr, flush=True)
 
 
-def encoder_config(cfg: ReferenceConfig):
-    """Model Garden's EncoderConfig of a reference model's sizes (the Hub model's other settings)."""
+FAMILIES = ("talking_heads", "bert")
+ACTIVATIONS = ("gelu_tanh", "gelu_erf")
+DEFAULT_FAMILY, DEFAULT_ACTIVATION = FAMILIES[0], ACTIVATIONS[0]
+# The hidden_activation strings Model Garden's tf_utils.get_activation resolves: its own "gelu" is the
+# tanh approximation; "gelu_erf" is Keras' exact gelu, named so by activation_names() below.
+MODEL_GARDEN_ACTIVATIONS = {"gelu_tanh": "gelu", "gelu_erf": "gelu_erf"}
+
+
+def encoder_config(cfg: ReferenceConfig, activation: str = DEFAULT_ACTIVATION):
+    """Model Garden's EncoderConfig of a reference model's sizes (the Hub model's other settings);
+    the "bert" type builds BertEncoder, or EncoderScaffold under talking_heads_gin_bindings()."""
     from official.nlp.configs import encoders
     return encoders.EncoderConfig(
         type="bert",
         bert=encoders.BertEncoderConfig(
             vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_layers=cfg.layers,
-            num_attention_heads=cfg.heads, hidden_activation="gelu",
+            num_attention_heads=cfg.heads, hidden_activation=MODEL_GARDEN_ACTIVATIONS[activation],
             intermediate_size=cfg.intermediate, dropout_rate=0.1, attention_dropout_rate=0.1,
             max_position_embeddings=cfg.positions, type_vocab_size=cfg.type_vocab,
             initializer_range=0.02, return_all_encoder_outputs=True))
@@ -97,6 +113,33 @@ def talking_heads_gin_bindings():
         gin.clear_config()
 
 
+@contextlib.contextmanager
+def activation_names():
+    """Keras' exact gelu under the name "gelu_erf", for the activation strings of an EncoderConfig:
+    Model Garden's own "gelu" is the tanh approximation, and a config names its activation by a
+    string. Keras serializes the function as "gelu", so the SavedModel's metadata records the exact
+    GELU as Keras' own (weights.tf_names.ACTIVATIONS)."""
+    import tf_keras
+    with tf_keras.utils.custom_object_scope({"gelu_erf": tf_keras.activations.gelu}):
+        yield
+
+
+@contextlib.contextmanager
+def family_scope(family: str = DEFAULT_FAMILY):
+    """What `encoders.build_encoder` needs to build a family's encoder: the talking-heads gin
+    bindings, or none (gin cleared: the "bert" type's own BertEncoder); and activation_names()."""
+    if family not in FAMILIES:
+        raise ValueError(f"reference: family {family!r}: choose one of {', '.join(FAMILIES)}")
+    if family == "talking_heads":
+        with talking_heads_gin_bindings(), activation_names():
+            yield
+        return
+    import gin
+    gin.clear_config()
+    with activation_names():
+        yield
+
+
 CONDITIONINGS = ("random", "trained")
 
 
@@ -105,7 +148,8 @@ class _TrainedLike:
     """The conditioning of trained weights, which float32 noise feels most (conditioning="trained"):
 
     - sharp pre-softmax talking-heads mixing: W_pre = 2.5 I + N(0, 0.8), so the mixed logits are
-      several times the raw ones and the softmax is peaked;
+      several times the raw ones and the softmax is peaked (a standard BERT has no mixing: the
+      rest applies);
     - LayerNorm gammas spread around 1 (log-normal, sigma 0.4) and betas away from 0 (N(0, 0.3));
     - a few outlier hidden dimensions, the same in every LayerNorm as in trained BERTs: gamma
       x 4 to 8 and beta +-2 to 4 there, so the residual stream carries values of 10 and more;
@@ -184,7 +228,8 @@ def randomize(variables, seed: int, conditioning: str = "random", hidden: int | 
 
 
 def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | None = None,
-          conditioning: str = "random", with_mlm: bool = True) -> None:
+          conditioning: str = "random", with_mlm: bool = True, family: str = DEFAULT_FAMILY,
+          activation: str = DEFAULT_ACTIVATION) -> None:
     """Builds the SavedModel at `out_dir` (which must not exist) with Model Garden's export code."""
     import tensorflow as tf
     import tf_keras
@@ -197,10 +242,12 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
         vocab_lines = sum(1 for _ in f)
     if vocab_lines != cfg.vocab:
         raise ValueError(f"reference: vocab {vocab_file} has {vocab_lines} lines, config wants vocab={cfg.vocab}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"reference: activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
     start = time.time()
-    config = encoder_config(cfg)
-    with talking_heads_gin_bindings(), tempfile.TemporaryDirectory(prefix="reference-ckpt-") as tmp:
-        _progress(f"building {cfg} with seed {seed}, {conditioning} conditioning")
+    config = encoder_config(cfg, activation)
+    with family_scope(family), tempfile.TemporaryDirectory(prefix="reference-ckpt-") as tmp:
+        _progress(f"building the {family} family, {activation}, {cfg} with seed {seed}, {conditioning} conditioning")
         tf_keras.backend.clear_session()
         tf.random.set_seed(seed)
         _, pretrainer = export_tfhub_lib._create_model(encoder_config=config, with_mlm=True)
@@ -216,13 +263,13 @@ def build(out_dir: str, cfg: ReferenceConfig, seed: int = 0, vocab_file: str | N
             with_mlm=with_mlm, vocab_file=vocab_file, do_lower_case=True)
     with open(os.path.join(out_dir, "reference.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "seed": seed, "conditioning": conditioning, "with_mlm": with_mlm,
-                   "format_version": REFERENCE_FORMAT_VERSION,
+                   "family": family, "activation": activation, "format_version": REFERENCE_FORMAT_VERSION,
                    "tensorflow": tf.__version__}, f, indent=1)
     _progress(f"built in {time.time() - start:.1f}s")
 
 
-def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool = False,
-                 conditioning: str = "random") -> str:
+def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool = False, conditioning: str = "random",
+                 family: str = DEFAULT_FAMILY, activation: str = DEFAULT_ACTIVATION) -> str:
     """Builds into a temporary sibling folder, then renames it into place: never a half model."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not force:
@@ -231,7 +278,7 @@ def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
     try:
-        build(os.path.join(tmp, "model"), cfg, seed, conditioning=conditioning)
+        build(os.path.join(tmp, "model"), cfg, seed, conditioning=conditioning, family=family, activation=activation)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(os.path.join(tmp, "model"), out_dir)
@@ -242,17 +289,22 @@ def build_atomic(out_dir: str, cfg: ReferenceConfig, seed: int = 0, force: bool 
 
 
 def cached(config: str | ReferenceConfig = "tiny", seed: int = 0, conditioning: str = "random",
-           with_mlm: bool = True) -> str:
-    """Returns the path of a reference SavedModel, building it once per config, seed, conditioning
-    and with_mlm (False: an encoder-only SavedModel, no `.mlm`)."""
+           with_mlm: bool = True, family: str = DEFAULT_FAMILY, activation: str = DEFAULT_ACTIVATION) -> str:
+    """Returns the path of a reference SavedModel, building it once per config, seed, conditioning,
+    with_mlm (False: an encoder-only SavedModel, no `.mlm`), family and activation."""
     import tensorflow as tf
     cfg = CONFIGS[config] if isinstance(config, str) else config
-    key = json.dumps([dataclasses.asdict(cfg), seed, conditioning, with_mlm, REFERENCE_FORMAT_VERSION,
-                      tf.__version__], sort_keys=True)
-    name = "{}-{}{}-seed{}-{}".format(config if isinstance(config, str) else "custom", conditioning,
-                                      "" if with_mlm else "-encoder", seed, hashlib.sha256(key.encode()).hexdigest()[:12])
+    parts = [dataclasses.asdict(cfg), seed, conditioning, with_mlm, REFERENCE_FORMAT_VERSION, tf.__version__]
+    kind = ""
+    if (family, activation) != (DEFAULT_FAMILY, DEFAULT_ACTIVATION):  # the default's keys name no family
+        parts.append([family, activation])
+        kind = f"{family}-{activation}-"
+    key = json.dumps(parts, sort_keys=True)
+    name = "{}{}-{}{}-seed{}-{}".format(kind, config if isinstance(config, str) else "custom", conditioning,
+                                        "" if with_mlm else "-encoder", seed, hashlib.sha256(key.encode()).hexdigest()[:12])
     return cache.cached_folder("reference", name, "reference.json",
-                               lambda out: build(out, cfg, seed, conditioning=conditioning, with_mlm=with_mlm))
+                               lambda out: build(out, cfg, seed, conditioning=conditioning, with_mlm=with_mlm,
+                                                 family=family, activation=activation))
 
 
 _LOADED = {}
@@ -283,13 +335,22 @@ def run_savedmodel(path: str, inputs: dict, mlm: bool = True) -> dict:
 def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build a randomized talking-heads GEGLU BERT SavedModel with Model Garden's export code.",
-        epilog=f"example:\n  {prog} --output /tmp/ref --config base --conditioning trained --seed 1")
+        description="Build a randomized talking-heads GEGLU BERT (or standard BERT) SavedModel with Model "
+                    "Garden's export code.",
+        epilog=f"examples:\n  {prog} --output /tmp/ref --config base --conditioning trained --seed 1\n"
+               f"  {prog} --output /tmp/bert --config base --family bert")
     parser.add_argument("--output", required=True, dest="out_dir", metavar="DIR",
                         help="the SavedModel folder to create (refused if it exists, unless --force)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
                         help="starting sizes: tiny (L=2 H=64 N=4 I=256), small (L=3 H=48 N=4 I=192, 64 positions) or "
                              "base (L=12 H=768 N=12 I=3072)")
+    parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY,
+                        help="talking_heads: EncoderScaffold of TransformerScaffold(TalkingHeadsAttention, "
+                             "GatedFeedforward), as talkheads_ggelu_bert_en_base (default); bert: BertEncoder, "
+                             "as bert_en_uncased_L-12_H-768_A-12 and the small BERTs")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=DEFAULT_ACTIVATION,
+                        help="the GELU of the feed-forward and the MLM transform: gelu_tanh, Model Garden's gelu "
+                             "(the tanh approximation, as the Hub's models; default) or gelu_erf (Keras' exact gelu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random value (default 0)")
     parser.add_argument("--conditioning", choices=CONDITIONINGS, default="random",
                         help="random: every variable at a realistic scale; trained: also the conditioning of "
@@ -311,7 +372,8 @@ def main(argv=None, prog: str = "python -m engine.tf.reference") -> int:
         return 2
     try:
         cfg = dataclasses.replace(CONFIGS[args.config], **overrides)
-        build_atomic(args.out_dir, cfg, args.seed, force=args.force, conditioning=args.conditioning)
+        build_atomic(args.out_dir, cfg, args.seed, force=args.force, conditioning=args.conditioning,
+                     family=args.family, activation=args.activation)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,22 +1,26 @@
 """TensorFlow's own intermediates, step by step, with Model Garden's layers: the other side of the trace.
 
-The model is rebuilt with the same code that exported it (`export_tfhub_lib._create_model` under
-the talking-heads GEGLU gin bindings, as `engine.tf.reference` does), every variable is copied in
-from the SavedModel (`tf.saved_model.load(dir).mlm.variables`, matched by name with the
-`transformer_scaffold_<k>` prefixes renumbered in block order), and the layers' own methods are
-called one step at a time:
+The model is rebuilt with the same code that exported it (`export_tfhub_lib._create_model` for the
+SavedModel's family, as `engine.tf.reference` does), every variable is copied in from the
+SavedModel (`tf.saved_model.load(dir).mlm.variables`, both sides matched to the datasets of
+`weights.format` by the extractor's rules, weights.tf_names.match_variables), and the layers' own
+methods are called one step at a time:
 
     embeddings   encoder._embedding_layer, ._position_embedding_layer, ._type_embedding_layer,
                  then word + position + type (the Add layer's order) and ._embedding_norm_layer
     attention    att._query_dense / _key_dense / _value_dense,
-                 tf.einsum(att._dot_product_equation, k, q), x 1/sqrt(att._key_dim),
-                 tf.einsum(att._talking_heads_equation, s, att._pre_softmax_weight),
+                 talking heads (TalkingHeadsAttention): tf.einsum(att._dot_product_equation, k, q),
+                 x 1/sqrt(att._key_dim), tf.einsum(att._talking_heads_equation, s, att._pre_softmax_weight);
+                 multi-head (tf_keras' MultiHeadAttention): the same einsum on q x 1/sqrt(att._key_dim),
+                 as it scales the query first (raw_scores: the einsum on q itself);
                  the additive mask as tf_keras' Softmax adds it, att._masked_softmax,
-                 tf.einsum(att._talking_heads_equation, p, att._post_softmax_weight),
+                 talking heads: tf.einsum(att._talking_heads_equation, p, att._post_softmax_weight);
                  tf.einsum(att._combine_equation, p, v), att._output_dense
     block        block._attention_layer_norm(x + a)
-    feedforward  ff._intermediate_dense[0], ff._inner_activation_layers[0], ff._gate_dense[0],
-                 their product, ff._output_dense[0], ff._output_layer_norm[0](out + x)
+    feedforward  GEGLU (GatedFeedforward): ff._intermediate_dense[0], ff._inner_activation_layers[0],
+                 ff._gate_dense[0], their product, ff._output_dense[0], ff._output_layer_norm[0](out + x);
+                 dense (TransformerEncoderBlock): block._intermediate_dense,
+                 ._intermediate_activation_layer, ._output_dense, ._output_layer_norm(out + x)
     pooler       encoder._pooler_layer(x[:, 0])
     MLM          masked_lm._gather_indexes, .dense (with its GELU), .layer_norm,
                  matmul with the embedding table (transposed) and bias_add of .bias
@@ -33,53 +37,31 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 
 import numpy as np
 
 from weights.format import block_prefix
-from weights.tf_names import TF_BLOCK_NAMES, TF_EMBEDDING_NAMES
+from weights.tf_names import SourceModel, SourceVariable, match_variables
 from engine.tools import compare, verdict
 
-_SCAFFOLD = re.compile(r"^(?:bert/)?transformer_scaffold(?:_(\d+))?/")
 _REBUILT = {}
 
 
-def _normalized_names(variables) -> dict:
-    """{normalized name: variable}; block prefixes become `block<i>/` in numbering order."""
-    numbers = sorted({int(m.group(1) or 0) for v in variables if (m := _SCAFFOLD.match(v.name))})
-    rank = {n: i for i, n in enumerate(numbers)}
-    out = {}
-    for v in variables:
-        name = v.name.split(":")[0]
-        m = _SCAFFOLD.match(name)
-        if m:
-            name = f"block{rank[int(m.group(1) or 0)]}/" + name[m.end():]
-        name = name[len("bert/"):] if name.startswith("bert/") else name
-        if name in out and out[name] is not v:
-            raise ValueError(f"reference_trace: two variables normalize to {name!r}")
-        out[name] = v
-    return out
-
-
-def _infer_config(saved: dict):
-    """ReferenceConfig sizes from the SavedModel's variable shapes."""
-    from engine.tf.reference import ReferenceConfig
-    top = lambda name: saved[TF_EMBEDDING_NAMES[name]].shape  # noqa: E731
-    block0 = lambda name: saved["block0/" + TF_BLOCK_NAMES[name]].shape  # noqa: E731
-    V, H = top("embeddings/word")
-    blocks = sorted({k.split("/")[0] for k in saved if k.startswith("block")}, key=lambda b: int(b[5:]))
-    N = block0("attention/pre_softmax_weight")[0]
-    I = block0("feedforward/intermediate/kernel")[1]
-    return ReferenceConfig(layers=len(blocks), hidden=int(H), heads=int(N), intermediate=int(I), vocab=int(V),
-                           positions=int(top("embeddings/position")[0]), type_vocab=int(top("embeddings/type")[0]))
+def _matched(path: str, variables, activations=None):
+    """(config, {dataset path: tf.Variable}) of TF variables, by weights.tf_names.match_variables."""
+    floats = {v.name: v for v in variables if v.dtype.is_floating}
+    source = SourceModel(path, [SourceVariable(v.name, tuple(int(d) for d in v.shape), v.dtype.name, v.numpy)
+                                for v in floats.values()], [], False, None, None, None, None, activations=activations)
+    plan = match_variables(source)
+    return plan.config, {path: floats[var.name] for path, var in plan.mapping.items()}
 
 
 @dataclasses.dataclass
 class Rebuilt:
-    encoder: object       # EncoderScaffold
+    encoder: object       # EncoderScaffold or BertEncoder
     masked_lm: object     # layers.MaskedLM
     config: object        # engine.tf.reference.ReferenceConfig
+    family: str           # engine.tf.reference.FAMILIES
 
 
 def rebuild(savedmodel: str) -> Rebuilt:
@@ -91,33 +73,92 @@ def rebuild(savedmodel: str) -> Rebuilt:
     import tensorflow as tf
     from official.nlp.tools import export_tfhub_lib
 
-    from engine.tf import reference
+    from engine.tf import export, extract, reference
     tf.get_logger().setLevel("ERROR")
     loaded = reference.load_savedmodel(savedmodel)
-    source = loaded.mlm.variables if hasattr(loaded, "mlm") else loaded.variables
-    saved = _normalized_names([v for v in source if v.dtype.is_floating])
-    cfg = _infer_config(saved)
-    with reference.talking_heads_gin_bindings():
-        _, pretrainer = export_tfhub_lib._create_model(encoder_config=reference.encoder_config(cfg),
-                                                       with_mlm=hasattr(loaded, "mlm"))
-    if hasattr(loaded, "mlm"):
-        encoder, masked_lm, variables = pretrainer.encoder_network, pretrainer.masked_lm, pretrainer.variables
+    with_mlm = hasattr(loaded, "mlm")
+    c, saved = _matched(key, loaded.mlm.variables if with_mlm else loaded.variables, extract.read_activations(key))
+    family = export.reference_family(c, f"reference_trace: {key}")
+    cfg = reference.ReferenceConfig(layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads,
+                                    intermediate=c.intermediate_size, vocab=c.vocab_size,
+                                    positions=c.max_position_embeddings, type_vocab=c.type_vocab_size)
+    encoder_config = reference.encoder_config(cfg, c.hidden_activation)
+    with reference.family_scope(family):
+        _, pretrainer = export_tfhub_lib._create_model(encoder_config=encoder_config, with_mlm=with_mlm)
+    if with_mlm:
+        encoder, masked_lm = pretrainer.encoder_network, pretrainer.masked_lm
     else:
-        encoder, masked_lm, variables = pretrainer, None, pretrainer.variables
-    ours = _normalized_names(variables)
-    missing = sorted(set(ours) - set(saved))
-    extra = sorted(set(saved) - set(ours))
-    if missing or extra:
+        encoder, masked_lm = pretrainer, None
+    _, ours = _matched("(rebuilt)", pretrainer.variables)
+    if set(ours) != set(saved):
         raise ValueError(f"reference_trace: variables do not match the SavedModel's: rebuilt only "
-                         f"{missing[:8]}, SavedModel only {extra[:8]}")
-    for name, var in ours.items():
-        src = saved[name]
-        if tuple(var.shape) != tuple(src.shape):
-            raise ValueError(f"reference_trace: {name}: rebuilt shape {tuple(var.shape)} != SavedModel "
-                             f"{tuple(src.shape)}")
-        var.assign(src.read_value())
-    _REBUILT[key] = Rebuilt(encoder, masked_lm, cfg)
+                         f"{sorted(set(ours) - set(saved))[:8]}, SavedModel only {sorted(set(saved) - set(ours))[:8]}")
+    for path, var in ours.items():
+        var.assign(saved[path].read_value())
+    _REBUILT[key] = Rebuilt(encoder, masked_lm, cfg, family)
     return _REBUILT[key]
+
+
+def _attention_steps(block, x, attention_mask, talking_heads: bool, rec):
+    """The attention of one block, step by step (TalkingHeadsAttention or tf_keras' MultiHeadAttention),
+    then its LayerNorm; returns the block's attention_layer_norm."""
+    import tensorflow as tf
+    from tf_keras.src.layers.activation import softmax as keras_softmax
+    att = block._attention_layer
+    q, k, v = att._query_dense(x), att._key_dense(x), att._value_dense(x)
+    rec("q", q), rec("k", k), rec("v", v)
+    raw = tf.einsum(att._dot_product_equation, k, q)
+    rec("raw_scores", raw)
+    scale = 1.0 / math.sqrt(float(att._key_dim))
+    if talking_heads:
+        scaled = tf.multiply(raw, scale)
+        rec("scaled_scores", scaled)
+        scores = tf.einsum(att._talking_heads_equation, scaled, att._pre_softmax_weight)
+        rec("mixed_scores", scores)
+    else:  # MultiHeadAttention scales the query, not the product
+        scores = tf.einsum(att._dot_product_equation, k, tf.multiply(q, scale))
+        rec("scaled_scores", scores)
+    # What tf_keras' Softmax adds inside att._masked_softmax (mask expanded at the heads axis).
+    mask4 = tf.expand_dims(attention_mask, axis=-len(att._attention_axes) * 2 - 1)
+    adder = (1.0 - tf.cast(mask4, scores.dtype)) * keras_softmax._large_compatible_negative(scores.dtype)
+    rec("masked_scores", scores + adder)
+    probs = att._masked_softmax(scores, attention_mask)
+    rec("probs", probs)
+    if talking_heads:
+        probs = tf.einsum(att._talking_heads_equation, probs, att._post_softmax_weight)
+        rec("mixed_probs", probs)
+    ctx = tf.einsum(att._combine_equation, probs, v)
+    rec("context", ctx)
+    a = att._output_dense(ctx)
+    rec("attention_output", a)
+    x = block._attention_layer_norm(x + a)
+    rec("attention_layer_norm", x)
+    return x
+
+
+def _geglu_steps(block, x, rec):
+    """GatedFeedforward, step by step; returns the block's output."""
+    ff = block._feedforward_block
+    gelu_branch = ff._inner_activation_layers[0](ff._intermediate_dense[0](x))
+    gate_branch = ff._gate_dense[0](x)
+    hidden = gelu_branch * gate_branch
+    rec("gelu_branch", gelu_branch), rec("gate_branch", gate_branch), rec("geglu", hidden)
+    f = ff._output_dense[0](hidden)
+    rec("feedforward_output", f)
+    x = ff._output_layer_norm[0](f + x)
+    rec("feedforward_layer_norm", x)
+    return x
+
+
+def _dense_steps(block, x, rec):
+    """TransformerEncoderBlock's feed-forward, step by step; returns the block's output."""
+    gelu_branch = block._intermediate_activation_layer(block._intermediate_dense(x))
+    rec("gelu_branch", gelu_branch)
+    f = block._output_dense(gelu_branch)
+    rec("feedforward_output", f)
+    x = block._output_layer_norm(f + x)
+    rec("feedforward_layer_norm", x)
+    return x
 
 
 def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
@@ -128,7 +169,6 @@ def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
     """
     import tensorflow as tf
     from official.nlp.modeling import layers as mg_layers
-    from tf_keras.src.layers.activation import softmax as keras_softmax
 
     model = rebuild(savedmodel)
     enc = model.encoder
@@ -151,40 +191,11 @@ def tf_trace(savedmodel: str, inputs: dict, sink=None) -> dict:
     x = enc._embedding_norm_layer(e)
     rec("embeddings/layer_norm", x)
     attention_mask = mg_layers.SelfAttentionMask()(x, mask)            # [B,S,T] float
-    for i, block in enumerate(enc._hidden_layers):
-        p = block_prefix(i)
-        att = block._attention_layer
-        q, k, v = att._query_dense(x), att._key_dense(x), att._value_dense(x)
-        rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
-        raw = tf.einsum(att._dot_product_equation, k, q)
-        rec(p + "raw_scores", raw)
-        scaled = tf.multiply(raw, 1.0 / math.sqrt(float(att._key_dim)))
-        rec(p + "scaled_scores", scaled)
-        mixed = tf.einsum(att._talking_heads_equation, scaled, att._pre_softmax_weight)
-        rec(p + "mixed_scores", mixed)
-        # What tf_keras' Softmax adds inside att._masked_softmax (mask expanded at the heads axis).
-        mask4 = tf.expand_dims(attention_mask, axis=-len(att._attention_axes) * 2 - 1)
-        adder = (1.0 - tf.cast(mask4, mixed.dtype)) * keras_softmax._large_compatible_negative(mixed.dtype)
-        rec(p + "masked_scores", mixed + adder)
-        probs = att._masked_softmax(mixed, attention_mask)
-        rec(p + "probs", probs)
-        mixed_probs = tf.einsum(att._talking_heads_equation, probs, att._post_softmax_weight)
-        rec(p + "mixed_probs", mixed_probs)
-        ctx = tf.einsum(att._combine_equation, mixed_probs, v)
-        rec(p + "context", ctx)
-        a = att._output_dense(ctx)
-        rec(p + "attention_output", a)
-        x = block._attention_layer_norm(x + a)
-        rec(p + "attention_layer_norm", x)
-        ff = block._feedforward_block
-        gelu_branch = ff._inner_activation_layers[0](ff._intermediate_dense[0](x))
-        gate_branch = ff._gate_dense[0](x)
-        hidden = gelu_branch * gate_branch
-        rec(p + "gelu_branch", gelu_branch), rec(p + "gate_branch", gate_branch), rec(p + "geglu", hidden)
-        f = ff._output_dense[0](hidden)
-        rec(p + "feedforward_output", f)
-        x = ff._output_layer_norm[0](f + x)
-        rec(p + "feedforward_layer_norm", x)
+    talking_heads = model.family == "talking_heads"
+    for i, block in enumerate(enc._hidden_layers if talking_heads else enc._transformer_layers):
+        record = lambda name, t, p=block_prefix(i): rec(p + name, t)  # noqa: E731
+        x = _attention_steps(block, x, attention_mask, talking_heads, record)
+        x = (_geglu_steps if talking_heads else _dense_steps)(block, x, record)
     rec("pooled_output", enc._pooler_layer(x[:, 0, :]))
     if model.masked_lm is not None:
         mlm = model.masked_lm

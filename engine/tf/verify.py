@@ -3,9 +3,11 @@
     result = verify.run(verify.VerifyOptions(savedmodel="talkheads/", weights="talkheads.h5"), say=print)
     result.ok, result.report (a JSON-able dict), result.sections (the printed tables, in order)
 
-Three encoders on one weights file: the engine in float32 on the chosen path (fast, readable or
-fused GPU), the engine in float64 (the truth), and the other float32 path (the float32 noise
-level); TensorFlow runs the SavedModel. The verdict is engine.tools.verdict's; with `rtol`, a plain
+The SavedModel may be of either family Model Garden exports (weights.tf_names.LAYOUTS): talking-heads
+GEGLU or standard BERT; without one, the tiny reference model of `family` is built. Three encoders
+on one weights file: the engine in float32 on the chosen path (fast, readable or fused GPU), the
+engine in float64 (the truth), and the other float32 path (the float32 noise level; the CPU's fast
+path for a family the fused GPU path does not compute); TensorFlow runs the SavedModel. The verdict is engine.tools.verdict's; with `rtol`, a plain
 fixed tolerance instead (no float64 run). `trace=True` compares every intermediate with
 TensorFlow's step-by-step trace and reports the first divergence.
 
@@ -91,7 +93,8 @@ class VerifyError(ValueError):
 
 @dataclasses.dataclass
 class VerifyOptions:
-    savedmodel: str | None = None       # default: the tiny reference model, built once
+    savedmodel: str | None = None       # default: the tiny reference model of `family`, built once
+    family: str = "talking_heads"       # engine.tf.reference.FAMILIES: talking_heads or bert
     weights: str | None = None          # default: the SavedModel extracted once, cached
     backend: str | None = None
     readable: bool = False
@@ -189,16 +192,27 @@ def rule_text(options: VerifyOptions) -> str:
             f"(pooled_output {pooled:.1e})")
 
 
+def _fused_gpu_runs(weights_path: str) -> bool:
+    """Whether the fused GPU path computes the file's model family (engine/gpu runs one)."""
+    from engine.gpu.forward import FUSED_FAMILY
+    with h5py.File(weights_path, "r") as f:
+        return fmt.ModelConfig.from_attrs(f.attrs).family == FUSED_FAMILY
+
+
 def _encoders(weights_path: str, options: VerifyOptions):
     """(the judged encoder, the float64 truth or None, the other float32 path or None, path name)."""
     numpy_backend = resolve_name(options.backend) == "numpy"
     fast = not options.readable and numpy_backend
-    enc = engine.load(weights_path, backend=options.backend, fast=fast)
+    plain_only = not numpy_backend and not _fused_gpu_runs(weights_path)
+    enc = engine.load(weights_path, backend=options.backend, fast=fast, **({"gpu_path": "plain"} if plain_only else {}))
     enc64 = other = None
     if options.rtol is None:   # the noise verdict: the float64 truth, and the other float32 path for the noise level
         enc64 = engine.load(weights_path, backend=options.backend, dtype="float64")
-        other = engine.load(weights_path, backend=options.backend, fast=numpy_backend and not fast,
-                            **({} if numpy_backend else {"gpu_path": "fused" if options.readable else "plain"}))
+        if plain_only:         # one GPU path for this family: the CPU's fast path is the other float32 run
+            other = engine.load(weights_path, backend="numpy", fast=True)
+        else:
+            other = engine.load(weights_path, backend=options.backend, fast=numpy_backend and not fast,
+                                **({} if numpy_backend else {"gpu_path": "fused" if options.readable else "plain"}))
     path = "fast" if fast else ("readable" if enc.fast_forward is None else "fused GPU")
     return enc, enc64, other, path
 
@@ -214,7 +228,7 @@ def _run(options: VerifyOptions, say) -> Verification:
     from engine.tf import reference
     if options.pooled_rtol is not None and options.rtol is None:
         raise VerifyError("--pooled-rtol goes with --rtol (the fixed tolerance); the default verdict has no tolerance")
-    savedmodel = options.savedmodel or reference.cached("tiny", seed=0)
+    savedmodel = options.savedmodel or reference.cached("tiny", seed=0, family=options.family)
     if not os.path.isdir(savedmodel):
         raise VerifyError(f"--savedmodel {savedmodel}: not a folder")
     if options.weights:
