@@ -17,13 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # folder -> (rank, what it holds)
 LAYERS = {
-    "weights": (0, "HDF5 format, loader, writer, vocab, TF variable names (h5py); ONNX export (onnx)"),
+    "weights": (0, "HDF5 format, loader, writer, vocab, TF variable names (h5py); ONNX export (onnx); "
+                   "Hugging Face import"),
     "engine.core": (1, "settings, kernels, backward, model, tape"),
     "engine.text": (1, "WordPiece preprocessor, corpus"),
     "engine.fast": (2, "fast CPU path, packed products, threads"),
     "engine.gpu": (2, "CuPy path, CUDA kernels"),
-    "engine": (3, "public API: load, Encoder"),
+    "engine": (3, "public API: load, Encoder, read_embeddings (the shard format)"),
     "engine.tools": (4, "verdict, parity, compare, trace files, stream, work files, fill-mask, explain, cache"),
+    "engine.cluster": (5, "encode on Dask distributed: partitions, worker plugin, client (dask imported lazily)"),
     "engine.train": (5, "losses, Model Garden's AdamW, trainer, data, training runs"),
     "engine.tf": (6, "everything that imports TensorFlow"),
     "engine.cli": (7, "command line: parses and prints"),

@@ -3,7 +3,10 @@
     python -m engine                         # the main job: verify on the embedded default (tiny model)
     python -m engine verify --savedmodel DIR [--weights H5] [--backend numpy|cupy] [--batch B --seq-length S] [--json]
     python -m engine encode --weights H5 TEXT... | --input FILE  --output OUT.{npy,h5,jsonl} [--sequence]
-                            [--max-tokens 2048] [--resume | --force]   (streams; engine/tools/stream.py)
+                            [--pooling pooled|cls|mean] [--normalize] [--max-tokens 2048] [--resume | --force]
+                            (streams; engine/tools/stream.py)
+    python -m engine encode --weights H5 --input FILE... --output DIR --cluster local[:N] | tcp://HOST:PORT
+                            [--partition-lines N] [--threads-per-worker T]   (Dask; engine/cluster)
     python -m engine fill-mask --weights H5 "the [MASK] sat on the mat" [--top-k K]
     python -m engine explain --weights H5 TEXT [--text-b TEXT] --output PAGE.html   (one HTML page: the heads)
     python -m engine finetune --weights H5 --train FILE [--eval FILE] --output OUT.h5 [--epochs E ...] [--resume]
@@ -12,6 +15,7 @@
     python -m engine export-savedmodel --weights H5 --output DIR
     python -m engine export-onnx --weights H5 --output OUT.onnx [--mlm]      (no TensorFlow)
     python -m engine extract SAVEDMODEL --output OUT.h5 [--force]
+    python -m engine import-hf HF_MODEL_DIR --output OUT.h5 [--force]        (no torch)
     python -m engine reference --output DIR --config tiny|small|base [--seed N]
     python -m engine trace --weights H5 TEXT... | --ids JSON  --output TRACE.h5   (every intermediate)
     python -m engine compare A.h5 B.h5 [--rtol R] [--map THEIRS.json]        (first divergence)
@@ -22,7 +26,7 @@ creates one). Exit codes: 0 success; 1 verify (or compare) found a difference ab
 usage, bad input or a file problem (one line on stderr, `error: <what>: <why>`; --debug shows the
 traceback); 3 a bug (the traceback is shown); 130 interrupted. `verify`, `extract`,
 `export-savedmodel` and `reference` need TensorFlow (the `tf` extra); the others do not. This module
-parses and dispatches; the commands are engine/cli/{checks,text,training,files}.py.
+parses and dispatches; the commands are engine/cli/{checks,text,training,files,cluster}.py.
 """
 
 from __future__ import annotations

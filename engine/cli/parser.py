@@ -14,11 +14,16 @@ EXAMPLES = {
     "trace": "example:\n  python -m engine trace --weights talkheads.h5 \"The quick brown fox.\" --output trace.h5",
     "compare": "example:\n  python -m engine compare ours.h5 theirs.h5 --map theirs_to_ours.json --rtol 1e-5",
     "encode": "examples:\n  python -m engine encode --weights talkheads.h5 --input corpus.txt --output embeddings.npy\n"
-              "  python -m engine encode --weights talkheads.h5 \"hello world\" --output one.jsonl --sequence",
+              "  python -m engine encode --weights talkheads.h5 \"hello world\" --output one.jsonl --sequence\n"
+              "  python -m engine encode --weights minilm.h5 --input corpus.txt --output sentences.npy "
+              "--pooling mean --normalize\n"
+              "  python -m engine encode --weights talkheads.h5 --input a.txt b.txt --output embeddings/ "
+              "--cluster local:2",
     "fill-mask": "example:\n  python -m engine fill-mask --weights talkheads.h5 \"the [MASK] sat on the mat\" --top-k 5",
     "explain": "example:\n  python -m engine explain --weights talkheads.h5 \"the cat sat on the [MASK]\" "
                "--text-b \"it was tired\" --output page.html",
     "extract": "example:\n  python -m engine extract talkheads/ --output talkheads.h5",
+    "import-hf": "example:\n  python -m engine import-hf all-MiniLM-L6-v2/ --output minilm.h5",
     "finetune": "example:\n  python -m engine finetune --weights talkheads.h5 --train train.csv --eval dev.csv "
                 "--output tuned.h5 --epochs 3",
     "pretrain": "example:\n  python -m engine pretrain --weights talkheads.h5 --input corpus.txt --output continued.h5 "
@@ -79,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "verify", "the engine vs TensorFlow on the same SavedModel, with the engine's float64 run "
                                 "as the truth: the noise verdict per output")
     p.add_argument("--savedmodel", help="SavedModel directory (default: the tiny reference model, built once)")
+    p.add_argument("--family", choices=["talking_heads", "bert"], default="talking_heads",
+                   help="without --savedmodel: the tiny reference model's family, talking_heads (EncoderScaffold, "
+                        "the default) or bert (BertEncoder, as the Hub's standard BERTs)")
     p.add_argument("--weights", help="extracted HDF5 (default: extract the SavedModel once, cached)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                    help="the engine's array backend (default: $TALKHEADS_BACKEND, else numpy)")
@@ -122,18 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=checks.cmd_compare)
 
-    p = command(sub, "encode", "text to pooled (or sequence) embeddings, streamed, resumable (engine/tools/stream.py)")
+    p = command(sub, "encode", "text to sentence (or sequence) embeddings, streamed, resumable "
+                               "(engine/tools/stream.py)")
     p.add_argument("texts", nargs="*", help="texts to encode (or --input)")
     model_arguments(p)
-    p.add_argument("--input", help="a UTF-8 text file, one text per line (read lazily: any size)")
-    p.add_argument("--output", required=True, help="the file to write: .npy, .h5 or .jsonl (rows in input order)")
+    p.add_argument("--input", nargs="+", action="extend", metavar="FILE",
+                   help="a UTF-8 text file, one text per line (read lazily: any size); with --cluster several, "
+                        "encoded in the order given")
+    p.add_argument("--output", required=True, help="the file to write: .npy, .h5 or .jsonl (rows in input order); "
+                                                   "with --cluster a folder of shards")
     p.add_argument("--sequence", action="store_true",
-                   help="write sequence_output [rows, S, H] instead of pooled_output [rows, H]; padded positions "
-                        "hold zeros")
+                   help="write sequence_output [rows, S, H] instead of sentence embeddings [rows, H]; padded "
+                        "positions hold zeros")
+    p.add_argument("--pooling", choices=["pooled", "cls", "mean"], default=None,
+                   help="pooled_output, the [CLS] row of sequence_output, or the mean over the real tokens (default: "
+                        "the file's pooling, \"pooled\" unless import-hf read a sentence-transformers model)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide each embedding by its L2 norm (default: the file's normalize)")
     p.add_argument("--seq-length", type=int, default=None,
-                   help="truncate texts to this many tokens with [CLS] and [SEP] (default: the model's positions; "
-                        "truncated texts are counted in a warning); with --sequence also the row width (default: "
-                        "what the longest text needs)")
+                   help="truncate texts to this many tokens with [CLS] and [SEP] (default: the file's max_seq_length "
+                        "when it has one, else the model's positions; truncated texts are counted in a warning); "
+                        "with --sequence also the row width (default: what the longest text needs)")
     p.add_argument("--max-tokens", type=int, default=2048,
                    help="token budget per batch: real tokens on the fast path, rows x padded length on the "
                         "readable one (default 2048: as fast as larger batches on the base model, and "
@@ -141,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="at most this many rows per batch (default: no cap)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed batch")
     p.add_argument("--force", action="store_true", help="replace an existing output (or partial run)")
+    p.add_argument("--cluster", metavar="local[:N] | tcp://HOST:PORT", default=None,
+                   help="encode on Dask distributed: a LocalCluster of N worker processes (default: the CPUs / "
+                        "--threads-per-worker) or the scheduler at an address; --output is then a folder of .npy "
+                        "shards and a manifest (engine.read_embeddings reads it; docs/commands.md). Every worker "
+                        "must read --input and --weights at the same paths. Needs the cluster extra (dask)")
+    p.add_argument("--partition-lines", type=int, default=1000,
+                   help="with --cluster: lines per partition, the unit of work, of retry and of output shard "
+                        "(default 1000)")
+    p.add_argument("--threads-per-worker", type=int, default=1,
+                   help="with --cluster: the model's threads in each worker; a worker encodes one partition at "
+                        "a time (default 1)")
     p.set_defaults(func=text.cmd_encode)
 
     p = command(sub, "fill-mask", "the top-k tokens and their probabilities for each [MASK] of a text")
@@ -218,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the .h5 file to write (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=files.cmd_extract)
+
+    p = command(sub, "import-hf", "a Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin, "
+                                   "vocab.txt; sentence-transformers settings too) to one HDF5 weights file; no torch")
+    p.add_argument("model_dir", help="the folder, as save_pretrained (or sentence-transformers' save) writes it")
+    p.add_argument("--output", required=True, help="the .h5 file to write (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=files.cmd_import_hf)
 
     # Every argument, --help included, goes to the builder's own parser (engine.tf.reference.main).
     p = sub.add_parser("reference", help="build a randomized reference SavedModel (needs TensorFlow); "

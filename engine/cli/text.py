@@ -10,6 +10,17 @@ from engine.cli.common import (EXIT_OK, CliError, input_file, load_model, output
                                seq_length)
 
 
+def embedding_kind(args, config) -> tuple[str, bool]:
+    """(what encode writes, whether it is L2-normalized): --sequence, else --pooling and --normalize,
+    each defaulting to the file's config (engine/tools/stream.py names the outputs)."""
+    from engine.tools.stream import OUTPUT_NAMES
+    if args.sequence:
+        return "sequence_output", False
+    pooling = args.pooling or getattr(config, "pooling", "pooled")
+    normalize = getattr(config, "normalize", False) if args.normalize is None else args.normalize
+    return OUTPUT_NAMES[pooling], bool(normalize)
+
+
 def cmd_encode(args) -> int:
     """Streams the texts (or --input, read lazily) through the encoder in token-budget batches;
     resumable. The design (lengths, batches, commits, --resume, --force) is in engine/tools/stream.py."""
@@ -19,11 +30,19 @@ def cmd_encode(args) -> int:
         raise CliError("no text given: pass TEXT arguments or --input FILE")
     if args.resume and args.force:
         raise CliError("--resume and --force exclude each other")
+    if args.sequence and (args.pooling or args.normalize):
+        raise CliError("--pooling and --normalize make sentence embeddings; --sequence writes every token's vector")
+    if args.cluster:
+        from engine.cli.cluster import cmd_encode_cluster
+        return cmd_encode_cluster(args)
+    if args.input and len(args.input) > 1:
+        raise CliError("--input: several files need --cluster (without it encode reads one file)")
+    args.input = args.input[0] if args.input else None
     t0 = time.perf_counter()
     # checksums too: a corpus-sized run should not start on silently corrupted weights (flipped bits)
     enc = load_model(args, verify_checksums=True)
     prep = preprocessor(enc)
-    key = "sequence_output" if args.sequence else "pooled_output"
+    key, normalize = embedding_kind(args, enc.config)
     source = args.input if args.input else list(args.texts)
     total = os.path.getsize(args.input) if args.input and os.path.isfile(args.input) else len(args.texts)
     with Progress(total, "encode", bytes_unit=bool(args.input)) as bar:
@@ -32,13 +51,14 @@ def cmd_encode(args) -> int:
                 bar.update(fraction * bar.total - bar.done, f"{rows} texts, {tokens} tokens")
         summary = stream.encode(enc, prep, source, args.output, key=key, seq_length=args.seq_length,
                                 max_tokens=args.max_tokens, max_rows=args.batch_size, resume=args.resume,
-                                force=args.force, progress=say, bar=advance)
+                                force=args.force, progress=say, bar=advance, normalize=normalize)
     seconds = time.perf_counter() - t0
     done_now = summary["rows"] - summary["resumed_from"]
     path = "readable" if enc.fast_forward is None else "fast"
     resumed = (f" ({summary['resumed_from']} of them before the resume, {done_now} in this run)"
                if summary["resumed_from"] else "")
-    say(f"encode: wrote {tuple(summary['shape'])} {key} to {args.output}: {summary['rows']} texts{resumed}, "
+    say(f"encode: wrote {tuple(summary['shape'])} {key}{', L2-normalized' if normalize else ''} to {args.output}: "
+        f"{summary['rows']} texts{resumed}, "
         f"{summary.get('tokens', 0)} tokens, {summary['batches']} batches in {seconds:.1f}s "
         f"({done_now / max(seconds, 1e-9):.1f} texts/s, model loading included; {path} path)")
     return EXIT_OK
