@@ -4,7 +4,7 @@ never importing this project's `engine` or `weights`, only torch, transformers, 
 and numpy.
 
     .venv-peer/bin/python benchmarks/hf_peer.py REQUEST.npz|REQUEST.json RESULT.npz
-    .venv-peer/bin/python benchmarks/hf_peer.py --time --model FOLDER [--n 64] [--reps 5] [--threads 1]
+    .venv-peer/bin/python benchmarks/hf_peer.py --time --model FOLDER [--texts FILE] [--n 64] [--reps 5] [--threads 1] [--save OUT.npy]
 
 The request (an .npz of arrays and 0-d/1-d string arrays, or a JSON object with lists):
     model            the model folder (config.json + weights; a sentence-transformers folder for that kind)
@@ -200,11 +200,17 @@ def timing(args) -> int:
         times = []
         for _ in range(args.reps):
             t0 = time.perf_counter()
-            model.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
+            vectors = model.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
             times.append(time.perf_counter() - t0)
+    if args.save:
+        np.save(args.save, np.asarray(vectors, np.float32))
+    import sentence_transformers
+    import transformers
     print(json.dumps({"peer": "sentence_transformers", "model": args.model, "n": args.n, "reps": args.reps,
                       "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                      "median_s": statistics.median(times), "times_s": times}))
+                      "median_s": statistics.median(times), "times_s": times,
+                      "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                   "sentence_transformers": sentence_transformers.__version__}}))
     return 0
 
 
@@ -219,6 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="--time: timed repetitions (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="--time: encode batch size (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="--time: torch threads (default 1)")
+    parser.add_argument("--save", help="--time: write the last repetition's embeddings to this .npy")
     args = parser.parse_args(argv)
     if args.time:
         if not args.model:

@@ -39,9 +39,10 @@ Root attributes, all scalars:
   the model family `attention`, `feed_forward`, `hidden_activation`, and the sentence-embedding
   defaults `pooling`, `normalize`, `max_seq_length`). The integer sizes are inferred from tensor
   shapes at extraction; `hidden_activation`, `layer_norm_epsilon` and `attention_mask_constant` are
-  NOT visible in any shape: for the Hub's SavedModels they are Model Garden's fixed values ("gelu",
-  which is the tanh approximation; LayerNorm epsilon 1e-12; mask constant -1e9), so the extractor
-  writes the ModelConfig defaults below; a Hugging Face import writes its config.json's. The
+  NOT visible in any shape: the extractor reads the GELU from the SavedModel's Keras metadata
+  (Model Garden's "gelu" is the tanh approximation) and writes the Hub's LayerNorm epsilon 1e-12 and
+  mask constant -1e9 (the ModelConfig defaults below); a Hugging Face import writes its
+  config.json's. The
   family and embedding attributes may be absent (version 1 files): the defaults below apply;
 - provenance: every other root attribute (see PROVENANCE_ATTRS; readers must tolerate more).
 

@@ -28,6 +28,7 @@ USER_ERRORS = (
     ("weights.export_onnx", "OnnxExportError"), ("engine.tf.verify", "VerifyError"),
     ("weights.tf_names", "ExtractionError"), ("weights.hf_names", "HfImportError"),
     ("weights.safetensors_file", "SafetensorsError"), ("weights.torch_checkpoint", "TorchCheckpointError"),
+    ("engine.tf.export", "ExportError"),
 )
 
 

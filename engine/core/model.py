@@ -10,7 +10,8 @@
 
 Standard BERT is the special case the config names (weights.format.ModelConfig): attention
 "multi_head" mixes nothing (no pre/post-softmax weights), feed_forward "dense" is gelu(x·Wi+bi)·Wo+bo
-(no gate), hidden_activation "gelu_erf" the exact GELU of BERT's checkpoints.
+(no gate), hidden_activation "gelu_erf" the exact GELU (Hugging Face's BERT checkpoints; the Hub's
+SavedModels use Model Garden's tanh form).
 
 The forward pass is written once, in engine/core/tape.py (encoder_forward, block_forward,
 mlm_forward): `model(inputs)` and `model.mlm(inputs)` run it keeping nothing, `model.tape` keeping

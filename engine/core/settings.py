@@ -11,6 +11,7 @@ model. A bad value fails at load with one line naming the setting and where the 
     field          values                                   default      environment default
     backend        "numpy" | "cupy"                         "numpy"      TALKHEADS_BACKEND
     threads        whole number >= 1                        CPUs usable  TALKHEADS_THREADS
+    adapt_threads  True | False                             True         -
     fused          True | False                             True         -
     packed         True | False                             True         -
     blas           "pool" | "native"                        "pool"       -
@@ -22,6 +23,10 @@ model. A bad value fails at load with one line naming the setting and where the 
 
 - threads: the fast CPU path's thread pool (products split over it, attention per sequence, the
   element-wise row blocks); "CPUs usable" is this process's CPU affinity count.
+- adapt_threads: each fast call and each training step runs on one thread per 5 GFLOP of its
+  dense products (engine.fast.threads.threads_for_work), at most `threads`: a small model's call
+  gains less from a second thread than its joins cost, most of all on a busy machine; False:
+  always `threads`.
 - fused: engine/fast/fused.py's Numba kernels run the fast path's element-wise stages and the
   tape's layer norms, GEGLU and attention (float32, when Numba imports; else NumPy code runs).
 - packed: engine/fast/gemm.py's packed-weight products run the fast path's four dense products
@@ -98,10 +103,11 @@ def _count(value, where):
     return number
 
 
-_CHECKS = {"backend": _choice(BACKENDS), "threads": _count, "fused": _flag, "packed": _flag,
+_CHECKS = {"backend": _choice(BACKENDS), "threads": _count, "adapt_threads": _flag, "fused": _flag, "packed": _flag,
            "blas": _choice(BLAS_MODES), "gpu_path": _choice(GPU_PATHS), "precision": _choice(PRECISIONS),
            "cuda_graphs": _flag, "malloc_tuning": _flag}
-_BUILT_IN = {"backend": "numpy", "threads": usable_cpus, "fused": True, "packed": True, "blas": "pool",
+_BUILT_IN = {"backend": "numpy", "threads": usable_cpus, "adapt_threads": True, "fused": True, "packed": True,
+             "blas": "pool",
              "gpu_path": "fused", "precision": "float32", "cuda_graphs": False, "malloc_tuning": False}
 
 
@@ -131,6 +137,7 @@ class Settings:
 
     backend: str = "numpy"
     threads: int = dataclasses.field(default_factory=usable_cpus)
+    adapt_threads: bool = True
     fused: bool = True
     packed: bool = True
     blas: str = "pool"

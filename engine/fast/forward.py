@@ -61,7 +61,8 @@ from engine.core.settings import Settings
 from engine.fast import elementwise, fused, gemm
 from engine.fast.blocks import FastBlock
 from engine.fast.elementwise import masked_softmax_in_place
-from engine.fast.threads import blas_thread_setter, packed_product, parallel_rows, single_threaded_blas, thread_pool
+from engine.fast.threads import (blas_thread_setter, threads_for_work, packed_product, parallel_rows,
+                                 single_threaded_blas, thread_pool)
 
 
 
@@ -97,6 +98,8 @@ class FastEncoder:
         H, ND, I = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.intermediate_size
         size = H * max(3 * ND, (2 if cfg.gated else 1) * I)
         scratch = np.frombuffer(mmap.mmap(-1, size * self.dtype.itemsize), self.dtype, size) if packed else None
+        self.block_weights = sum(int(np.size(v)) for b in model.blocks for part in (b.attention, b.feedforward)
+                                 for v in vars(part).values() if v is not None)
         self.blocks = []
         for i, b in enumerate(model.blocks):
             self.blocks.append(FastBlock(b, cfg, self.dtype, packed, scratch))
@@ -108,6 +111,7 @@ class FastEncoder:
                    "eps": t(cfg.layer_norm_epsilon), "mask": t(cfg.attention_mask_constant)}
         self._work = {}
         self._split = False
+        self._call_threads = self.settings.threads
         self.profile = None      # a dict to fill with seconds per kernel class (benchmarks); None: off
         self._last = 0.0
 
@@ -137,8 +141,9 @@ class FastEncoder:
         return self.dtype == np.float32 and self.settings.fused and fused.enabled()
 
     def _threads(self) -> int:
-        """The thread count of this encoder's pool: the Settings' threads."""
-        return self.settings.threads
+        """The thread count of this call: the Settings' threads, or with adapt_threads one per
+        engine.fast.threads.MIN_FLOPS_PER_THREAD of the call's products (chosen in encode)."""
+        return self._call_threads
 
     def _rows(self, fn, rows, block):
         """engine.fast.threads.parallel_rows on this encoder's threads."""
@@ -283,9 +288,14 @@ class FastEncoder:
     def encode(self, ids, mask, types, skip_padding=False, keep="all"):
         """Returns (encoder_outputs, pooled [B,H]), like Model.encode: encoder_outputs holds the L
         block outputs [B,S,H] (keep="all"), the last one only ("last"), or none ("pooled")."""
-        self._split = (self._threads() > 1 and self.settings.blas == "pool"
-                       and blas_thread_setter() is not None)
-        if not self._split:
+        tokens = int(np.count_nonzero(mask)) if skip_padding else int(np.size(ids))
+        self._call_threads = (threads_for_work(self.settings.threads, 2.0 * tokens * self.block_weights)
+                              if self.settings.adapt_threads else self.settings.threads)
+        # blas "pool": OpenBLAS at one thread for the call, whatever the count (its own threads
+        # busy-wait: on a busy machine one call on them ran 3x slower than on the pool's one thread)
+        hold_blas = self.settings.blas == "pool" and blas_thread_setter() is not None
+        self._split = self._threads() > 1 and hold_blas
+        if not hold_blas:
             return self._encode(ids, mask, types, skip_padding, keep)
         with single_threaded_blas():
             return self._encode(ids, mask, types, skip_padding, keep)

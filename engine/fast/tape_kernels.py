@@ -29,7 +29,7 @@ from engine.core import tape as tape_mod
 from engine.core.tape import READABLE_KERNELS, TapeKernels
 from engine.fast import fused
 from engine.fast.elementwise import masked_softmax_in_place
-from engine.fast.threads import default_threads, parallel_rows, single_threaded_blas
+from engine.fast.threads import current_threads, default_threads, parallel_rows, single_threaded_blas
 
 _ROWS = 64          # rows per block of the row kernels
 _FLAT = 1 << 15     # elements per block of the flat kernels
@@ -165,7 +165,7 @@ def attention_backward(q, k, v, pre_softmax_weight, post_softmax_weight, mask_ad
     B, S, N, D, T, scale, keep_scale = _attention_sizes(q, k, keep_probs, rate)
     f32 = np.float32
     dq, dk, dv = np.empty((B, S, N, D), f32), np.empty((B, T, N, D), f32), np.empty((B, T, N, D), f32)
-    threads = default_threads()
+    threads = current_threads()
     dpre, dpost = np.zeros((threads, N, N), f32), np.zeros((threads, N, N), f32)
     scratch = np.empty((threads, 3, N, S, T), f32)
 

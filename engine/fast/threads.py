@@ -12,7 +12,12 @@ futures don't, and the element-wise kernels (NumPy ufuncs, Numba's nogil kernels
 
 The thread count is the caller's: the fast path passes its Settings' threads (engine.core.settings).
 Callers given no count (the tape's fused kernels, the optimizer) get default_threads(), the
-Settings' default read once per process.
+Settings' default read once per process, capped by threads_capped() while a training step runs.
+
+Small work runs on fewer threads: a thread the OS has descheduled makes every other one wait at
+each join, and a small model's step has a hundred-odd joins for little work each; threads_for_work
+gives a call one thread per MIN_FLOPS_PER_THREAD of its products (the Settings field adapt_threads,
+on by default; measured: benchmarks/results/contention.md).
 """
 
 from __future__ import annotations
@@ -39,6 +44,50 @@ def default_threads() -> int:
     return resolve_setting("threads")
 
 
+_CAP = [None]          # threads_capped(n): the cap on default_threads() while a step runs
+
+
+def current_threads() -> int:
+    """default_threads(), capped by threads_capped() while a training step runs: the count for
+    callers given none."""
+    return default_threads() if _CAP[0] is None else min(default_threads(), _CAP[0])
+
+
+@contextlib.contextmanager
+def threads_capped(n: int):
+    """default_threads() callers (the tape's kernels, the optimizer) and OpenBLAS's own threads use at
+    most n threads in the block (a training step), restored after."""
+    setter = blas_thread_setter()
+    previous_cap, _CAP[0] = _CAP[0], max(1, int(n))
+    previous_blas = setter(min(previous_blas_threads(), _CAP[0])) if setter is not None else None
+    try:
+        yield
+    finally:
+        _CAP[0] = previous_cap
+        if setter is not None:
+            setter(previous_blas)
+
+
+def previous_blas_threads() -> int:
+    found = blas_threads()
+    return found if found is not None else default_threads()
+
+
+# The least work (FLOPs of the dense products) worth a thread: below it, a call's hundred-odd joins
+# of the pool cost more than the thread gains, and on a busy machine far more (measured on 2 cores:
+# the small model's 32x64 training step, 1.4e9 FLOPs, ran 567 samples/s on one thread and 485 on
+# two on a quiet machine, 299 and 93 with two busy processes beside it). Choosing threads by the
+# cores other processes leave free was measured and rejected: the OS shares the CPUs per thread,
+# so a base-size call on one thread beside two busy processes ran at 0.26 calls/s, on two 0.34.
+MIN_FLOPS_PER_THREAD = 5e9
+
+
+def threads_for_work(threads: int, flops: float) -> int:
+    """min(threads, flops / MIN_FLOPS_PER_THREAD), at least 1: the threads a call of that much
+    work gets (the Settings field adapt_threads)."""
+    return max(1, min(int(threads), int(flops // MIN_FLOPS_PER_THREAD)))
+
+
 def thread_pool(threads: int) -> ThreadPoolExecutor | None:
     """The process's pool of `threads` workers (made at the first call for that count, then
     shared), or None for one thread (the caller runs the work itself)."""
@@ -55,7 +104,7 @@ def parallel_rows(fn, rows: int, block: int, threads: int | None = None) -> None
     """Calls fn(start, stop, worker) on row blocks of at most `block` rows covering [0, rows), spread
     over `threads` threads (None: default_threads()); `worker` (0 .. threads-1) indexes per-thread
     scratch space."""
-    n = default_threads() if threads is None else threads
+    n = current_threads() if threads is None else threads
     pool = thread_pool(n)
     if pool is None or rows <= block:
         for s in range(0, rows, block):
@@ -75,7 +124,7 @@ def parallel_rows(fn, rows: int, block: int, threads: int | None = None) -> None
 def packed_product(packed, a, out, bias=None, threads: int | None = None):
     """out = a @ W (+ bias [N]) for W packed by engine/fast/gemm.py: the panels spread over the
     threads (disjoint columns of out; no BLAS runs), then the columns past the last panel."""
-    n = default_threads() if threads is None else threads
+    n = current_threads() if threads is None else threads
     P = packed.num_panels
     if P:                                  # none when N < one panel: the tail is the whole product
         parallel_rows(lambda s, e, w: packed.matmul(a, out, s, e, bias), P, -(-P // n), n)

@@ -19,6 +19,7 @@ from engine.api import Encoder
 from engine.core import backward as KB
 from engine.core import kernels as K
 from engine.fast import tape_kernels
+from engine.fast import threads as threads_mod
 from engine.train import losses
 from engine.train.optimizer import AdamWeightDecay, LinearSchedule
 
@@ -67,6 +68,7 @@ class Trainer:
             self.params = {p: a for p, a in self.params.items() if not p.startswith("mlm/")}
             self.params.update(head.parameters())
             all_names.update(HEAD_NAMES)
+        self.block_weights = sum(int(np.size(a)) for p, a in self.params.items() if p.startswith("layers/"))
         settings = getattr(enc, "settings", None)
         self.optimizer = AdamWeightDecay(schedule, all_names, fused=settings is None or settings.fused)
 
@@ -99,9 +101,24 @@ class Trainer:
         grads.update({"classifier/kernel": dkernel, "classifier/bias": dbias})
         return loss, grads
 
+    def step_threads(self, batch: dict) -> int:
+        """The threads of one step: the Settings' threads, or with adapt_threads one per
+        engine.fast.threads.MIN_FLOPS_PER_THREAD of the step's products (forward and backward: 6 x
+        tokens x the blocks' weights), so that a small model's step runs on one."""
+        settings = getattr(self.enc, "settings", None)
+        threads = settings.threads if settings is not None else threads_mod.default_threads()
+        if settings is None or not settings.adapt_threads:
+            return threads
+        tokens = int(np.size(batch["input_word_ids"]))
+        return threads_mod.threads_for_work(threads, 6.0 * tokens * self.block_weights)
+
     def step(self, batch: dict) -> dict:
         """One optimizer step; {"loss", "learning_rate", "global_norm"}. A non-finite loss updates
         nothing and comes back as {"loss": nan or inf} (the caller stops)."""
+        with threads_mod.threads_capped(self.step_threads(batch)):
+            return self._step(batch)
+
+    def _step(self, batch: dict) -> dict:
         loss, grads = self.loss_and_grads(batch)
         if grads is None:
             return {"loss": float(loss), "learning_rate": float("nan"), "global_norm": float("nan")}
