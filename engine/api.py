@@ -36,7 +36,7 @@ class Encoder(Model):
     without Numba). backend "cupy", float32: the fused GPU path of engine/gpu/forward.py unless
     gpu_path="plain". Traced calls (enc.trace, record=...) always run the readable path.
     settings: an engine.core.settings.Settings, or its fields as keywords (backend=, threads=,
-    fused=, packed=, blas=, gpu_path=, precision=, cuda_graphs=, malloc_tuning=; None or left
+    adapt_threads=, fused=, packed=, blas=, gpu_path=, precision=, cuda_graphs=, malloc_tuning=; None or left
     out: the environment's default), resolved once and kept as enc.settings.
 
     Gradients and training work on the model's arrays (parameters()); the twin's derived arrays
@@ -203,8 +203,8 @@ def _check_fast(fast, backend):
 
 
 def load(path: str, backend: str | None = None, dtype: str = "float32", fast: bool = False,
-         verify_checksums: bool = False, *, threads: int | None = None, fused: bool | None = None,
-         packed: bool | None = None, blas: str | None = None, gpu_path: str | None = None,
+         verify_checksums: bool = False, *, threads: int | None = None, adapt_threads: bool | None = None,
+         fused: bool | None = None, packed: bool | None = None, blas: str | None = None, gpu_path: str | None = None,
          precision: str | None = None, cuda_graphs: bool | None = None,
          malloc_tuning: bool | None = None) -> Encoder:
     """Loads an extracted HDF5 weights file (see weights/format.py) into an Encoder.
@@ -212,13 +212,15 @@ def load(path: str, backend: str | None = None, dtype: str = "float32", fast: bo
     backend: "numpy" or "cupy" (default: $TALKHEADS_BACKEND, else numpy). dtype: "float32" or
     "float64". fast: the NumPy fast path (engine/fast/forward.py), which also allows
     enc(inputs, skip_padding=True). The other keywords are engine.core.settings.Settings fields
-    (None: the environment's default, else the built-in one): threads, fused (Numba kernels),
+    (None: the environment's default, else the built-in one): threads, adapt_threads (fewer threads
+    for small work), fused (Numba kernels),
     packed (packed-weight products), blas ("pool" | "native") for the fast path; gpu_path
     "fused"|"plain", precision "float32"|"tf32"|"float16"|"bfloat16", cuda_graphs for the cupy
     backend; malloc_tuning (opt-in) for the tape. Resolved once, kept as enc.settings.
     """
     import weights
-    settings = Settings.resolve(backend=backend, threads=threads, fused=fused, packed=packed, blas=blas,
+    settings = Settings.resolve(backend=backend, threads=threads, adapt_threads=adapt_threads, fused=fused,
+                                packed=packed, blas=blas,
                                 gpu_path=gpu_path, precision=precision, cuda_graphs=cuda_graphs,
                                 malloc_tuning=malloc_tuning)
     _check_fast(fast, settings.backend)

@@ -31,6 +31,8 @@ import uuid
 
 import numpy as np
 
+from weights.write import fsync_folder
+
 FORMAT = "talkheads-embeddings"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,32 +65,18 @@ class _HashingFile:
         return self.f.write(data)
 
 
-def fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable (best effort: some file systems cannot fsync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temporary(path: str) -> str:
     # unique per writer: two workers finishing the same partition never share a temporary file
     folder, name = os.path.split(path)
     return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def write_json_atomic(path: str, value: dict) -> None:
-    """`value` as JSON at `path`: a temporary file beside it, fsynced, renamed over it."""
+def _write_atomic(path: str, mode: str, write) -> None:
+    """write(file) into a temporary file beside `path`, fsynced, renamed over it; the folder synced."""
     tmp = _temporary(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=1)
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,24 +87,22 @@ def write_json_atomic(path: str, value: dict) -> None:
     fsync_folder(os.path.dirname(path) or ".")
 
 
+def write_json_atomic(path: str, value: dict) -> None:
+    """`value` as JSON at `path`: a temporary file beside it, fsynced, renamed over it."""
+    _write_atomic(path, "w", lambda f: json.dump(value, f, indent=1))
+
+
 def write_shard(folder: str, index: int, rows: np.ndarray, record: dict) -> dict:
     """Writes partition `index`'s rows [n, ...] as part-<index>.npy, then its commit record (the given
     entry plus shard, rows, row_shape, dtype, sha256 and bytes of the file), each atomically; returns
     the record. The sha256 is of the file's bytes, computed as they are written."""
-    path = os.path.join(folder, shard_name(index))
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            out = _HashingFile(f)
-            np.lib.format.write_array(out, np.ascontiguousarray(rows), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
+    hashed = []
+
+    def write(f):
+        hashed.append(_HashingFile(f))
+        np.lib.format.write_array(hashed[0], np.ascontiguousarray(rows), allow_pickle=False)
+    _write_atomic(os.path.join(folder, shard_name(index)), "wb", write)
+    out = hashed[0]
     record = dict(record, index=index, shard=shard_name(index), rows=int(rows.shape[0]),
                   row_shape=list(rows.shape[1:]), dtype=rows.dtype.str, sha256=out.sha256.hexdigest(),
                   bytes=out.size)

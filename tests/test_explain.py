@@ -156,6 +156,32 @@ def test_a_model_without_mixing_says_so(tiny, tmp_path):
     assert "This model has no mixing matrices" in run.stdout
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: bash scripts/setup_browser.sh installs Debian's (needs root and apt)")
+def test_a_standard_bert_page(tmp_path):
+    """A standard BERT file (multi-head attention, a dense feed-forward: no mixing, no gate) gets the
+    page from its own trace: the three attention stages equal, no mixing matrices, no gate."""
+    from tests.random_weights import random_tensors
+    from weights.format import ModelConfig
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "it", "was", "not",
+             "amused", "a", "dog", "##s", "."]
+    cfg = ModelConfig(num_layers=2, hidden_size=16, num_heads=2, head_size=8, intermediate_size=32,
+                      vocab_size=len(vocab), max_position_embeddings=32, type_vocab_size=2,
+                      attention="multi_head", feed_forward="dense", hidden_activation="gelu_erf")
+    enc = engine.Encoder(cfg, random_tensors(cfg, seed=4), vocab=vocab)
+    data = explain.explain_data(enc, engine.Preprocessor(vocab), "the cat sat on the [MASK]")
+    layer = data["layers"][0]
+    assert layer["mixing"] is None and layer["gate"] is None
+    assert layer["attention"]["after_pre"] == layer["attention"]["after_post"]
+    page = tmp_path / "bert.html"
+    page.write_text(explain.render_page(data), encoding="utf-8")
+    run = _chromium(tmp_path, "--dump-dom", page.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body[^>]*>", run.stdout).group(0)))
+    assert attrs.get("data-ready") == "1" and attrs.get("data-errors") == "0", attrs
+    for note in ("This model has no talking-heads mixing", "This model has no mixing matrices", "This model has no gate"):
+        assert note in run.stdout, note
+
+
 # ------------------------------------------------------------------------------------ the command
 
 

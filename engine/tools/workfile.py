@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from weights.write import fsync_folder
+
 PROGRESS_VERSION = 1
 HEADER_LEN = 128          # bytes of the .npy header of OUT.partial (magic + length + dict, padded)
 
@@ -107,16 +109,7 @@ def read_progress(path: str) -> dict:
 
 def fsync_dir(path: str) -> None:
     """Makes a rename in the folder of `path` durable (best effort: some systems cannot)."""
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_folder(os.path.dirname(os.path.abspath(path)) or ".")
 
 
 def remove(*paths: str) -> None:
