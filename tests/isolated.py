@@ -139,9 +139,10 @@ def isolate(items: list) -> None:
     plus one child that makes the suite's peak."""
     if in_child() or len(items) < 2:
         return
-    heavy = [IsolatedTest.from_parent(item.parent, name=item.name, original=item)
-             for item in items if item.get_closest_marker("slow") is not None]
-    items[:] = heavy + [item for item in items if item.get_closest_marker("slow") is None]
+    def runs_apart(item):   # a slow test that will run (one skipped by its marks is skipped here)
+        return item.get_closest_marker("slow") is not None and item.get_closest_marker("skip") is None
+    heavy = [IsolatedTest.from_parent(item.parent, name=item.name, original=item) for item in items if runs_apart(item)]
+    items[:] = heavy + [item for item in items if not runs_apart(item)]
 
 
 # ------------------------------------------------------------------------------------ in the child

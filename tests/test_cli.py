@@ -98,6 +98,7 @@ def test_verify_fails_a_weights_file_that_differs_from_the_savedmodel(tiny_saved
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_verify_json_on_base(base_savedmodel, base_h5):
     proc = run("verify", "--savedmodel", base_savedmodel, "--weights", base_h5, "--json", "--batch", "3",
                "--seq-length", "64")

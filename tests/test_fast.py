@@ -101,7 +101,7 @@ def test_tiny_fast_matches_readable(tiny_model, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [pytest.param("random", marks=pytest.mark.exhaustive), "trained"])
 def test_base_fast_matches_readable(model, request):
     h5 = request.getfixturevalue("base_h5" if model == "random" else "base_trained_h5")
     fast, ref, exact = engine.load(h5, fast=True), engine.load(h5), engine.load(h5, dtype="float64")

@@ -146,7 +146,7 @@ def test_cli_export_onnx(tiny_h5, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["random", "trained"])
+@pytest.mark.parametrize("which", [pytest.param("random", marks=pytest.mark.exhaustive), "trained"])
 def test_base_onnx_matches_tf_and_float64(which, request, tmp_path):
     savedmodel = request.getfixturevalue("base_savedmodel" if which == "random" else "base_trained_savedmodel")
     h5 = request.getfixturevalue("base_h5" if which == "random" else "base_trained_h5")

@@ -142,6 +142,7 @@ def test_tiny_trained_like_every_intermediate_matches_tensorflow(tiny_trained_sa
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_base_every_intermediate_matches_tensorflow(base_savedmodel, base_h5):
     _check_against_tf(base_savedmodel, base_h5, 3, 40, "base")
 

@@ -50,6 +50,8 @@ The environment variables the project reads, all of them (each only as a default
                                                                       ~/.cache/talkheads-ggelu-engine
     TALKHEADS_TEST_REPORTS  tests/isolated.py                         internal: set by the test process for
                                                                       a base-size test's own process
+    TALKHEADS_EXHAUSTIVE    tests/conftest.py                         1: the test suite also runs the
+                                                                      base-size variants marked exhaustive
 """
 
 from __future__ import annotations
