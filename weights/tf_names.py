@@ -90,18 +90,11 @@ TF_MLM_NAMES = {
     "mlm/layer_norm/beta": "cls/predictions/transform/LayerNorm/beta",
     "mlm/output_bias": "cls/predictions/output_bias/bias",
 }
-# BertEncoder's TransformerEncoderBlock: the same attention, a plain two-layer feed-forward.
+# BertEncoder's TransformerEncoderBlock: the same attention without the mixing weights, a plain
+# two-layer feed-forward.
 BERT_BLOCK_NAMES = {
-    "attention/query/kernel": "self_attention/query/kernel",
-    "attention/query/bias": "self_attention/query/bias",
-    "attention/key/kernel": "self_attention/key/kernel",
-    "attention/key/bias": "self_attention/key/bias",
-    "attention/value/kernel": "self_attention/value/kernel",
-    "attention/value/bias": "self_attention/value/bias",
-    "attention/output/kernel": "self_attention/attention_output/kernel",
-    "attention/output/bias": "self_attention/attention_output/bias",
-    "attention_layer_norm/gamma": "self_attention_layer_norm/gamma",
-    "attention_layer_norm/beta": "self_attention_layer_norm/beta",
+    **{name: tf for name, tf in TF_BLOCK_NAMES.items()
+       if name.startswith("attention") and name not in fmt.MIXING_TENSORS},
     "feedforward/intermediate/kernel": "intermediate/kernel",
     "feedforward/intermediate/bias": "intermediate/bias",
     "feedforward/output/kernel": "output/kernel",
