@@ -10,9 +10,13 @@ never rebound or re-laid. The settings (engine.core.settings.Settings) are resol
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 
 from engine.core import backend as backend_mod
+from engine.core import model as model_mod
 from engine.core.model import Model, named_outputs, output_names
 from engine.core.settings import Settings
 from weights.format import ModelConfig
@@ -83,14 +87,16 @@ class Encoder(Model):
         for part, field in PRODUCT_MATRICES:
             setattr(getattr(self._blocks[i], part), field, None)
 
-    def readable_block_matrices(self, i: int) -> dict:
-        """{(part, field): array} of block i's product matrices without keeping them: the readable
-        arrays, or a transient copy from the fast twin when they were let go (for a fingerprint)."""
-        if self._released:
-            return self._twin.blocks[i].readable_matrices(self.config)
+    def block_arrays(self, i: int) -> list:
+        """Block i's arrays (engine.core.model.block_arrays) without keeping the readable copies:
+        when they were let go, a transient copy from the fast twin stands in (for a fingerprint)."""
+        if not self._released:
+            return super().block_arrays(i)
         block = self._blocks[i]
-        return {(part, field): getattr(getattr(block, part), field) for part, field in PRODUCT_MATRICES
-                if getattr(getattr(block, part), field) is not None}
+        parts = {"attention": copy.copy(block.attention), "feedforward": copy.copy(block.feedforward)}
+        for (part, field), array in self._twin.blocks[i].readable_matrices(self.config).items():
+            setattr(parts[part], field, array)
+        return model_mod.block_arrays(dataclasses.replace(block, **parts))
 
     def _restore_readable_matrices(self) -> None:
         for block, twin_block in zip(self._blocks, self._twin.blocks):

@@ -264,6 +264,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def block_weight_count(config: ModelConfig) -> int:
+    """The number of weights in the L blocks (what a step's products scale with)."""
+    return sum(int(np.prod(shape)) for path, shape in expected_shapes(config).items() if split_block_path(path))
+
+
 def tensor_checksum(array: np.ndarray) -> str:
     """sha256 of the array's little-endian float32 bytes in C order."""
     data = np.ascontiguousarray(array, dtype="<f4")

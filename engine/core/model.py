@@ -118,6 +118,13 @@ def block_parameters(i: int, w: BlockWeights) -> dict:
     return out
 
 
+def block_arrays(w: BlockWeights) -> list:
+    """Block weights' arrays in field order (attention, feed-forward, the two layer norms), the
+    absent ones (a standard BERT's mixing and gate) left out."""
+    return ([v for part in (w.attention, w.feedforward) for v in vars(part).values() if v is not None]
+            + [*w.attention_ln, *w.feedforward_ln])
+
+
 OUTPUT_NAMES = ("pooled_output", "sequence_output", "encoder_outputs", "default")
 
 
@@ -216,6 +223,10 @@ class Model:
         logits = tape_mod.mlm_forward(self, layers[-1], positions, record=record)
         return {"mlm_logits": logits, "pooled_output": pooled, "sequence_output": layers[-1],
                 "encoder_outputs": layers}
+
+    def block_arrays(self, i: int) -> list:
+        """Block i's arrays (engine.core.model.block_arrays)."""
+        return block_arrays(self.blocks[i])
 
     def parameters(self) -> dict:
         """{HDF5 dataset path: the live array} of every weight, in the order of

@@ -60,6 +60,7 @@ from engine.core import kernels as K
 from engine.core.settings import Settings
 from engine.fast import elementwise, fused, gemm
 from engine.fast.blocks import FastBlock
+from weights.format import block_weight_count
 from engine.fast.elementwise import masked_softmax_in_place
 from engine.fast.threads import (blas_thread_setter, threads_for_work, packed_product, parallel_rows,
                                  single_threaded_blas, thread_pool)
@@ -98,8 +99,6 @@ class FastEncoder:
         H, ND, I = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.intermediate_size
         size = H * max(3 * ND, (2 if cfg.gated else 1) * I)
         scratch = np.frombuffer(mmap.mmap(-1, size * self.dtype.itemsize), self.dtype, size) if packed else None
-        self.block_weights = sum(int(np.size(v)) for b in model.blocks for part in (b.attention, b.feedforward)
-                                 for v in vars(part).values() if v is not None)
         self.blocks = []
         for i, b in enumerate(model.blocks):
             self.blocks.append(FastBlock(b, cfg, self.dtype, packed, scratch))
@@ -289,7 +288,7 @@ class FastEncoder:
         """Returns (encoder_outputs, pooled [B,H]), like Model.encode: encoder_outputs holds the L
         block outputs [B,S,H] (keep="all"), the last one only ("last"), or none ("pooled")."""
         tokens = int(np.count_nonzero(mask)) if skip_padding else int(np.size(ids))
-        self._call_threads = (threads_for_work(self.settings.threads, 2.0 * tokens * self.block_weights)
+        self._call_threads = (threads_for_work(self.settings.threads, 2.0 * tokens * block_weight_count(self.config))
                               if self.settings.adapt_threads else self.settings.threads)
         # blas "pool": OpenBLAS at one thread for the call, whatever the count (its own threads
         # busy-wait: on a busy machine one call on them ran 3x slower than on the pool's one thread)

@@ -59,18 +59,13 @@ def threads_capped(n: int):
     most n threads in the block (a training step), restored after."""
     setter = blas_thread_setter()
     previous_cap, _CAP[0] = _CAP[0], max(1, int(n))
-    previous_blas = setter(min(previous_blas_threads(), _CAP[0])) if setter is not None else None
+    previous_blas = setter(min(blas_threads() or _CAP[0], _CAP[0])) if setter is not None else None
     try:
         yield
     finally:
         _CAP[0] = previous_cap
         if setter is not None:
             setter(previous_blas)
-
-
-def previous_blas_threads() -> int:
-    found = blas_threads()
-    return found if found is not None else default_threads()
 
 
 # The least work (FLOPs of the dense products) worth a thread: below it, a call's hundred-odd joins

@@ -189,23 +189,16 @@ def longest_text(source, prep, cap: int) -> int:
 def weights_fingerprint(enc) -> str:
     """A sha256 over the config and a strided sample of every weight array: tells two models apart."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(enc.config), sort_keys=True).encode())
-    arrays = [enc.word_table, enc.position_table, enc.type_table, *enc.embedding_ln,
-              enc.pooler_kernel, enc.pooler_bias]
-    # a fast encoder holds its block matrices once, in its twin: read them block by block, without
-    # keeping the readable copies (engine.Encoder.readable_block_matrices); a standard BERT has no
-    # mixing and no gate (None)
-    blocks = enc._blocks if hasattr(enc, "readable_block_matrices") else enc.blocks
-    for i, block in enumerate(blocks):
-        matrices = enc.readable_block_matrices(i) if hasattr(enc, "readable_block_matrices") else {}
-        for part in ("attention", "feedforward"):
-            for field, v in vars(getattr(block, part)).items():
-                v = matrices.get((part, field), v)
-                if v is not None:
-                    arrays.append(v)
-        arrays += [*block.attention_ln, *block.feedforward_ln]
-    for a in arrays:
-        a = np.ascontiguousarray(backend_mod.to_numpy(a)).ravel()
-        h.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).tobytes())
+
+    def sample(arrays):
+        for a in arrays:
+            a = np.ascontiguousarray(backend_mod.to_numpy(a)).ravel()
+            h.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).tobytes())
+
+    sample([enc.word_table, enc.position_table, enc.type_table, *enc.embedding_ln, enc.pooler_kernel,
+            enc.pooler_bias])
+    for i in range(enc.config.num_layers):   # block by block: a fast encoder's copies are not all held at once
+        sample(enc.block_arrays(i))
     return h.hexdigest()
 
 

@@ -22,6 +22,7 @@ from engine.fast import tape_kernels
 from engine.fast import threads as threads_mod
 from engine.train import losses
 from engine.train.optimizer import AdamWeightDecay, LinearSchedule
+from weights.format import block_weight_count
 
 HEAD_NAMES = {"classifier/kernel": "classifier/kernel:0", "classifier/bias": "classifier/bias:0"}
 ENCODER_KEYS = ("input_word_ids", "input_mask", "input_type_ids")
@@ -68,7 +69,6 @@ class Trainer:
             self.params = {p: a for p, a in self.params.items() if not p.startswith("mlm/")}
             self.params.update(head.parameters())
             all_names.update(HEAD_NAMES)
-        self.block_weights = sum(int(np.size(a)) for p, a in self.params.items() if p.startswith("layers/"))
         settings = getattr(enc, "settings", None)
         self.optimizer = AdamWeightDecay(schedule, all_names, fused=settings is None or settings.fused)
 
@@ -110,7 +110,7 @@ class Trainer:
         if settings is None or not settings.adapt_threads:
             return threads
         tokens = int(np.size(batch["input_word_ids"]))
-        return threads_mod.threads_for_work(threads, 6.0 * tokens * self.block_weights)
+        return threads_mod.threads_for_work(threads, 6.0 * tokens * block_weight_count(self.enc.config))
 
     def step(self, batch: dict) -> dict:
         """One optimizer step; {"loss", "learning_rate", "global_norm"}. A non-finite loss updates
