@@ -19,9 +19,9 @@ from engine.core import backend as backend_mod
 from engine.core import model as model_mod
 from engine.core.model import Model, named_outputs, output_names
 from engine.core.settings import Settings
-from weights.format import ModelConfig
+from weights.format import FAMILY_CHOICES, ModelConfig
 
-POOLINGS = ("pooled", "cls", "mean")
+POOLINGS = FAMILY_CHOICES["pooling"]
 # sentence-transformers' floors: a row of padding alone has no token to average; a zero vector stays zero.
 MIN_TOKENS, MIN_NORM = 1e-9, 1e-12
 

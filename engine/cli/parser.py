@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from engine.cli import checks, files, text, training
+from weights.format import FAMILY_CHOICES
 
 DESCRIPTION = "Reference engine for BERT with talking-heads attention and gated GELU: `python -m engine`."
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence", action="store_true",
                    help="write sequence_output [rows, S, H] instead of sentence embeddings [rows, H]; padded "
                         "positions hold zeros")
-    p.add_argument("--pooling", choices=["pooled", "cls", "mean"], default=None,
+    p.add_argument("--pooling", choices=list(FAMILY_CHOICES["pooling"]), default=None,
                    help="pooled_output, the [CLS] row of sequence_output, or the mean over the real tokens (default: "
                         "the file's pooling, \"pooled\" unless import-hf read a sentence-transformers model)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
